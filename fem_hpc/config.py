@@ -1,0 +1,242 @@
+"""Site configuration: YAML -> pydantic, with environment overrides and errors a person can act on.
+
+Secrets stay out of the file when the admin wants: any string value may be written as
+``${NAME}`` and is read from the environment, and ``FEM_HPC_BROKER_URL`` replaces ``broker.url``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .model import ID_PATTERN, Resources, memory_mib, walltime_seconds
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` lists every issue as 'key.path: what is wrong'."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def render(self) -> str:
+        lines = [f"invalid config {self.source}:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSConfig(_Section):
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None  # hostname to verify; defaults to the URL's host
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS needs both)")
+        for name in ("ca_file", "cert_file", "key_file"):
+            p = getattr(self, name)
+            if p is not None and not p.is_file():
+                raise ValueError(f"{name} {str(p)!r} does not exist")
+        return self
+
+
+class BrokerConfig(_Section):
+    url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    queue: str | None = None  # defaults to the node name
+    prefetch: int = Field(default=16, ge=1, le=1000)
+    heartbeat: int = Field(default=30, ge=0, le=600)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    events_exchange: str = "fem.events"
+    reconnect_max_seconds: float = Field(default=30.0, gt=0)
+    tls: TLSConfig | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^amqps?://", v):
+            raise ValueError("must start with amqp:// or amqps://")
+        return v
+
+
+class VolumeConfig(_Section):
+    path: Path
+    mode: Literal["ro", "rw"] = "ro"
+
+
+class MaxResources(_Section):
+    cpus: int | None = Field(default=None, ge=1)
+    memory: str | None = None
+    gpus: int | None = Field(default=None, ge=0)
+    nodes: int | None = Field(default=None, ge=1)
+    walltime: str | None = None
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        if v is not None:
+            memory_mib(v)
+        return v
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, v: str | None) -> str | None:
+        if v is not None:
+            walltime_seconds(v)
+        return v
+
+
+class PolicyConfig(_Section):
+    images: list[str] = Field(default_factory=list)  # fnmatch globs; empty = no image allowed
+    git: list[str] = Field(default_factory=list)  # fnmatch globs on the URL; empty = no git source allowed
+    max_resources: MaxResources = Field(default_factory=MaxResources)
+    default_resources: Resources = Field(default_factory=lambda: Resources(cpus=1, walltime="01:00:00"))
+    executors: list[str] | None = None  # executors a task may name; None = every configured one
+
+
+class StageOutConfig(_Section):
+    max_bytes: int = Field(default=2 * 1024**3, ge=0)  # per task, uncompressed output size
+    chunk_bytes: int = Field(default=1024 * 1024, ge=1024, le=1024 * 1024)
+    tail_bytes: int = Field(default=4096, ge=0, le=65536)
+
+
+class LegacyConfig(_Section):
+    enabled: bool = False
+    sandbox_path: Path | None = None  # defaults to work_root
+    reply_chunk_size: int = Field(default=512 * 1024, ge=64)
+    submit_waits: bool = True
+    executor: str | None = None
+    token_env: str | None = None  # pass the request's token to the task under this env name
+    send_files_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+
+
+class MetricsConfig(_Section):
+    listen: str | None = None  # "127.0.0.1:9464"
+
+
+class LoggingConfig(_Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class SiteConfig(_Section):
+    node: str = Field(pattern=ID_PATTERN)
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    state_dir: Path
+    work_root: Path
+    default_executor: str = "local"
+    executors: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"local": {}})
+    volumes: dict[str, VolumeConfig] = Field(default_factory=dict)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    templates_dir: Path | None = None
+    stage_out: StageOutConfig = Field(default_factory=StageOutConfig)
+    legacy: LegacyConfig = Field(default_factory=LegacyConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    git: dict[str, Any] = Field(default_factory=dict)  # staging.git settings (credentials, submodules)
+    registries: dict[str, dict[str, str]] = Field(default_factory=dict)  # host -> {username, password}
+    workers: int = Field(default=8, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _cross(self) -> SiteConfig:
+        if self.default_executor not in self.executors:
+            raise ValueError(
+                f"default_executor {self.default_executor!r} is not configured under executors "
+                f"(configured: {sorted(self.executors)})"
+            )
+        return self
+
+    @property
+    def queue(self) -> str:
+        return self.broker.queue or self.node
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.sqlite"
+
+    def executor_type(self, name: str) -> str:
+        return str(self.executors.get(name, {}).get("type", name))
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(1) not in os.environ:
+                problems.append(f"{path}: environment variable {m.group(1)} is not set")
+                return ""
+            return os.environ[m.group(1)]
+
+        return _ENV_REF.sub(sub, value)
+    return value
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = True) -> SiteConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["(top level): must be a mapping of keys"])
+    problems: list[str] = []
+    raw = _expand_env(raw, "", problems)
+    if os.environ.get("FEM_HPC_BROKER_URL"):
+        raw.setdefault("broker", {})
+        if isinstance(raw["broker"], dict):
+            raw["broker"]["url"] = os.environ["FEM_HPC_BROKER_URL"]
+    try:
+        cfg = SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, problems + _format_errors(exc)) from None
+    # Executor settings are validated by each executor's own model, so a typo in
+    # executors.slurm.partiton is reported here and not when the first job arrives.
+    from .executors import registry
+
+    for name, settings in cfg.executors.items():
+        problems += [f"executors.{name}.{p}" for p in registry.validate_settings(cfg.executor_type(name), settings)]
+    if check_paths:
+        for name, vol in cfg.volumes.items():
+            if not vol.path.exists():
+                problems.append(f"volumes.{name}.path: {str(vol.path)!r} does not exist")
+    if problems:
+        raise ConfigError(source, problems)
+    # Volumes are resolved once, so a symlink swapped later cannot redirect a mount.
+    for vol in cfg.volumes.values():
+        vol.path = vol.path.resolve()
+    return cfg
+
+
+def load_config(path: str | Path) -> SiteConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
+    return config_from_dict(raw, str(path))

@@ -1,0 +1,109 @@
+"""Executor registry: executors are found through the entry-point group ``fem_hpc.executors``.
+
+The built-ins are registered in pyproject.toml like any plugin, so a site's own executor is a
+package with one entry point. A plugin that fails to import is listed with its error; the
+others keep working.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from ..config import SiteConfig
+    from .base import Executor
+
+GROUP = "fem_hpc.executors"
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    module: str
+    cls: type[Executor] | None = None
+    error: str | None = None
+    runtime: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.cls is not None else f"error: {self.error}"
+
+    def runtime_found(self) -> tuple[bool, str]:
+        """Whether one of the binaries this executor needs is on PATH (True when it needs none)."""
+        if not self.runtime:
+            return True, "-"
+        for binary in self.runtime:
+            path = shutil.which(binary)
+            if path:
+                return True, path
+        return False, " or ".join(self.runtime) + " not on PATH"
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._plugins: dict[str, PluginInfo] | None = None
+
+    def plugins(self) -> dict[str, PluginInfo]:
+        with self._lock:
+            if self._plugins is None:
+                self._plugins = self._load()
+            return self._plugins
+
+    @staticmethod
+    def _load() -> dict[str, PluginInfo]:
+        found: dict[str, PluginInfo] = {}
+        for ep in entry_points(group=GROUP):
+            if ep.name in found:  # first registration wins; duplicates come from stale installs
+                continue
+            info = PluginInfo(name=ep.name, module=ep.value)
+            try:
+                cls = ep.load()
+                info.cls = cls
+                info.runtime = list(getattr(cls, "runtimes", ()))
+            except Exception as exc:  # a broken plugin must not take the others down
+                info.error = f"{type(exc).__name__}: {exc}"
+            found[ep.name] = info
+        return found
+
+    def get(self, kind: str) -> type[Executor]:
+        info = self.plugins().get(kind)
+        if info is None:
+            raise KeyError(f"no executor named {kind!r} (installed: {sorted(self.plugins())})")
+        if info.cls is None:
+            raise KeyError(f"executor {kind!r} failed to load: {info.error}")
+        return info.cls
+
+    def validate_settings(self, kind: str, settings: Any) -> list[str]:
+        """Problems with one executor's settings, as 'key: message' strings."""
+        try:
+            cls = self.get(kind)
+        except KeyError as exc:
+            return [f"type: {exc.args[0]}"]
+        if not isinstance(settings, dict):
+            return [": must be a mapping"]
+        try:
+            cls.Settings.model_validate({k: v for k, v in settings.items() if k != "type"})
+        except ValidationError as exc:
+            out = []
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                out.append(f"{loc}: {msg.removeprefix('Value error, ')}")
+            return out
+        return []
+
+    def create(self, name: str, site: SiteConfig) -> Executor:
+        kind = site.executor_type(name)
+        cls = self.get(kind)
+        raw = {k: v for k, v in site.executors.get(name, {}).items() if k != "type"}
+        return cls(name, cls.Settings.model_validate(raw), site)
+
+
+registry = Registry()

@@ -1,0 +1,171 @@
+"""What every executor shares: the job record, the scheduler's view of a job, and the small
+interface an executor implements. Threads and timing live in the tracker, not here."""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from ..model import Reason, State, Task
+
+if TYPE_CHECKING:
+    from ..config import SiteConfig
+
+FEM_DIR = ".fem"
+
+
+class ExecutorError(Exception):
+    """A submit or cancel that failed; the message is shown to the user as is."""
+
+
+class ExecutorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Job:
+    """One task as an executor sees it."""
+
+    task: Task
+    workdir: Path
+    native_id: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+    script_name: str = "job.sh"
+
+    @property
+    def fem_dir(self) -> Path:
+        return self.workdir / FEM_DIR
+
+    @property
+    def rundir(self) -> Path:
+        """Where the command runs: the work dir, or the source's subdirectory."""
+        if self.task.source and self.task.source.path:
+            return self.workdir / self.task.source.path
+        return self.workdir
+
+    @property
+    def script_path(self) -> Path:
+        return self.fem_dir / self.script_name
+
+    @property
+    def marker_path(self) -> Path:
+        return self.fem_dir / "exit_code"
+
+    @property
+    def job_name(self) -> str:
+        return job_name(self.task.id)
+
+
+def job_name(task_id: str) -> str:
+    return f"fem-{task_id}"
+
+
+class NativeStatus(BaseModel):
+    """The scheduler's (or runtime's) word on one job."""
+
+    native_id: str
+    state: State  # SUBMITTED, RUNNING, or a final state
+    reason: Reason | None = None
+    exit_code: int | None = None
+    message: str | None = None
+    job_name: str | None = None
+
+
+class Marker(BaseModel):
+    """What the common wrapper writes to .fem/exit_code when the command has ended."""
+
+    exit_code: int
+    started: str | None = None
+    finished: str | None = None
+    signal: str | None = None  # set when the wrapper itself was told to stop (cancel, walltime)
+
+
+def parse_marker(text: str) -> Marker | None:
+    try:
+        data = json.loads(text)
+        marker = Marker.model_validate(data)
+    except (ValueError, TypeError):
+        return None
+    if marker.signal == "":
+        marker.signal = None
+    return marker
+
+
+def read_marker(path: Path) -> Marker | None:
+    try:
+        return parse_marker(path.read_text())
+    except OSError:
+        return None
+
+
+class Check(BaseModel):
+    """One line of `fem-hpc doctor` and of the health reply."""
+
+    name: str
+    status: str  # ok | warning | error
+    detail: str
+    fix: str | None = None
+
+
+class Executor(ABC):
+    """An executor is a template plus a few calls. The tracker decides when to call them."""
+
+    kind: ClassVar[str]
+    runtimes: ClassVar[tuple[str, ...]] = ()  # binaries, any one of which must be on PATH
+    template: ClassVar[str]
+    Settings: ClassVar[type[ExecutorSettings]] = ExecutorSettings
+    batch: ClassVar[bool] = False  # True for schedulers: jobs outlive the service
+
+    def __init__(self, name: str, settings: Any, site: SiteConfig):
+        self.name = name
+        self.settings = settings
+        self.site = site
+
+    # -- job script ---------------------------------------------------------------
+    def template_context(self, job: Job) -> dict[str, Any]:
+        """Extra values for this executor's template (directives, container launch argv)."""
+        return {}
+
+    # -- lifecycle ----------------------------------------------------------------
+    def stage_in(self, job: Job, progress: Any = None) -> None:  # noqa: B027 - optional hook
+        """Prepare what the job needs on this host before submit (e.g. pull its image)."""
+
+    @abstractmethod
+    def submit(self, job: Job) -> str:
+        """Start the job whose script is at job.script_path; return its native id."""
+
+    @abstractmethod
+    def poll(self, jobs: list[Job]) -> dict[str, NativeStatus]:
+        """The state of every given job in one call; jobs the runtime no longer knows are absent.
+        Raises on a failed poll (the tracker then marks itself stale, never the jobs failed)."""
+
+    @abstractmethod
+    def cancel(self, job: Job) -> None:
+        """Ask the runtime to stop the job."""
+
+    def find_by_name(self, job: Job) -> str | None:
+        """The native id of a job started for this task, if the runtime still knows one."""
+        return None
+
+    def lookup_finished(self, job: Job) -> NativeStatus | None:
+        """Second opinion for a job that left the queue without a marker (e.g. sacct)."""
+        return None
+
+    def after_final(self, job: Job) -> None:  # noqa: B027 - optional hook
+        """Clean up runtime resources of a finished job (e.g. remove its container)."""
+
+    def poll_interval(self, youngest_age: float) -> float:
+        """Seconds until the next batched poll, given the age of the youngest tracked job."""
+        return 1.0
+
+    def checks(self) -> list[Check]:
+        return []
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass

@@ -1,0 +1,289 @@
+"""The wire model of PROTOCOL.md v1: the TASK, its states, and the events sent back.
+
+Everything that crosses a boundary is a pydantic model in strict mode, so a wrong type is an
+error with a field path instead of a silent coercion.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+PROTOCOL_VERSION = 1
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+Ident = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+class State(StrEnum):
+    RECEIVED = "RECEIVED"
+    STAGING_IN = "STAGING_IN"
+    SUBMITTED = "SUBMITTED"
+    RUNNING = "RUNNING"
+    STAGING_OUT = "STAGING_OUT"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    REJECTED = "REJECTED"
+    UNKNOWN = "UNKNOWN"  # only in replies about a task this node never saw
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED, State.REJECTED})
+STATE_ORDER = [State.RECEIVED, State.STAGING_IN, State.SUBMITTED, State.RUNNING, State.STAGING_OUT]
+
+
+class Reason(StrEnum):
+    EXIT_CODE = "EXIT_CODE"
+    TIMEOUT = "TIMEOUT"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    NODE_FAIL = "NODE_FAIL"
+    STAGE_IN = "STAGE_IN"
+    SUBMIT = "SUBMIT"
+    STAGE_OUT = "STAGE_OUT"
+    LOST = "LOST"
+
+
+_MEMORY_RE = re.compile(r"^([1-9][0-9]*)([KMGT])$")
+_MEMORY_UNITS = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+_WALLTIME_RE = re.compile(r"^(?:([0-9]+)-)?([0-9]{1,3}):([0-5][0-9]):([0-5][0-9])$")
+
+
+def memory_mib(text: str) -> int:
+    """'512M' -> 512, '4G' -> 4096. Raises ValueError naming the accepted form."""
+    m = _MEMORY_RE.match(text)
+    if not m:
+        raise ValueError(f"memory {text!r} is not a positive integer followed by K, M, G or T (e.g. 512M, 4G)")
+    return max(1, int(int(m.group(1)) * _MEMORY_UNITS[m.group(2)]))
+
+
+def walltime_seconds(text: str) -> int:
+    """'HH:MM:SS' or 'D-HH:MM:SS' -> seconds."""
+    m = _WALLTIME_RE.match(text)
+    if not m:
+        raise ValueError(f"walltime {text!r} is not HH:MM:SS or D-HH:MM:SS")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total == 0:
+        raise ValueError("walltime must be longer than 00:00:00")
+    return total
+
+
+def format_walltime(seconds: int) -> str:
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Resources(_Strict):
+    cpus: int | None = Field(default=None, ge=1)
+    memory: str | None = None
+    gpus: int | None = Field(default=None, ge=0)
+    nodes: int | None = Field(default=None, ge=1)
+    walltime: str | None = None
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        if v is not None:
+            memory_mib(v)
+        return v
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, v: str | None) -> str | None:
+        if v is not None:
+            walltime_seconds(v)
+        return v
+
+    @property
+    def memory_mib(self) -> int | None:
+        return memory_mib(self.memory) if self.memory else None
+
+    @property
+    def walltime_seconds(self) -> int | None:
+        return walltime_seconds(self.walltime) if self.walltime else None
+
+
+class VolumeRequest(_Strict):
+    name: Ident
+    target: str
+    mode: Literal["ro", "rw"] = "ro"
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"target {v!r} must be an absolute path")
+        if ".." in v.split("/"):
+            raise ValueError(f"target {v!r} must not contain '..'")
+        if any(c in v for c in "\0\n:,"):
+            raise ValueError(f"target {v!r} contains a forbidden character (NUL, newline, ':' or ',')")
+        return v
+
+
+class Source(_Strict):
+    git: str = Field(min_length=1)
+    ref: str | None = None
+    commit: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{7,64}$")] | None = None
+    path: str | None = None
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        # A ref that starts with '-' would be read by git as an option.
+        if v is not None and (not v or v.startswith("-") or any(c in v for c in " \t\n\0~^:?*[\\")):
+            raise ValueError(f"ref {v!r} is not a valid branch or tag name")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None and (v.startswith("/") or ".." in v.split("/") or "\0" in v or not v):
+            raise ValueError(f"path {v!r} must be a relative subdirectory without '..'")
+        return v
+
+
+class Task(_Strict):
+    id: Ident
+    execution_id: Ident | None = None
+    user_id: Ident = "anonymous"
+    executor: Ident | None = None
+    image: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,511}$")] | None = None
+    source: Source | None = None
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    volumes: list[VolumeRequest] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+    queue: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.@-]{1,128}$")] | None = None
+    account: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.@-]{1,128}$")] | None = None
+    outputs: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str]) -> list[str]:
+        if not v[0]:
+            raise ValueError("command[0] must not be empty")
+        if any("\0" in a for a in v):
+            raise ValueError("command arguments must not contain NUL bytes")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not re.match(ENV_NAME_PATTERN, k)]
+        if bad:
+            raise ValueError(f"env names {bad!r} do not match {ENV_NAME_PATTERN}")
+        if any("\0" in val for val in v.values()):
+            raise ValueError("env values must not contain NUL bytes")
+        return v
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not pattern or pattern.startswith("/") or ".." in pattern.split("/") or "\0" in pattern:
+                raise ValueError(f"output pattern {pattern!r} must be relative to the work dir, without '..'")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> Task:
+        targets = [v.target for v in self.volumes]
+        if len(targets) != len(set(targets)):
+            raise ValueError("two volumes share one target")
+        return self
+
+    @property
+    def execution(self) -> str:
+        return self.execution_id or self.id
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+def errors_from_validation(exc: ValidationError, prefix: str = "task") -> list[FieldError]:
+    out = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "string_pattern_mismatch":
+            msg = f"value {err.get('input')!r} does not match {err['ctx']['pattern']}"
+        out.append(FieldError(field=path, message=msg.removeprefix("Value error, ")))
+    return out
+
+
+def parse_task(data: Any) -> tuple[Task | None, list[FieldError]]:
+    """Validate a decoded TASK object; return the task or the list of problems."""
+    if not isinstance(data, dict):
+        return None, [FieldError(field="task", message="must be a JSON object")]
+    try:
+        return Task.model_validate(data), []
+    except ValidationError as exc:
+        return None, errors_from_validation(exc)
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class OutputsInfo(BaseModel):
+    format: str = "tar.gz"
+    size: int
+    sha256: str
+    chunks: int
+
+
+class StatusEvent(BaseModel):
+    fem: int = PROTOCOL_VERSION
+    type: Literal["status"] = "status"
+    node: str
+    task_id: str
+    seq: int
+    state: State
+    time: str
+    native_id: str | None = None
+    message: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class ResultEvent(BaseModel):
+    fem: int = PROTOCOL_VERSION
+    type: Literal["result"] = "result"
+    node: str
+    task_id: str
+    seq: int
+    state: State
+    exit_code: int | None = None
+    reason: Reason | None = None
+    errors: list[FieldError] = Field(default_factory=list)
+    started: str | None = None
+    finished: str | None = None
+    outputs: OutputsInfo | None = None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    native_id: str | None = None  # additive extension: the scheduler's job id
