@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .model import ID_PATTERN, Resources, memory_mib, walltime_seconds
 
@@ -121,6 +121,24 @@ class LegacyConfig(_Section):
     send_files_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
 
 
+class RegistryCredential(_Section):
+    username: str
+    password: SecretStr
+
+
+class GitCredential(_Section):
+    username: str | None = None
+    token: SecretStr | None = None  # https: sent as an Authorization header, never in the URL
+    ssh_key: Path | None = None  # ssh: the private key for this host
+    known_hosts: Path | None = None
+
+
+class GitConfig(_Section):
+    submodules: bool = False
+    timeout_seconds: int = Field(default=600, ge=1)
+    credentials: dict[str, GitCredential] = Field(default_factory=dict)  # by host name
+
+
 class MetricsConfig(_Section):
     listen: str | None = None  # "127.0.0.1:9464"
 
@@ -144,8 +162,8 @@ class SiteConfig(_Section):
     legacy: LegacyConfig = Field(default_factory=LegacyConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    git: dict[str, Any] = Field(default_factory=dict)  # staging.git settings (credentials, submodules)
-    registries: dict[str, dict[str, str]] = Field(default_factory=dict)  # host -> {username, password}
+    git: GitConfig = Field(default_factory=GitConfig)
+    registries: dict[str, RegistryCredential] = Field(default_factory=dict)  # by registry host[:port]
     workers: int = Field(default=8, ge=1, le=256)
 
     @model_validator(mode="after")

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     started TEXT,
     finished TEXT,
     result_json TEXT,
+    outcome TEXT,
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
@@ -92,6 +93,7 @@ class TaskRecord:
     started: str | None
     finished: str | None
     result_json: str | None
+    outcome: str | None
     created: float
     updated: float
 
@@ -249,8 +251,9 @@ class Journal:
         self._outbox_cv.notify_all()
 
     def transition(self, task_id: str, state: State, event: Any = None, *, message: str | None = None,
-                   **fields: Any) -> int:
-        """Move a task to `state` (updating any extra columns) and queue its event; returns seq."""
+                   also: list[Any] | None = None, **fields: Any) -> int:
+        """Move a task to `state` (updating any extra columns) and queue its event, then the `also`
+        events (e.g. the result after the terminal status), all in one transaction; returns seq."""
         now = time.time()
         cols = {"state": state.value, "message": message, **fields}
         with self._tx() as db:
@@ -258,7 +261,10 @@ class Journal:
                 f"UPDATE tasks SET {', '.join(f'{k}=?' for k in cols)} WHERE id=?",
                 (*cols.values(), task_id),
             )
-            return self._append_event(db, task_id, state, event, now, fields.get("native_id"), message)
+            seq = self._append_event(db, task_id, state, event, now, fields.get("native_id"), message)
+            for extra in also or []:
+                seq = self._append_event(db, task_id, None, extra, now)
+            return seq
 
     def update(self, task_id: str, **fields: Any) -> None:
         """Change columns without an event (intent, native id, cancel flag)."""

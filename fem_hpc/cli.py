@@ -1,0 +1,194 @@
+"""Command line: fem-hpc serve | run | submit | cancel | status | render | plugins | doctor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, SiteConfig, load_config
+from .logs import setup_logging
+
+EX_CONFIG = 78  # sysexits: configuration error
+EX_REJECTED = 2
+
+
+def _load(path: str) -> SiteConfig:
+    try:
+        site = load_config(path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        sys.exit(EX_CONFIG)
+    return site
+
+
+def _read_task(path: str, executor: str | None) -> Any:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        print(f"cannot read task file {path}: {exc.strerror}", file=sys.stderr)
+        sys.exit(EX_REJECTED)
+    except json.JSONDecodeError as exc:
+        print(f"task file {path} is not valid JSON: {exc}", file=sys.stderr)
+        sys.exit(EX_REJECTED)
+    if executor and isinstance(data, dict):
+        data["executor"] = executor
+    return data
+
+
+def _print_errors(errors: list[Any]) -> None:
+    print("task rejected:", file=sys.stderr)
+    for e in errors:
+        print(f"  - {e.field}: {e.message}", file=sys.stderr)
+
+
+# -- run ----------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from .agent import Agent
+    from .journal import Journal
+    from .model import State, parse_task
+    from .policy import check_policy
+    from .staging.outputs import safe_extract
+
+    site = _load(args.config)
+    setup_logging(site.logging.format, "DEBUG" if args.verbose else "WARNING")
+    data = _read_task(args.task, args.executor)
+    task, errors = parse_task(data)
+    if task is not None:
+        errors = check_policy(task, site)
+    if task is None or errors:
+        _print_errors(errors)
+        return EX_REJECTED
+    journal = Journal(site.journal_path, outbox=False)
+    known = journal.get(task.id)
+    if known is not None:
+        # Task ids are idempotency keys on a node: a second run of the same id would mix two
+        # runs' files in one work dir, so it is refused.
+        print(f"task id {task.id!r} already exists on this node (state {known.state.value}, work dir "
+              f"{known.workdir}); task ids are idempotency keys, use a new id", file=sys.stderr)
+        return EX_REJECTED
+    agent = Agent(site, journal)
+    t0 = time.monotonic()
+
+    def progress(task_id: str, event: Any) -> None:
+        if getattr(event, "type", None) != "status":
+            return
+        native = f" native={event.native_id}" if event.native_id else ""
+        msg = f" {event.message}" if event.message else ""
+        print(f"[{time.monotonic() - t0:6.1f}s] {task_id} {event.state.value}{native}{msg}", file=sys.stderr)
+
+    agent.observers.append(progress)
+    from .staging.git import install as install_git
+
+    install_git(agent)
+    result = agent.intake(data, protocol="cli")
+    if result.record is None:
+        _print_errors(result.errors)
+        agent.close()
+        return EX_REJECTED
+
+    def interrupt(signum: int, frame: Any) -> None:
+        print(f"signal {signum}: cancelling {task.id}", file=sys.stderr)
+        agent.cancel(task.id)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    record = agent.wait(task.id)
+    while record is not None and not record.final:
+        record = agent.wait(task.id, 1.0)
+    agent.close()
+    assert record is not None
+    workdir = Path(record.workdir or "")
+    if record.result_json:
+        res = json.loads(record.result_json)
+        if args.outputs and (workdir / ".fem" / "outputs.tar.gz").exists():
+            names = safe_extract(workdir / ".fem" / "outputs.tar.gz", Path(args.outputs))
+            print(f"outputs: {len(names)} entries in {args.outputs}", file=sys.stderr)
+        if res.get("reason"):
+            print(f"reason: {res['reason']}: {record.message or ''}", file=sys.stderr)
+    if record.state == State.COMPLETED:
+        return 0
+    if record.exit_code is not None and 0 < record.exit_code < 256:
+        return record.exit_code
+    return 1
+
+
+# -- render ---------------------------------------------------------------------------------
+def cmd_render(args: argparse.Namespace) -> int:
+    from .agent import task_workdir
+    from .executors import registry
+    from .executors.base import Job
+    from .model import parse_task
+    from .policy import check_policy, effective_task, executor_for
+    from .render import render_job
+
+    site = _load(args.config)
+    data = _read_task(args.task, args.executor)
+    task, errors = parse_task(data)
+    if task is not None:
+        errors = check_policy(task, site)
+    if task is None or errors:
+        _print_errors(errors)
+        return EX_REJECTED
+    task = effective_task(task, site)
+    executor = registry.create(executor_for(task, site), site)
+    sys.stdout.write(render_job(executor, Job(task=task, workdir=task_workdir(site, task))))
+    return 0
+
+
+# -- plugins --------------------------------------------------------------------------------
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .executors import registry
+
+    rows = [("NAME", "MODULE", "STATUS", "RUNTIME")]
+    for info in registry.plugins().values():
+        found, where = info.runtime_found()
+        runtime = where if found else f"missing ({where})"
+        rows.append((info.name, info.module, info.status, runtime))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fem-hpc", description="Run federated tasks on Slurm, PBS, Docker, "
+                                "Apptainer or locally, for an orchestrator speaking over RabbitMQ.")
+    p.add_argument("--version", action="version", version=f"fem-hpc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one task through the whole lifecycle, without a broker")
+    run.add_argument("task", help="TASK as a JSON file (PROTOCOL.md)")
+    run.add_argument("--config", "-c", required=True)
+    run.add_argument("--executor", "-e")
+    run.add_argument("--outputs", "-o", help="unpack the outputs and logs into this directory")
+    run.add_argument("--verbose", "-v", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    render = sub.add_parser("render", help="print the job script a task would run")
+    render.add_argument("task")
+    render.add_argument("--config", "-c", required=True)
+    render.add_argument("--executor", "-e")
+    render.set_defaults(func=cmd_render)
+
+    plugins = sub.add_parser("plugins", help="list the executors and whether their runtime is present")
+    plugins.set_defaults(func=cmd_plugins)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The `local` executor: the job script as a child process in its own process group.
+
+Native id = pid. A restarted service re-adopts a job by its pid, checked against the job script
+path in /proc/<pid>/cmdline so a recycled pid is never mistaken for the job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from ..model import Reason, State
+from .base import Executor, ExecutorError, ExecutorSettings, Job, NativeStatus
+
+
+class LocalSettings(ExecutorSettings):
+    kill_grace_seconds: float = Field(default=10.0, ge=0)
+    shell: str = "/bin/sh"
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _is_job_process(pid: int, script: Path) -> bool:
+    cmd = _cmdline(pid)
+    if cmd is None:
+        return False
+    try:  # a zombie (exited, not yet reaped) has an empty cmdline and counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except (OSError, IndexError):
+        return False
+    return str(script) in cmd
+
+
+class LocalExecutor(Executor):
+    kind = "local"
+    template = "local.sh.j2"
+    Settings = LocalSettings
+    settings: LocalSettings
+
+    def __init__(self, name, settings, site):
+        super().__init__(name, settings, site)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._verdicts: dict[str, NativeStatus] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, job: Job) -> str:
+        log = open(job.fem_dir / "launcher.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(
+                [self.settings.shell, str(job.script_path)],
+                cwd=str(job.workdir),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: cancel reaches every descendant
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise ExecutorError(f"cannot start {self.settings.shell}: {exc.strerror}") from None
+        finally:
+            log.close()
+        native = str(proc.pid)
+        with self._lock:
+            self._children[native] = proc
+        return native
+
+    def _alive(self, job: Job) -> bool:
+        assert job.native_id is not None
+        with self._lock:
+            proc = self._children.get(job.native_id)
+        if proc is not None:
+            if proc.poll() is None:
+                return True
+            with self._lock:
+                self._children.pop(job.native_id, None)
+            return False
+        return _is_job_process(int(job.native_id), job.script_path)
+
+    def poll(self, jobs: list[Job]) -> dict[str, NativeStatus]:
+        out: dict[str, NativeStatus] = {}
+        now = time.time()
+        for job in jobs:
+            if job.native_id is None:
+                continue
+            alive = self._alive(job)
+            with self._lock:
+                verdict = self._verdicts.get(job.native_id)
+            if alive:
+                limit = job.task.resources.walltime_seconds
+                if verdict is None and limit is not None and now - job.submitted_at > limit:
+                    self._stop(job, NativeStatus(
+                        native_id=job.native_id, state=State.FAILED, reason=Reason.TIMEOUT,
+                        message=f"walltime {job.task.resources.walltime} exceeded"))
+                out[job.native_id] = NativeStatus(native_id=job.native_id, state=State.RUNNING,
+                                                  job_name=job.job_name)
+            elif verdict is not None:
+                out[job.native_id] = verdict
+        return out
+
+    def _stop(self, job: Job, verdict: NativeStatus) -> None:
+        assert job.native_id is not None
+        pid = int(job.native_id)
+        with self._lock:
+            self._verdicts[job.native_id] = verdict
+        if not self._alive(job):
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        timer = threading.Timer(self.settings.kill_grace_seconds, self._kill_if_alive, args=(job,))
+        timer.daemon = True
+        timer.start()
+
+    def _kill_if_alive(self, job: Job) -> None:
+        if self._alive(job):
+            try:
+                os.killpg(int(job.native_id or 0), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def cancel(self, job: Job) -> None:
+        if job.native_id is None:
+            return
+        self._stop(job, NativeStatus(native_id=job.native_id, state=State.CANCELLED, message="cancelled"))
+
+    def find_by_name(self, job: Job) -> str | None:
+        for entry in Path("/proc").iterdir():
+            # The wrapper leads its own process group; its forked subshells share the cmdline.
+            if entry.name.isdigit() and _is_job_process(int(entry.name), job.script_path):
+                try:
+                    if os.getpgid(int(entry.name)) == int(entry.name):
+                        return entry.name
+                except ProcessLookupError:
+                    continue
+        return None
+
+    def after_final(self, job: Job) -> None:
+        with self._lock:
+            if job.native_id:
+                self._verdicts.pop(job.native_id, None)
+                proc = self._children.pop(job.native_id, None)
+        if proc is not None:
+            proc.poll()
+
+    def poll_interval(self, youngest_age: float) -> float:
+        return 0.5

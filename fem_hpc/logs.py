@@ -1,0 +1,79 @@
+"""Logging: one line per event, text or JSON, every task line with its task_id and native id,
+and secrets masked on their way out whatever logged them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+from datetime import UTC, datetime
+
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+_URL_PASSWORD = re.compile(r"(amqps?://[^:/@\s]+:)([^@\s]+)(@)")
+
+
+def register_secret(value: str | None) -> None:
+    """Mask this value in every log line from now on (passwords, tokens)."""
+    if value and len(value) >= 4:
+        with _secrets_lock:
+            _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    text = _URL_PASSWORD.sub(r"\1***\3", text)
+    with _secrets_lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key in ("task_id", "native_id"):
+            if not hasattr(record, key):
+                setattr(record, key, None)
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        ctx = ""
+        if record.task_id:
+            ctx = f" task={record.task_id}" + (f" native={record.native_id}" if record.native_id else "")
+        line = f"{ts} {record.levelname:<7} {record.name}{ctx}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return redact(line)
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "task_id": record.task_id,
+            "native_id": record.native_id,
+        }
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return redact(json.dumps(data))
+
+
+def setup_logging(fmt: str = "text", level: str = "INFO", stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # pika logs every connection attempt at INFO; its warnings and errors still show.
+    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLevelName(level)))

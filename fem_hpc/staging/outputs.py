@@ -1,0 +1,157 @@
+"""Stage-out: the task's output matches and its logs as one tar.gz, written in a streaming way.
+
+Globs resolve inside the work dir only: a match that is (or lies under) a symlink pointing
+outside the work dir is skipped and reported, never followed. Memory stays flat whatever the
+output size: files are streamed into the archive and the archive is hashed as it is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..executors.base import FEM_DIR
+
+ARCHIVE_NAME = "outputs.tar.gz"
+
+
+class StageOutError(Exception):
+    pass
+
+
+@dataclass
+class Archive:
+    path: Path
+    size: int
+    sha256: str
+    files: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # human notes on matches that were refused
+
+    def chunks(self, chunk_bytes: int) -> int:
+        return max(1, -(-self.size // chunk_bytes))
+
+    def ranges(self, chunk_bytes: int) -> list[tuple[int, int]]:
+        n = self.chunks(chunk_bytes)
+        return [(i * chunk_bytes, min(chunk_bytes, self.size - i * chunk_bytes)) for i in range(n)]
+
+
+class _HashingWriter(io.RawIOBase):
+    """A file wrapper that hashes and counts what passes through it."""
+
+    def __init__(self, f: io.BufferedWriter):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.sha.update(b)
+        self.size += len(b)
+        return self._f.write(b)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def collect(workdir: Path, patterns: list[str]) -> tuple[list[Path], list[str]]:
+    """Regular files matched by the patterns (a matched directory brings its files), relative to
+    the work dir, plus notes on what was refused."""
+    root = workdir.resolve()
+    found: dict[str, Path] = {}
+    skipped: list[str] = []
+
+    def consider(p: Path) -> None:
+        rel = p.relative_to(workdir)
+        if rel.parts and rel.parts[0] == FEM_DIR:
+            return
+        # Check every component: a symlinked parent directory could lead outside too.
+        real = p.resolve()
+        if not _inside(real, root):
+            skipped.append(f"{rel}: symlink pointing outside the work dir, not followed")
+            return
+        if p.is_symlink() and p.is_dir():
+            skipped.append(f"{rel}: symlinked directory, not followed")
+            return
+        if p.is_file():
+            found.setdefault(str(rel), p)
+        elif p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
+                for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                    consider(Path(dirpath) / name)
+
+    for pattern in patterns:
+        for match in sorted(workdir.glob(pattern)):
+            consider(match)
+    return [found[k] for k in sorted(found)], skipped
+
+
+def build_archive(workdir: Path, patterns: list[str], *, max_bytes: int, dest: Path | None = None) -> Archive:
+    files, skipped = collect(workdir, patterns)
+    total = sum(f.stat().st_size for f in files)
+    if total > max_bytes:
+        raise StageOutError(
+            f"outputs are {total} bytes, over this site's limit of {max_bytes} bytes per task (stage_out.max_bytes)"
+        )
+    fem = workdir / FEM_DIR
+    dest = dest or fem / ARCHIVE_NAME
+    tmp = dest.with_name(dest.name + ".tmp")
+    names = []
+    with open(tmp, "wb") as raw:
+        writer = _HashingWriter(raw)
+        with tarfile.open(fileobj=writer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            for f in files:
+                arc = f"outputs/{f.relative_to(workdir)}"
+                # The resolved path: a symlink to a file inside the work dir goes in as its content.
+                tar.add(str(f.resolve()), arcname=arc, recursive=False)
+                names.append(arc)
+            for stream in ("stdout", "stderr"):
+                log_file = fem / stream
+                info = tarfile.TarInfo(f"logs/{stream}")
+                if log_file.is_file():
+                    info.size = log_file.stat().st_size
+                    with open(log_file, "rb") as lf:
+                        tar.addfile(info, lf)
+                else:
+                    tar.addfile(info, io.BytesIO(b""))
+                names.append(f"logs/{stream}")
+    os.replace(tmp, dest)
+    return Archive(path=dest, size=writer.size, sha256=writer.sha.hexdigest(), files=names, skipped=skipped)
+
+
+def tail(path: Path, limit: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def safe_extract(archive: Path | io.IOBase, dest: Path) -> list[str]:
+    """Unpack an outputs archive into dest, refusing members that would land outside it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    names = []
+    kwargs = {"fileobj": archive} if isinstance(archive, io.IOBase) else {"name": str(archive)}
+    with tarfile.open(mode="r:gz", **kwargs) as tar:  # type: ignore[call-overload]
+        for member in tar:
+            if not (member.isfile() or member.isdir()):
+                continue
+            target = (dest / member.name).resolve()
+            if not _inside(target, dest.resolve()):
+                raise StageOutError(f"archive member {member.name!r} would land outside {dest}")
+            tar.extract(member, str(dest), filter="data")
+            names.append(member.name)
+    return names

@@ -1,0 +1,249 @@
+"""One tracker per executor instance (per cluster): a single thread that follows every job.
+
+Two sources, cheap first:
+- the exit-code marker each job's wrapper writes (`.fem/exit_code`), checked by a stat every
+  `marker_interval` seconds, so completion is seen well within a second of the job's end;
+- one batched `executor.poll(all jobs)` on the executor's adaptive interval, the safety net that
+  sees pending/running states, jobs killed before the wrapper could write, and jobs that vanished.
+
+A failed poll never fails a job: the tracker marks itself stale and backs off. A job missing
+from the queue is decided by its marker, then the executor's second opinion (e.g. sacct), and
+only after a grace period declared LOST.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from .executors.base import Executor, Job, Marker, NativeStatus, read_marker
+from .model import Reason, State
+
+log = logging.getLogger("fem_hpc.tracker")
+
+
+@dataclass
+class Outcome:
+    state: State
+    reason: Reason | None
+    exit_code: int | None
+    message: str | None
+    started: str | None = None
+    finished: str | None = None
+
+
+class Listener(Protocol):
+    def on_running(self, job: Job, status: NativeStatus) -> None: ...
+
+    def on_final(self, job: Job, outcome: Outcome) -> None: ...
+
+
+def decide(marker: Marker | None, status: NativeStatus | None, cancel_requested: bool) -> Outcome:
+    """The final word on a job from its marker and the scheduler's last status."""
+    started = marker.started if marker else None
+    finished = marker.finished if marker else None
+    exit_code = marker.exit_code if marker else (status.exit_code if status else None)
+    if cancel_requested or (status is not None and status.state == State.CANCELLED):
+        return Outcome(State.CANCELLED, None, exit_code, "cancelled", started, finished)
+    if status is not None and status.state == State.FAILED and status.reason not in (None, Reason.EXIT_CODE):
+        return Outcome(State.FAILED, status.reason, exit_code, status.message or status.reason.value,
+                       started, finished)
+    if marker is not None:
+        if marker.exit_code == 0:
+            return Outcome(State.COMPLETED, None, 0, None, started, finished)
+        why = f"command exited with code {marker.exit_code}"
+        if marker.signal:
+            why += f" after SIG{marker.signal} was sent to it"
+        return Outcome(State.FAILED, Reason.EXIT_CODE, marker.exit_code, why, started, finished)
+    assert status is not None
+    if status.state == State.COMPLETED:
+        # The scheduler says it ended but the wrapper left no marker: the exit code is unknown.
+        return Outcome(State.FAILED, Reason.LOST, status.exit_code,
+                       "the scheduler reports the job completed, but it left no exit-code marker")
+    return Outcome(State.FAILED, status.reason or Reason.EXIT_CODE, status.exit_code, status.message)
+
+
+@dataclass
+class _Tracked:
+    job: Job
+    cancel_requested: bool = False
+    status: NativeStatus | None = None
+    running_reported: bool = False
+    marker: Marker | None = None
+    marker_at: float = 0.0
+    final_seen_at: float | None = None
+    missing_since: float | None = None
+    second_opinion_asked: bool = False
+
+
+class Tracker:
+    def __init__(self, executor: Executor, listener: Listener, *, marker_interval: float = 0.2,
+                 lost_grace: float = 60.0, marker_grace: float = 3.0, signal_wait: float = 10.0):
+        self.executor = executor
+        self.listener = listener
+        self.marker_interval = marker_interval
+        self.lost_grace = lost_grace
+        self.marker_grace = marker_grace  # a job the scheduler says ended may write its marker late (NFS)
+        self.signal_wait = signal_wait  # how long a stopped job waits for the scheduler's reason
+        self.stale = False
+        self.poll_count = 0
+        self.poll_errors = 0
+        self.last_poll_seconds = 0.0
+        self._jobs: dict[str, _Tracked] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._next_poll = 0.0
+        self._backoff = 1.0
+        self._thread = threading.Thread(target=self._run, name=f"tracker-{executor.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def track(self, job: Job, cancel_requested: bool = False) -> None:
+        with self._lock:
+            self._jobs[job.task.id] = _Tracked(job, cancel_requested=cancel_requested)
+            self._next_poll = 0.0  # see a new job's state soon
+        self._wake.set()
+
+    def tracking(self, task_id: str) -> bool:
+        with self._lock:
+            return task_id in self._jobs
+
+    def cancel(self, task_id: str) -> bool:
+        with self._lock:
+            t = self._jobs.get(task_id)
+            if t is None:
+                return False
+            t.cancel_requested = True
+        try:
+            self.executor.cancel(t.job)
+        except Exception as exc:  # the next poll shows whether it took effect
+            log.warning("cancel of %s failed: %s", task_id, exc, extra={"task_id": task_id,
+                                                                          "native_id": t.job.native_id})
+        with self._lock:
+            self._next_poll = 0.0
+        self._wake.set()
+        return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    # -- the loop ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._cycle()
+            except Exception:  # a bug in one cycle must not stop tracking
+                log.exception("tracker %s cycle failed", self.executor.name)
+            self._wake.wait(self.marker_interval)
+            self._wake.clear()
+
+    def _cycle(self) -> None:
+        with self._lock:
+            tracked = list(self._jobs.values())
+        if not tracked:
+            return
+        now = time.time()
+        waiting_for_reason = False
+        for t in tracked:
+            if t.marker is None:
+                t.marker = read_marker(t.job.marker_path)
+                if t.marker is not None:
+                    t.marker_at = now
+                    waiting_for_reason = waiting_for_reason or bool(t.marker.signal)
+        polled = False
+        if now >= self._next_poll or waiting_for_reason:
+            polled = self._poll(tracked, now)
+        for t in tracked:
+            self._decide(t, now, polled)
+
+    def _poll(self, tracked: list[_Tracked], now: float) -> bool:
+        jobs = [t.job for t in tracked if t.job.native_id is not None]
+        start = time.monotonic()
+        try:
+            statuses = self.executor.poll(jobs)
+        except Exception as exc:
+            self.poll_errors += 1
+            self._next_poll = now + self._backoff
+            if not self.stale:
+                log.warning("poll of %s failed (%s); jobs keep their state, retrying in %.0fs",
+                            self.executor.name, exc, self._backoff)
+            self.stale = True
+            self._backoff = min(self._backoff * 2, 60.0)
+            return False
+        finally:
+            self.last_poll_seconds = time.monotonic() - start
+        self.poll_count += 1
+        if self.stale:
+            log.info("poll of %s works again", self.executor.name)
+        self.stale = False
+        self._backoff = 1.0
+        youngest = min(now - t.job.submitted_at for t in tracked)
+        self._next_poll = now + self.executor.poll_interval(youngest)
+        for t in tracked:
+            st = statuses.get(t.job.native_id or "")
+            if st is not None and st.job_name and st.job_name != t.job.job_name:
+                st = None  # the id was reused by another job (e.g. after a controller reset)
+            t.status = st
+        return True
+
+    def _decide(self, t: _Tracked, now: float, polled: bool) -> None:
+        st = t.status
+        if t.marker is not None:
+            scheduler_final = st is not None and st.state.final
+            if (t.marker.signal and not t.cancel_requested and not scheduler_final
+                    and now - t.marker_at < self.signal_wait):
+                return  # stopped by a signal: give the scheduler a moment to say why (TIMEOUT, ...)
+            self._finish(t, decide(t.marker, st, t.cancel_requested))
+            return
+        if st is not None and st.state.final:
+            t.final_seen_at = t.final_seen_at or now
+            if now - t.final_seen_at >= self.marker_grace:
+                self._finish(t, decide(None, st, t.cancel_requested))
+            return
+        if st is not None:
+            t.missing_since = None
+            if st.state == State.RUNNING and not t.running_reported:
+                t.running_reported = True
+                self.listener.on_running(t.job, st)
+            return
+        if not polled or t.job.native_id is None:
+            return
+        # Gone from the queue with no marker yet.
+        t.missing_since = t.missing_since or now
+        if not t.second_opinion_asked and now - t.missing_since >= self.marker_grace:
+            t.second_opinion_asked = True
+            try:
+                opinion = self.executor.lookup_finished(t.job)
+            except Exception as exc:
+                log.info("second opinion on %s failed: %s", t.job.task.id, exc)
+                opinion = None
+            if opinion is not None and opinion.state.final:
+                t.status = opinion
+                t.final_seen_at = now
+                return
+        if now - t.missing_since >= self.lost_grace:
+            self._finish(t, Outcome(
+                State.FAILED, Reason.LOST, None,
+                f"job {t.job.native_id} left the queue without an exit-code marker and no record of its end "
+                f"was found within {self.lost_grace:.0f}s"))
+
+    def _finish(self, t: _Tracked, outcome: Outcome) -> None:
+        with self._lock:
+            self._jobs.pop(t.job.task.id, None)
+        try:
+            self.executor.after_final(t.job)
+        except Exception as exc:
+            log.warning("cleanup of %s failed: %s", t.job.task.id, exc)
+        self.listener.on_final(t.job, outcome)
