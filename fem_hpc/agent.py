@@ -242,11 +242,25 @@ class Agent:
 
         self.journal.event(record.id, status)
         if record.final and record.result_json:
-            def result(seq: int) -> Message:
-                ev = ResultEvent.model_validate_json(record.result_json or "").model_copy(update={"seq": seq})
-                return self._message(ev, route, reply_to or "", correlation_id)
+            stored = ResultEvent.model_validate_json(record.result_json)
+            archive = Path(record.workdir or "") / ".fem" / "outputs.tar.gz"
+            if stored.outputs is not None:
+                if archive.is_file() and archive.stat().st_size == stored.outputs.size:
+                    self._enqueue_chunks(record.id, archive, stored.outputs, reply_to or "", correlation_id)
+                else:  # the work dir was cleaned since: say so rather than promise chunks
+                    stored = stored.model_copy(update={"outputs": None})
+            self.journal.event(record.id, lambda seq: self._message(
+                stored.model_copy(update={"seq": seq}), route, reply_to or "", correlation_id))
 
-            self.journal.event(record.id, result)
+    def _enqueue_chunks(self, task_id: str, archive: Path, info: OutputsInfo, reply_to: str | None,
+                        correlation_id: str | None) -> None:
+        chunk = self.site.stage_out.chunk_bytes
+        for index in range(info.chunks):
+            offset = index * chunk
+            length = min(chunk, info.size - offset)
+            self.journal.event(task_id, lambda seq, i=index, o=offset, n=length: chunk_message(
+                self.node, self.exchange, task_id, seq, i, info.chunks, info.sha256, (str(archive), o, n),
+                reply_to, correlation_id))
 
     def status(self, task_id: str, *, reply_to: str | None, correlation_id: str | None) -> State:
         record = self.journal.get(task_id)
@@ -279,6 +293,11 @@ class Agent:
             return state
         self.journal.update(task_id, cancel_requested=1)
         log.info("%s cancel requested", task_id, extra={"task_id": task_id, "native_id": record.native_id})
+        if reply_to:  # the canceller hears at once; the CANCELLED events follow on the task's own route
+            route = self._route(task_id)
+            self.journal.event(task_id, lambda seq: self._message(
+                self._status_event(task_id, record.state, seq, route, native_id=record.native_id,
+                                   message="cancel requested"), route, reply_to, correlation_id))
         if record.executor and self.tracker(record.executor).cancel(task_id):
             return record.state
         # Still staging: the stage-in worker sees the flag before it submits anything.
@@ -411,15 +430,14 @@ class Agent:
             note = "; ".join(filter(None, [note, *archive.skipped]))
         route = self._route(task_id)
         total = archive.chunks(cfg.chunk_bytes)
+        info = OutputsInfo(size=archive.size, sha256=archive.sha256, chunks=total)
         if self.journal.outbox_enabled:
-            for index, (offset, length) in enumerate(archive.ranges(cfg.chunk_bytes)):
-                self.journal.event(task_id, lambda seq, i=index, o=offset, n=length: chunk_message(
-                    self.node, self.exchange, task_id, seq, i, total, archive.sha256, (str(archive.path), o, n),
-                    route.reply_to if route.protocol == "v1" else None, route.correlation_id))
+            self._enqueue_chunks(task_id, archive.path, info, route.reply_to if route.protocol == "v1" else None,
+                                 route.correlation_id)
         result = ResultEvent(
             node=self.node, task_id=task_id, seq=0, state=outcome.state, exit_code=outcome.exit_code,
             reason=outcome.reason, started=outcome.started, finished=outcome.finished or utcnow(),
-            outputs=OutputsInfo(size=archive.size, sha256=archive.sha256, chunks=total),
+            outputs=info,
             stdout_tail=tail(job.fem_dir / "stdout", cfg.tail_bytes),
             stderr_tail=tail(job.fem_dir / "stderr", cfg.tail_bytes),
             labels=route.labels, native_id=job.native_id)
@@ -470,9 +488,10 @@ class Agent:
         self._final(task_id, result, message)
 
     # -- restart -----------------------------------------------------------------------------------
-    def recover(self) -> int:
-        """Carry on with every task the journal holds as not final. Returns how many."""
-        records = self.journal.active()
+    def recover(self, skip_protocols: tuple[str, ...] = ()) -> int:
+        """Carry on with every task the journal holds as not final. Returns how many.
+        `serve` skips tasks of `fem-hpc run` processes, which follow their own tasks."""
+        records = [r for r in self.journal.active() if r.protocol not in skip_protocols]
         for record in records:
             try:
                 self._recover_one(record)

@@ -156,6 +156,120 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve ----------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import serve
+
+    site = _load(args.config)
+    setup_logging(args.log_format or site.logging.format, args.log_level or site.logging.level)
+    return serve(site)
+
+
+# -- the orchestrator side ---------------------------------------------------------------------
+EX_TIMEOUT = 3
+
+
+def _client(args: argparse.Namespace):
+    from .client import Client
+
+    tls = None
+    if args.ca_file:
+        from .config import TLSConfig
+
+        tls = TLSConfig(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    return Client(args.broker, args.node, queue=args.queue, tls=tls)
+
+
+class _ProgressLine:
+    """One live line per task: state, elapsed time, native id (a new line per event when not a tty)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("type") != "status":
+            return
+        line = (f"{event['task_id']}  {event['state']:<11} {time.monotonic() - self.t0:7.1f}s"
+                f"  native={event.get('native_id') or '-'}" + (f"  {event['message']}" if event.get("message") else ""))
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+            if event["state"] in ("COMPLETED", "FAILED", "CANCELLED", "REJECTED"):
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .client import ClientError, Timeout
+
+    setup_logging("text", "WARNING")
+    task = _read_task(args.task, args.executor)
+    with _client(args) as client:
+        if not args.wait:
+            client.submit(task, wait=False)
+            print(task.get("id") if isinstance(task, dict) else "")
+            return 0
+        try:
+            res = client.submit(task, timeout=args.timeout, outputs_dir=args.outputs, on_event=_ProgressLine())
+        except Timeout as exc:
+            print(f"timed out: {exc}", file=sys.stderr)
+            return EX_TIMEOUT
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    assert res is not None
+    if res.state == "REJECTED":
+        for e in res.result.get("errors", []):
+            print(f"  - {e['field']}: {e['message']}", file=sys.stderr)
+        return EX_REJECTED
+    if res.outputs:
+        print(f"outputs: {len(res.outputs)} entries in {args.outputs}", file=sys.stderr)
+    if res.state == "COMPLETED":
+        return 0
+    if res.result.get("reason"):
+        print(f"{res.state}: {res.result['reason']}", file=sys.stderr)
+    code = res.exit_code
+    return code if code is not None and 0 < code < 256 else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    setup_logging("text", "WARNING")
+    with _client(args) as client:
+        reply = client.cancel(args.task_id, timeout=args.timeout or 30)
+    print(json.dumps(reply, indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.broker:
+        if not args.task_id:
+            print("status over the broker needs a TASK_ID", file=sys.stderr)
+            return EX_REJECTED
+        setup_logging("text", "WARNING")
+        with _client(args) as client:
+            reply = client.status(args.task_id, timeout=args.timeout or 30)
+        print(json.dumps(reply, indent=2))
+        return 0 if reply.get("state") != "UNKNOWN" else 1
+    if not args.config:
+        print("status needs --config F (the local journal) or --broker URL --node N TASK_ID", file=sys.stderr)
+        return EX_REJECTED
+    from .status import print_status
+
+    return print_status(_load(args.config), task_id=args.task_id, all_tasks=args.all, as_json=args.json)
+
+
+def _broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--broker", required=required, help="amqp[s]://user:pass@host:port/vhost")
+    p.add_argument("--node", required=required, help="the node to talk to")
+    p.add_argument("--queue", help="the node's queue, if not named after the node")
+    p.add_argument("--ca-file")
+    p.add_argument("--cert-file")
+    p.add_argument("--key-file")
+    p.add_argument("--timeout", type=float, help="seconds to wait for the final reply")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fem-hpc", description="Run federated tasks on Slurm, PBS, Docker, "
                                 "Apptainer or locally, for an orchestrator speaking over RabbitMQ.")
@@ -175,6 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--config", "-c", required=True)
     render.add_argument("--executor", "-e")
     render.set_defaults(func=cmd_render)
+
+    serve = sub.add_parser("serve", help="consume the node queue and run tasks until SIGTERM")
+    serve.add_argument("--config", "-c", required=True)
+    serve.add_argument("--log-format", choices=["text", "json"])
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(func=cmd_serve)
+
+    submit = sub.add_parser("submit", help="publish a task to a node (the orchestrator side)")
+    submit.add_argument("task")
+    _broker_args(submit)
+    submit.add_argument("--executor", "-e")
+    submit.add_argument("--wait", action="store_true", help="follow the task to its result")
+    submit.add_argument("--outputs", "-o", help="with --wait: unpack the outputs here")
+    submit.set_defaults(func=cmd_submit)
+
+    cancel = sub.add_parser("cancel", help="cancel a task on a node")
+    cancel.add_argument("task_id")
+    _broker_args(cancel)
+    cancel.set_defaults(func=cmd_cancel)
+
+    status = sub.add_parser("status", help="tasks in the local journal, or one task's state over the broker")
+    status.add_argument("task_id", nargs="?")
+    status.add_argument("--config", "-c")
+    status.add_argument("--all", action="store_true", help="include finished tasks")
+    status.add_argument("--json", action="store_true")
+    _broker_args(status, required=False)
+    status.set_defaults(func=cmd_status)
 
     plugins = sub.add_parser("plugins", help="list the executors and whether their runtime is present")
     plugins.set_defaults(func=cmd_plugins)

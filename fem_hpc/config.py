@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .model import ID_PATTERN, Resources, memory_mib, walltime_seconds
 
@@ -153,8 +162,9 @@ class SiteConfig(_Section):
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     state_dir: Path
     work_root: Path
-    default_executor: str = "local"
+    # executors comes before default_executor so the check below sees it even when other keys are bad
     executors: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"local": {}})
+    default_executor: str = "local"
     volumes: dict[str, VolumeConfig] = Field(default_factory=dict)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     templates_dir: Path | None = None
@@ -166,14 +176,15 @@ class SiteConfig(_Section):
     registries: dict[str, RegistryCredential] = Field(default_factory=dict)  # by registry host[:port]
     workers: int = Field(default=8, ge=1, le=256)
 
-    @model_validator(mode="after")
-    def _cross(self) -> SiteConfig:
-        if self.default_executor not in self.executors:
-            raise ValueError(
-                f"default_executor {self.default_executor!r} is not configured under executors "
-                f"(configured: {sorted(self.executors)})"
-            )
-        return self
+    @field_validator("default_executor")
+    @classmethod
+    def _default_executor(cls, v: str, info: ValidationInfo) -> str:
+        # A field validator (not a model validator) so it runs, and is reported under its own key,
+        # even when other keys of the config are wrong too.
+        executors = info.data.get("executors")
+        if executors is not None and v not in executors:
+            raise ValueError(f"{v!r} is not configured under executors (configured: {sorted(executors)})")
+        return v
 
     @property
     def queue(self) -> str:
@@ -225,21 +236,31 @@ def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = Tru
         raw.setdefault("broker", {})
         if isinstance(raw["broker"], dict):
             raw["broker"]["url"] = os.environ["FEM_HPC_BROKER_URL"]
+    cfg: SiteConfig | None = None
     try:
         cfg = SiteConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, problems + _format_errors(exc)) from None
+        problems += _format_errors(exc)
+    # The checks below read the raw mapping, so they are listed together with the model's own
+    # problems (every problem at once) even when the model did not validate.
     # Executor settings are validated by each executor's own model, so a typo in
     # executors.slurm.partiton is reported here and not when the first job arrives.
     from .executors import registry
 
-    for name, settings in cfg.executors.items():
-        problems += [f"executors.{name}.{p}" for p in registry.validate_settings(cfg.executor_type(name), settings)]
-    if check_paths:
-        for name, vol in cfg.volumes.items():
-            if not vol.path.exists():
-                problems.append(f"volumes.{name}.path: {str(vol.path)!r} does not exist")
-    if problems:
+    executors = raw.get("executors", {"local": {}})
+    if isinstance(executors, dict):
+        for name, settings in executors.items():
+            if not isinstance(settings, dict):
+                continue  # the model already said it must be a mapping
+            kind = str(settings.get("type", name))
+            problems += [f"executors.{name}.{p}" for p in registry.validate_settings(kind, settings)]
+    volumes = raw.get("volumes")
+    if check_paths and isinstance(volumes, dict):
+        for name, vol in volumes.items():
+            path = vol.get("path") if isinstance(vol, dict) else None
+            if isinstance(path, str) and path and not Path(path).exists():
+                problems.append(f"volumes.{name}.path: {path!r} does not exist")
+    if problems or cfg is None:
         raise ConfigError(source, problems)
     # Volumes are resolved once, so a symlink swapped later cannot redirect a mount.
     for vol in cfg.volumes.values():

@@ -67,7 +67,7 @@ _WALLTIME_RE = re.compile(r"^(?:([0-9]+)-)?([0-9]{1,3}):([0-5][0-9]):([0-5][0-9]
 
 def memory_mib(text: str) -> int:
     """'512M' -> 512, '4G' -> 4096. Raises ValueError naming the accepted form."""
-    m = _MEMORY_RE.match(text)
+    m = _MEMORY_RE.fullmatch(text)  # fullmatch: '$' alone would accept a trailing newline
     if not m:
         raise ValueError(f"memory {text!r} is not a positive integer followed by K, M, G or T (e.g. 512M, 4G)")
     return max(1, int(int(m.group(1)) * _MEMORY_UNITS[m.group(2)]))
@@ -75,7 +75,7 @@ def memory_mib(text: str) -> int:
 
 def walltime_seconds(text: str) -> int:
     """'HH:MM:SS' or 'D-HH:MM:SS' -> seconds."""
-    m = _WALLTIME_RE.match(text)
+    m = _WALLTIME_RE.fullmatch(text)
     if not m:
         raise ValueError(f"walltime {text!r} is not HH:MM:SS or D-HH:MM:SS")
     days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
@@ -191,7 +191,7 @@ class Task(_Strict):
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        bad = [k for k in v if not re.match(ENV_NAME_PATTERN, k)]
+        bad = [k for k in v if not re.fullmatch(ENV_NAME_PATTERN, k)]  # not 'A\n'
         if bad:
             raise ValueError(f"env names {bad!r} do not match {ENV_NAME_PATTERN}")
         if any("\0" in val for val in v.values()):

@@ -81,6 +81,7 @@ _OPS = sorted(
     key=len,
     reverse=True,
 )  # fmt: skip
+_PUNCTUATION = frozenset("{}[](),")
 _OPERATORS = frozenset(_OPS) - {"{", "}", "[", "]", "(", ")", ",", ":", ".", "..."}
 _WORD_OPERATORS = frozenset({"and", "or", "not", "in", "is"})
 _SIMPLE_ESCAPES = {
@@ -157,6 +158,9 @@ class _Parser:
             return self._lex_string(pos, pos, raw=False)
         if ch.isdigit() or (ch == "." and text[pos + 1 : pos + 2].isdigit()):
             return self._lex_number(pos)
+        if ch in _PUNCTUATION:  # fast path: none of these starts a longer operator
+            self.pos = pos + 1
+            return _Tok("op", ch, pos)
         m = _NAME_RE.match(text, pos)
         if m:
             name = m.group()
@@ -231,11 +235,11 @@ class _Parser:
             raise LiteralError("complex number is not allowed", pos)
         if following and (following.isalnum() or following == "_"):
             raise LiteralError(f"invalid number literal {text[pos : end + 1]!r}", pos)
-        if len(token) > _MAX_NUMBER_CHARS:
-            raise LiteralError(f"number literal of {len(token)} characters is too long", pos)
         digits = token.replace("_", "")
         kind = m.lastgroup
         if kind == "float":
+            if len(token) > _MAX_NUMBER_CHARS:
+                raise LiteralError(f"number literal of {len(token)} characters is too long", pos)
             value: Any = float(digits)
         else:
             body = digits if kind == "int" else digits[2:]
@@ -330,7 +334,7 @@ class _Parser:
             raise LiteralError(f"unpacking ({op!r}) is not allowed", tok.start)
         if op in _OPERATORS and op[0] not in self.stop:
             raise LiteralError(f"operator {op!r} is not allowed", tok.start)
-        return self._raise_unexpected_op(tok, stack, "a value")
+        raise self._unexpected_op(tok, stack, "a value")
 
     def _bad_name(self, tok: _Tok) -> LiteralError:
         name = tok.text
@@ -338,7 +342,7 @@ class _Parser:
             return LiteralError("lambda is not allowed", tok.start)
         if name in _WORD_OPERATORS:
             return LiteralError(f"operator {name!r} is not allowed", tok.start)
-        if keyword.iskeyword(name) or keyword.issoftkeyword(name) and name != "_":
+        if keyword.iskeyword(name):
             return LiteralError(f"keyword {name!r} is not allowed", tok.start)
         try:
             nxt: _Tok | None = self.peek()
@@ -367,7 +371,7 @@ class _Parser:
                 return LiteralError("subscript is not allowed", tok.start)
             if op in _OPERATORS and op[0] not in self.stop:
                 return LiteralError(f"operator {op!r} is not allowed", tok.start)
-            return self._raise_unexpected_op(tok, stack, expected)
+            return self._unexpected_op(tok, stack, expected)
         if tok.kind == "name":
             if tok.text == "for":
                 return LiteralError("comprehension is not allowed", tok.start)
@@ -381,14 +385,14 @@ class _Parser:
         what = "a string" if tok.kind == "str" else "a number"
         return LiteralError(f"expected {expected} but found {what}", tok.start)
 
-    def _raise_unexpected_op(self, tok: _Tok, stack: list[_Frame], expected: str) -> LiteralError:
+    def _unexpected_op(self, tok: _Tok, stack: list[_Frame], expected: str) -> LiteralError:
         if tok.text[0] in self.stop and stack:
             frame = stack[-1]
             return LiteralError(
                 f"found {tok.text[0]!r} but {frame.kind!r} opened at offset {frame.start} is not closed",
                 tok.start,
             )
-        raise LiteralError(f"expected {expected} but found {tok.text!r}", tok.start)
+        return LiteralError(f"expected {expected} but found {tok.text!r}", tok.start)
 
     def _end_of_input(self, tok: _Tok, stack: list[_Frame], expected: str) -> LiteralError:
         if stack:
@@ -452,7 +456,9 @@ def _unescape(body: str, base: int) -> str:
 
 def _check_size(text: str | bytes, max_bytes: int) -> str:
     if len(text) > max_bytes:
-        raise LiteralError(f"input of {len(text)} characters is larger than the limit of {max_bytes} bytes", 0)
+        raise LiteralError(
+            f"input of {len(text)} characters is larger than the limit of {max_bytes} bytes", 0
+        )
     if isinstance(text, bytes):
         try:
             return text.decode("utf-8")

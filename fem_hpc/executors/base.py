@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..model import Reason, State, Task
 
@@ -26,6 +26,10 @@ class ExecutorError(Exception):
 
 class ExecutorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    # A job gone from the runtime with no exit-code marker is declared LOST only after this long
+    # (shared file systems can show the marker late).
+    lost_grace_seconds: float = Field(default=60.0, ge=0)
 
 
 @dataclass

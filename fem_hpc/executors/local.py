@@ -21,6 +21,7 @@ from .base import Executor, ExecutorError, ExecutorSettings, Job, NativeStatus
 
 class LocalSettings(ExecutorSettings):
     kill_grace_seconds: float = Field(default=10.0, ge=0)
+    lost_grace_seconds: float = Field(default=5.0, ge=0)  # a local process leaves no NFS lag
     shell: str = "/bin/sh"
 
 

@@ -9,10 +9,12 @@ Two dialects:
   /usr/bin/qstat and /usr/bin/qdel (slurm-wlm 22.05) and checked on the real Slurm here:
 
   * `#PBS` lines are not read by the qsub wrapper but by sbatch itself, which understands
-    -N, -q, -A, -o, -e, -l (walltime, mem (`512mb` ok), nodes=N:ppn=C, select=N:ncpus=C:mem=M,
-    ncpus, naccelerators), -a, -h, -v, -W depend/umask, and ignores -S, -r, -k, -j, -C.
-    There is no working-directory directive (`-d`, `-w` are not accepted); the job starts in qsub's
-    current directory, and the fem-hpc wrapper cds to the run dir itself.
+    -N, -q, -A, -o, -e, -l (walltime, mem (`512mb` ok), nodes=N:ppn=C[:gpus=G] (ppn becomes the
+    task count, gpus --gpus-per-node), select=N:ncpus=C:mem=M (ncpus becomes --mincpus), ncpus,
+    naccelerators), -a, -h, -v, -W depend/umask, and ignores -S, -r, -k, -j, -C.
+    There is no working-directory directive: `#PBS -d` and `#PBS -w` make sbatch refuse the
+    script ("invalid option"). The job starts in qsub's current directory, and the fem-hpc wrapper
+    cds to the run dir itself.
   * The wrapper always passes its own `-o`/`-e` to sbatch (`<script>.o<id>` in qsub's current
     directory) unless they are on ITS command line, and the command line beats `#PBS -o/-e`:
     so qsub_argv() puts -o/-e on the command line too.
@@ -21,8 +23,10 @@ Two dialects:
   * `qstat -f` prints `job_state = C` for every ended job (completed, failed, cancelled, timeout)
     and no `exit_status`: the exit-code marker decides. `-x` and `-F json` are not supported.
     It exits 153 when none of the asked ids is known.
-  * `qdel` sends SIGKILL at once (no SIGTERM first), so the wrapper cannot write a marker for a
-    cancelled job; gpus in `nodes=...:gpus=N` are not read from `#PBS` lines.
+  * `qdel` asks Slurm to kill the job (slurm_kill_job with SIGKILL); slurmctld still ends a batch
+    job with SIGTERM first, then SIGKILL after KillWait, so the wrapper writes its marker
+    (checked: exit_code 143, signal TERM), as with scancel and a walltime kill.
+  * The job id is the bare Slurm id (`17`), and job arrays ids (`10_1`) are not found by qstat.
 """
 
 from __future__ import annotations
@@ -60,14 +64,14 @@ def qsub_argv(script_path: str, stdout_path: str | None = None, stderr_path: str
 def parse_qsub(stdout: str) -> str:
     """The job id qsub printed (`40.pbs`, `123.hostname`, or `123` from Debian's wrapper)."""
     lines = [line.strip() for line in stdout.splitlines() if line.strip()]
-    if lines and _PBS_ID_RE.match(lines[-1]):
+    if lines and _PBS_ID_RE.fullmatch(lines[-1]):
         return lines[-1]
     shown = stdout.strip()[:300] or "(nothing)"
     raise ValueError(f"qsub did not print a job id (expected e.g. '123.server'), got: {shown!r}")
 
 
 def _check_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not _PBS_ID_RE.match(job_id):
+    if not isinstance(job_id, str) or not _PBS_ID_RE.fullmatch(job_id):
         raise ValueError(f"{job_id!r} is not a PBS job id")
     return job_id
 
@@ -111,7 +115,7 @@ def _seconds(value: Any) -> int | None:
         return value
     if not isinstance(value, str):
         return None
-    m = _SECONDS_RE.match(value.strip())
+    m = _SECONDS_RE.fullmatch(value.strip())
     if not m:
         return None
     parts = [int(p) for p in m.groups() if p is not None]
@@ -152,10 +156,12 @@ def _final_status(job_id: str, job: Mapping[str, Any], name: str | None) -> Nati
     raw = job.get("Exit_status", job.get("exit_status"))
     status = _int(raw)
 
-    def out(state: State, reason: Reason | None = None, code: int | None = None,
-            message: str | None = None) -> NativeStatus:
-        return NativeStatus(native_id=job_id, state=state, reason=reason, exit_code=code,
-                            message=message, job_name=name)
+    def out(
+        state: State, reason: Reason | None = None, code: int | None = None, message: str | None = None
+    ) -> NativeStatus:
+        return NativeStatus(
+            native_id=job_id, state=state, reason=reason, exit_code=code, message=message, job_name=name
+        )
 
     if status is None:
         if comment and "delet" in comment.lower():
@@ -271,8 +277,7 @@ def parse_torque_blocks(text: str) -> dict[str, dict[str, str]]:
 def parse_qstat_torque(text: str) -> dict[str, NativeStatus]:
     """Torque `qstat -f` text -> {job id: status}. `C` with no exit_status (Debian's wrapper)
     is COMPLETED with exit_code None: the marker decides."""
-    return {job_id: _job_status(job_id, attrs, final_states="C")
-            for job_id, attrs in parse_torque_blocks(text).items()}
+    return {job_id: _job_status(job_id, attrs, final_states="C") for job_id, attrs in parse_torque_blocks(text).items()}
 
 
 def parse_qstat(dialect: Dialect, text: str) -> dict[str, NativeStatus]:
@@ -303,7 +308,7 @@ def _check_plain(what: str, value: str, pattern: re.Pattern[str]) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a string, not {type(value).__name__}")
     _reject_control(what, value)
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise ValueError(f"{what} {value!r} has characters other than {pattern.pattern}")
     return value
 
@@ -311,7 +316,7 @@ def _check_plain(what: str, value: str, pattern: re.Pattern[str]) -> str:
 def _check_path(what: str, value: str | os.PathLike[str]) -> str:
     text = os.fspath(value)
     _reject_control(what, text)
-    if not _SAFE_PATH_RE.match(text):
+    if not _SAFE_PATH_RE.fullmatch(text):
         raise ValueError(
             f"{what} {text!r} must be an absolute path of letters, digits and _ . - / only "
             "(it goes into a scheduler directive and, on Debian's qsub, through a shell)"
@@ -330,12 +335,12 @@ def directives(
 ) -> list[str]:
     """The `#PBS` lines for one task, in order.
 
-    pbspro: `-l select=<nodes>:ncpus=<cpus>[:mem=<MiB>mb][:ngpus=N]` (per chunk = per node); torque:
-    `-l nodes=<nodes>:ppn=<cpus>[:gpus=N]` and `-l mem=<nodes x MiB>mb` (a job total in Torque). Both: `-l walltime=HH:MM:SS`
-    (hours may exceed 24), `-S /bin/sh` (PBS runs a script with the user's login shell otherwise),
-    `-q`, `-A`, `-o`/`-e` into the task's .fem dir. `queue`/`account` are the site defaults; the
-    task's own win. `extra_directives` are trusted site strings (`-l place=scatter` or a whole
-    `#PBS ...` line), added last.
+    pbspro: `-l select=<nodes>:ncpus=<cpus>[:mem=<MiB>mb][:ngpus=N]` (per chunk = per node);
+    torque: `-l nodes=<nodes>:ppn=<cpus>[:gpus=N]` and `-l mem=<nodes x MiB>mb` (a job total in
+    Torque). Both: `-l walltime=HH:MM:SS` (hours may exceed 24), `-S /bin/sh` (PBS runs a script
+    with the user's login shell otherwise), `-q`, `-A`, `-o`/`-e` into the task's .fem dir.
+    `queue`/`account` are the site defaults; the task's own win. `extra_directives` are trusted
+    site strings (`-l place=scatter` or a whole `#PBS ...` line), added last.
     """
     if dialect not in DIALECTS:
         raise ValueError(f"unknown PBS dialect {dialect!r} (expected one of {DIALECTS})")

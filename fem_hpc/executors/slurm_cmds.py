@@ -39,7 +39,7 @@ def parse_sbatch(stdout: str) -> str:
     """
     lines = [line.strip() for line in stdout.splitlines() if line.strip()]
     if lines:
-        m = _PARSABLE_RE.match(lines[-1])
+        m = _PARSABLE_RE.fullmatch(lines[-1])
         if m:
             return m.group(1)
     shown = stdout.strip()[:200] or "(nothing)"
@@ -47,7 +47,7 @@ def parse_sbatch(stdout: str) -> str:
 
 
 def _check_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id):
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
         raise ValueError(f"{job_id!r} is not a Slurm job id")
     return job_id
 
@@ -65,8 +65,9 @@ _SQUEUE_FIELDS = 5
 def squeue_argv(user: str | None = None) -> list[str]:
     """ONE squeue for every job of this user, in all states (finished jobs stay until MinJobAge).
 
-    Filtering by `-j ids` is avoided on purpose: squeue fails outright when one id is no longer
-    known, which would turn one finished job into a failed poll of all of them.
+    Filtering by `-j ids` is avoided on purpose: squeue exits 1 ("Invalid job id specified") when
+    the ids asked for are no longer known (checked on 22.05), so a finished job would look like a
+    failed poll. The caller keeps the ids it tracks from the result.
     """
     argv = ["squeue", "--noheader", "-t", "all", "-o", SQUEUE_FORMAT]
     if user is None:
@@ -144,7 +145,7 @@ def parse_squeue(stdout: str, bad_lines: list[str] | None = None) -> dict[str, N
             continue
         job_id, compact, long, reason, name = parts
         job_id, compact, long, reason = job_id.strip(), compact.strip(), long.strip(), reason.strip()
-        if not _JOB_ID_RE.match(job_id) or not re.fullmatch(r"[A-Z]{1,4}", compact):
+        if not _JOB_ID_RE.fullmatch(job_id) or not re.fullmatch(r"[A-Z]{1,4}", compact):
             _skip(bad_lines, raw)
             continue
         out[job_id] = _squeue_status(job_id, compact, long, reason, name or None)
@@ -182,15 +183,23 @@ _SACCT_STATES: dict[str, tuple[State, Reason | None]] = {
     "BOOT_FAIL": (State.FAILED, Reason.NODE_FAIL),
     "CANCELLED": (State.CANCELLED, None),
 }
-_SACCT_WAITING = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PREEMPTED", "SPECIAL_EXIT",
-                  "RESV_DEL_HOLD", "CONFIGURING"}
+_SACCT_WAITING = {
+    "PENDING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+    "RESV_DEL_HOLD",
+    "CONFIGURING",
+}
 _EXIT_CODE_RE = re.compile(r"^([0-9]+):([0-9]+)$")
 
 
 def parse_exit_code(text: str) -> tuple[int | None, int | None]:
     """Slurm's `exit:signal` (ExitCode column) -> (exit code, signal); signal 0 -> None.
     A job killed by signal N gets the shell's exit code 128+N."""
-    m = _EXIT_CODE_RE.match(text.strip())
+    m = _EXIT_CODE_RE.fullmatch(text.strip())
     if not m:
         return None, None
     code, sig = int(m.group(1)), int(m.group(2))
@@ -211,7 +220,7 @@ def parse_sacct(stdout: str, bad_lines: list[str] | None = None) -> dict[str, Na
             _skip(bad_lines, raw)
             continue
         job_id, state_text, exit_text, name = parts[0].strip(), parts[1].strip(), parts[2].strip(), parts[3]
-        if not _JOB_ID_RE.match(job_id) or not state_text:
+        if not _JOB_ID_RE.fullmatch(job_id) or not state_text:
             _skip(bad_lines, raw)
             continue
         word = state_text.split()[0].upper()
@@ -219,6 +228,8 @@ def parse_sacct(stdout: str, bad_lines: list[str] | None = None) -> dict[str, Na
         detail = state_text if sig is None else f"{state_text}, signal {sig}"
         if word in _SACCT_STATES:
             state, why = _SACCT_STATES[word]
+            if state is not State.COMPLETED and exit_code == 0:
+                exit_code = None  # e.g. TIMEOUT/CANCELLED with 0:0: no exit code to speak of
             if state is State.COMPLETED and exit_code not in (None, 0):
                 # Defensive: accounting said COMPLETED but recorded a non-zero code.
                 state, why = State.FAILED, Reason.EXIT_CODE
@@ -231,13 +242,11 @@ def parse_sacct(stdout: str, bad_lines: list[str] | None = None) -> dict[str, Na
                 job_name=name or None,
             )
         elif word in _SACCT_WAITING:
-            status = NativeStatus(native_id=job_id, state=State.SUBMITTED, message=state_text,
-                                  job_name=name or None)
+            status = NativeStatus(native_id=job_id, state=State.SUBMITTED, message=state_text, job_name=name or None)
         elif word == "RUNNING":
             status = NativeStatus(native_id=job_id, state=State.RUNNING, job_name=name or None)
         else:  # SUSPENDED, RESIZING, REVOKED, STOPPED, ... or unknown: not final
-            status = NativeStatus(native_id=job_id, state=State.RUNNING, message=state_text,
-                                  job_name=name or None)
+            status = NativeStatus(native_id=job_id, state=State.RUNNING, message=state_text, job_name=name or None)
         out[job_id] = status
     return out
 
@@ -274,14 +283,14 @@ def _check_plain(what: str, value: str, pattern: re.Pattern[str]) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a string, not {type(value).__name__}")
     _reject_control(what, value)
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise ValueError(f"{what} {value!r} has characters other than {pattern.pattern}")
     return value
 
 
 def _check_path(what: str, value: str) -> str:
     _reject_control(what, value)
-    if not _SAFE_PATH_RE.match(value):
+    if not _SAFE_PATH_RE.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} must be an absolute path of letters, digits and _ . - / only "
             "(it goes into a scheduler directive, where spaces, quotes, '#', '\\' and '%' mean something)"

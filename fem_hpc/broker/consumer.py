@@ -1,0 +1,144 @@
+"""The node-queue consumer: pika's BlockingConnection on its own thread.
+
+pika is not thread-safe, so the I/O thread only receives and acks: each message is handed to a
+worker, and the worker's ack comes back through `add_callback_threadsafe`. A message is acked
+once its task is committed to the journal, never held until the task ends (RabbitMQ's
+consumer_timeout would close the channel under a long job).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+
+from ..config import BrokerConfig
+from .connection import Backoff, BrokerAuthError, is_auth_error, parameters
+
+log = logging.getLogger("fem_hpc.broker.consumer")
+
+
+@dataclass
+class Delivery:
+    body: bytes
+    reply_to: str | None
+    correlation_id: str | None
+    message_id: str | None
+    headers: dict[str, Any]
+    redelivered: bool
+    ack: Callable[[], None]
+
+
+class Consumer:
+    def __init__(self, cfg: BrokerConfig, queue: str, handler: Callable[[Delivery], None], *, workers: int = 4,
+                 on_reconnect: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.queue = queue
+        self.handler = handler
+        self.on_reconnect = on_reconnect
+        self.connected = threading.Event()
+        self.fatal: BaseException | None = None
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fem-intake")
+        self._stop = threading.Event()
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="fem-consumer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop consuming, let intake in flight finish and ack, then close."""
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+        self._pool.shutdown(wait=True)
+
+    @property
+    def inflight(self) -> int:
+        with self._lock:
+            return self._inflight
+
+    def _run(self) -> None:
+        backoff = Backoff(self.cfg.reconnect_max_seconds)
+        first = True
+        while not self._stop.is_set():
+            try:
+                conn = pika.BlockingConnection(parameters(self.cfg))
+            except Exception as exc:
+                if is_auth_error(exc):
+                    self.fatal = BrokerAuthError(
+                        f"the broker at {self.cfg.url.split('@')[-1]} refused the credentials or vhost ({exc!r})")
+                    log.error("%s", self.fatal)
+                    return
+                delay = backoff.next()
+                log.warning("cannot reach the broker (%s); retrying in %.1fs", type(exc).__name__, delay)
+                self._stop.wait(delay)
+                continue
+            if not first and self.on_reconnect:
+                self.on_reconnect("consumer")
+            first = False
+            backoff.reset()
+            try:
+                self._consume(conn)
+            except Exception as exc:
+                if self._stop.is_set():
+                    break
+                log.warning("lost the broker connection (%s: %s); reconnecting", type(exc).__name__, exc)
+            finally:
+                self.connected.clear()
+                try:
+                    if conn.is_open:
+                        conn.close()
+                except Exception:
+                    pass
+
+    def _consume(self, conn: pika.BlockingConnection) -> None:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=self.cfg.prefetch)
+        channel.queue_declare(queue=self.queue, durable=True)
+        channel.queue_declare(queue=f"{self.queue}.rejected", durable=True)
+        on_message = functools.partial(self._on_message, conn)
+        tag = channel.basic_consume(queue=self.queue, on_message_callback=on_message)
+        self.connected.set()
+        log.info("consuming queue %s (prefetch %d)", self.queue, self.cfg.prefetch)
+        while not self._stop.is_set():
+            conn.process_data_events(time_limit=0.25)
+        # Graceful stop: no new deliveries; wait for intake in flight so its acks go out.
+        channel.basic_cancel(tag)
+        for _ in range(200):
+            if self.inflight == 0:
+                break
+            conn.process_data_events(time_limit=0.05)
+
+    def _on_message(self, conn, channel, method, props, body: bytes) -> None:
+        with self._lock:
+            self._inflight += 1
+
+        def ack() -> None:
+            conn.add_callback_threadsafe(functools.partial(self._ack, channel, method.delivery_tag))
+
+        delivery = Delivery(body=body, reply_to=props.reply_to, correlation_id=props.correlation_id,
+                            message_id=props.message_id, headers=dict(props.headers or {}),
+                            redelivered=bool(method.redelivered), ack=ack)
+        self._pool.submit(self._handle, delivery)
+
+    def _handle(self, delivery: Delivery) -> None:
+        try:
+            self.handler(delivery)
+        except Exception:  # the handler dead-letters what it cannot take; this is the last guard
+            log.exception("message handler failed")
+            delivery.ack()
+
+    def _ack(self, channel, tag: int) -> None:
+        with self._lock:
+            self._inflight -= 1
+        # A tag of a channel that died is void: the broker redelivers that message, and the
+        # journal makes the second intake a no-op.
+        if channel.is_open:
+            channel.basic_ack(delivery_tag=tag)

@@ -1,0 +1,277 @@
+"""Images on the login node: reference parsing, docker pulls, and the Apptainer SIF cache.
+
+Images are always pulled here, before a job is submitted, because compute nodes often have no
+internet. Registry credentials come from the site config (`registries:` by host[:port]); they
+are registered with the log redactor before first use and never put in argv: docker gets them
+in the X-Registry-Auth header, apptainer in its environment (APPTAINER_DOCKER_USERNAME/PASSWORD).
+
+The SIF cache lives under `state_dir/sif`. A SIF is named after the image's digest when the
+reference pins one (`...@sha256:<hex>`), else after the sha256 of the normalized reference (a
+mutable tag is then cached until `pull_policy: always` refreshes it). A per-image fcntl lock, a
+temporary file in the cache dir and an atomic `os.replace` make concurrent callers, threads and
+processes alike, download one image once, and no reader ever sees half a SIF.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..logs import redact, register_secret
+
+if TYPE_CHECKING:
+    from ..config import RegistryCredential, SiteConfig
+
+log = logging.getLogger("fem_hpc.staging.images")
+
+DEFAULT_REGISTRY = "docker.io"
+_DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class ImageError(Exception):
+    """An image that cannot be resolved, pulled or cached; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    registry: str  # host[:port]; docker.io when the reference names none
+    repository: str  # path inside the registry, e.g. "fem/busybox" or "library/debian"
+    tag: str | None
+    digest: str | None  # "sha256:<hex>"
+
+    @property
+    def name(self) -> str:
+        """registry/repository, as docker and registries spell it."""
+        return f"{self.registry}/{self.repository}"
+
+    @property
+    def pull_tag(self) -> str:
+        """What to ask the registry for: the digest when pinned (it wins over the tag), else the tag."""
+        return self.digest or self.tag or "latest"
+
+    @property
+    def pull_ref(self) -> str:
+        """A reference docker and apptainer both accept: name@digest or name:tag."""
+        return f"{self.name}@{self.digest}" if self.digest else f"{self.name}:{self.tag or 'latest'}"
+
+    def __str__(self) -> str:
+        out = self.name
+        if self.tag:
+            out += f":{self.tag}"
+        if self.digest:
+            out += f"@{self.digest}"
+        return out
+
+    @property
+    def normalized(self) -> str:
+        """The canonical spelling: registry always named, tag `latest` when neither tag nor digest."""
+        tag = self.tag or (None if self.digest else "latest")
+        return str(ImageRef(self.registry, self.repository, tag, self.digest))
+
+
+def parse_image_ref(text: str) -> ImageRef:
+    """Split `[registry[:port]/]repo[/more][:tag][@sha256:hex]` the way docker does."""
+    if not text or text != text.strip() or any(c.isspace() for c in text):
+        raise ImageError(f"image reference {text!r} is empty or contains spaces")
+    rest, digest = text, None
+    if "@" in rest:
+        rest, digest = rest.split("@", 1)
+        if not _DIGEST.match(digest):
+            raise ImageError(f"image reference {text!r}: digest {digest!r} is not sha256:<64 hex digits>")
+    parts = rest.split("/")
+    registry = DEFAULT_REGISTRY
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        registry = parts[0]
+        parts = parts[1:]
+    tag = None
+    if ":" in parts[-1]:
+        parts[-1], tag = parts[-1].rsplit(":", 1)
+        if not _TAG.match(tag):
+            raise ImageError(f"image reference {text!r}: tag {tag!r} is not valid")
+    if not parts or not all(_COMPONENT.match(p) for p in parts):
+        raise ImageError(f"image reference {text!r}: repository {'/'.join(parts)!r} is not valid "
+                         "(lowercase letters, digits and . _ - separators)")
+    if registry in _DOCKER_HUB_ALIASES:
+        registry = DEFAULT_REGISTRY
+        if len(parts) == 1:
+            parts = ["library", *parts]
+    return ImageRef(registry=registry, repository="/".join(parts), tag=tag, digest=digest)
+
+
+def credentials_for(site: SiteConfig, ref: ImageRef) -> RegistryCredential | None:
+    """The site's credentials for the reference's registry (Docker Hub under any of its names)."""
+    names = _DOCKER_HUB_ALIASES if ref.registry == DEFAULT_REGISTRY else (ref.registry,)
+    for name in names:
+        if name in site.registries:
+            return site.registries[name]
+    return None
+
+
+def docker_auth_config(credentials: RegistryCredential | None, registry: str) -> dict[str, str] | None:
+    """The auth_config the docker SDK sends as X-Registry-Auth; every form of the secret is
+    registered with the log redactor first."""
+    if credentials is None:
+        return None
+    password = credentials.password.get_secret_value()
+    register_secret(password)
+    config = {"username": credentials.username, "password": password, "serveraddress": registry}
+    # The header value docker-py builds (urlsafe base64 of the JSON), in case anything ever logs it.
+    register_secret(base64.urlsafe_b64encode(json.dumps(config).encode()).decode())
+    return config
+
+
+Progress = Callable[[str], None]
+
+
+def docker_pull(client: Any, ref: ImageRef | str, credentials: RegistryCredential | None = None,
+                progress: Progress | None = None) -> None:
+    """Pull one image through the daemon. Raises ImageError with the registry's own message
+    (e.g. `manifest unknown`, `unauthorized`) and never with the credentials."""
+    import docker.errors
+
+    if isinstance(ref, str):
+        ref = parse_image_ref(ref)
+    auth = docker_auth_config(credentials, ref.registry)
+    started = time.monotonic()
+    last_note = 0.0
+    try:
+        stream = client.api.pull(ref.name, tag=ref.pull_tag, stream=True, decode=True, auth_config=auth)
+        for line in stream:
+            if not isinstance(line, dict):
+                continue
+            if line.get("error"):
+                detail = line.get("errorDetail", {}).get("message") or line["error"]
+                raise ImageError(f"cannot pull image {ref}: {redact(str(detail))}")
+            if progress is not None and time.monotonic() - last_note > 1.0:
+                last_note = time.monotonic()
+                status = " ".join(str(line[k]) for k in ("id", "status", "progress") if line.get(k))
+                if status:
+                    progress(status)
+    except docker.errors.APIError as exc:
+        raise ImageError(f"cannot pull image {ref}: {_docker_explanation(exc)}") from None
+    except docker.errors.DockerException as exc:
+        raise ImageError(f"cannot pull image {ref}: {redact(str(exc))}") from None
+    log.info("pulled %s in %.1fs", ref, time.monotonic() - started)
+
+
+def _docker_explanation(exc: Any) -> str:
+    text = getattr(exc, "explanation", None) or str(exc)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return redact(str(text))
+
+
+# -- the Apptainer SIF cache -----------------------------------------------------------------------
+def cache_key(ref: ImageRef | str, digest: str | None = None) -> str:
+    """File stem of an image's SIF: its digest when known, else the hash of the normalized ref."""
+    if isinstance(ref, str):
+        ref = parse_image_ref(ref)
+    digest = digest or ref.digest
+    if digest:
+        if not _DIGEST.match(digest):
+            raise ImageError(f"digest {digest!r} is not sha256:<64 hex digits>")
+        return "sha256-" + digest.split(":", 1)[1]
+    return "ref-" + hashlib.sha256(ref.normalized.encode()).hexdigest()
+
+
+def sif_path(cache_dir: Path, ref: ImageRef | str, digest: str | None = None) -> Path:
+    return Path(cache_dir) / f"{cache_key(ref, digest)}.sif"
+
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+@contextmanager
+def _image_lock(lock_path: Path) -> Iterator[None]:
+    """Exclusive per image across processes (flock) and, cheaply, across this process's threads."""
+    with _thread_locks_guard:
+        tlock = _thread_locks.setdefault(str(lock_path), threading.Lock())
+    with tlock:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def apptainer_env_credentials(binary: str, credentials: RegistryCredential | None) -> dict[str, str]:
+    """Registry credentials for `apptainer pull` / `singularity pull`, passed in the environment."""
+    if credentials is None:
+        return {}
+    password = credentials.password.get_secret_value()
+    register_secret(password)
+    prefix = "SINGULARITY" if "singularity" in Path(binary).name else "APPTAINER"
+    return {f"{prefix}_DOCKER_USERNAME": credentials.username, f"{prefix}_DOCKER_PASSWORD": password}
+
+
+def ensure_sif(runtime_binary: str, ref: ImageRef | str, cache_dir: Path, *, digest: str | None = None,
+               pull_args: Sequence[str] = (), env: Mapping[str, str] | None = None, force: bool = False,
+               timeout: float | None = 3600.0) -> Path:
+    """The SIF of `ref` in `cache_dir`, pulled once: `<binary> pull [args] <tmp>.sif docker://<ref>`
+    into a temp file next to the cache entry, then renamed over it atomically. `force` pulls again
+    even when the SIF exists (`pull_policy: always`); the lock still makes concurrent forced
+    callers pull one after another, never into the same file."""
+    if isinstance(ref, str):
+        ref = parse_image_ref(ref)
+    cache_dir = Path(cache_dir)
+    target = sif_path(cache_dir, ref, digest)
+    if target.exists() and not force:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _image_lock(cache_dir / ".locks" / f"{target.stem}.lock"):
+        if target.exists() and not force:  # another caller pulled it while this one waited
+            return target
+        tmp = cache_dir / f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.sif"
+        argv = [runtime_binary, "pull", *pull_args, str(tmp), f"docker://{ref.pull_ref}"]
+        full_env = {**os.environ, **(env or {})}
+        started = time.monotonic()
+        log.info("pulling %s into the SIF cache (%s)", ref, target.name)
+        try:
+            proc = subprocess.run(argv, env=full_env, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            tmp.unlink(missing_ok=True)
+            raise ImageError(f"{Path(runtime_binary).name} pull of {ref} did not finish within {timeout:.0f}s") \
+                from None
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ImageError(f"cannot run {runtime_binary}: {exc.strerror}") from None
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            detail = _last_lines(proc.stderr or proc.stdout)
+            raise ImageError(f"{Path(runtime_binary).name} pull of {ref} failed (exit {proc.returncode}): "
+                             f"{redact(detail)}")
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            tmp.unlink(missing_ok=True)
+            raise ImageError(f"{Path(runtime_binary).name} pull of {ref} succeeded but wrote no SIF file")
+        tmp.chmod(0o644)
+        os.replace(tmp, target)
+        log.info("cached %s as %s in %.1fs", ref, target.name, time.monotonic() - started)
+        return target
+
+
+def _last_lines(raw: bytes | str | None, n: int = 5) -> str:
+    if not raw:
+        return "(no output)"
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " | ".join(lines[-n:]) or "(no output)"

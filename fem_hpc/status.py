@@ -1,0 +1,61 @@
+"""`fem-hpc status --config F`: the journal's tasks as a table (active first) or JSON.
+Opens the journal read-only, so it is safe while `serve` runs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import time
+
+from .config import SiteConfig
+from .model import FINAL_STATES
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def load_rows(site: SiteConfig, all_tasks: bool = False, task_id: str | None = None) -> list[dict]:
+    if not site.journal_path.exists():
+        return []
+    db = sqlite3.connect(f"file:{site.journal_path}?mode=ro", uri=True, timeout=10)
+    db.row_factory = sqlite3.Row
+    try:
+        query = ("SELECT id, user_id, executor, native_id, state, created, updated, message, exit_code, reason "
+                 "FROM tasks")
+        args: tuple = ()
+        if task_id:
+            query += " WHERE id=?"
+            args = (task_id,)
+        rows = [dict(r) for r in db.execute(query + " ORDER BY created DESC", args)]
+    finally:
+        db.close()
+    finals = {s.value for s in FINAL_STATES}
+    if not all_tasks and not task_id:
+        rows = [r for r in rows if r["state"] not in finals]
+    rows.sort(key=lambda r: (r["state"] in finals, -r["created"]))
+    return rows
+
+
+def print_status(site: SiteConfig, *, task_id: str | None = None, all_tasks: bool = False,
+                 as_json: bool = False) -> int:
+    rows = load_rows(site, all_tasks, task_id)
+    if as_json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0 if rows or not task_id else 1
+    now = time.time()
+    table = [("TASK", "USER", "EXECUTOR", "NATIVE", "STATE", "AGE", "MESSAGE")]
+    for r in rows:
+        table.append((r["id"], r["user_id"], r["executor"] or "-", r["native_id"] or "-", r["state"],
+                      _age(now - r["created"]), (r["message"] or "")[:60]))
+    widths = [max(len(str(row[i])) for row in table) for i in range(6)]
+    for row in table:
+        print("  ".join(f"{str(row[i]):<{widths[i]}}" for i in range(6)) + "  " + row[6])
+    if len(table) == 1:
+        print("(no active tasks; --all shows finished ones)" if not all_tasks else "(no tasks)")
+    return 0 if rows or not task_id else 1

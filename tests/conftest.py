@@ -1,0 +1,71 @@
+"""Small shared fixtures: a site config dict in tmp_path, and the real `fem-hpc` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+
+def fem_hpc_command() -> list[str]:
+    """The installed console script (next to this interpreter first), else `python -m fem_hpc.cli`."""
+    beside = Path(sys.executable).parent / "fem-hpc"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("fem-hpc")
+    return [found] if found else [sys.executable, "-m", "fem_hpc.cli"]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> dict[str, Any]:
+    """A minimal valid site config as a dict (state and work dirs under tmp_path); tests adjust it."""
+    return {
+        "node": "testnode",
+        "state_dir": str(tmp_path / "state"),
+        "work_root": str(tmp_path / "work"),
+        "executors": {"local": {"kill_grace_seconds": 1}},
+    }
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """write_config(dict) -> path of a YAML file holding it."""
+    counter = iter(range(1000))
+
+    def write(cfg: dict[str, Any], name: str | None = None) -> Path:
+        path = tmp_path / (name or f"config{next(counter)}.yaml")
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_task(tmp_path: Path):
+    """write_task(dict) -> path of a JSON file holding it."""
+    counter = iter(range(1000))
+
+    def write(task: dict[str, Any], name: str | None = None) -> Path:
+        path = tmp_path / (name or f"task{next(counter)}.json")
+        path.write_text(json.dumps(task))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli():
+    """cli(*args, timeout=60, env=None) -> CompletedProcess of the real `fem-hpc` command (text mode)."""
+
+    def run(*args: str | Path, timeout: float = 60, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*fem_hpc_command(), *map(str, args)], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=cwd)
+
+    return run
