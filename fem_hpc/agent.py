@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from .config import SiteConfig
 from .events import chunk_message, event_message
 from .executors import registry
-from .executors.base import Executor, ExecutorError, Job, NativeStatus, read_marker
+from .executors.base import FEM_DIR, Executor, ExecutorError, Job, NativeStatus, read_marker
 from .journal import Journal, Message, TaskRecord
 from .model import (
     ID_PATTERN,
@@ -39,7 +39,7 @@ from .model import (
 )
 from .policy import check_policy, effective_task, executor_for
 from .render import render_job
-from .staging.outputs import StageOutError, build_archive, tail
+from .staging.outputs import ARCHIVE_NAME, StageOutError, build_archive, tail
 from .tracker import Outcome, Tracker, decide
 
 log = logging.getLogger("fem_hpc.agent")
@@ -82,6 +82,7 @@ class Agent:
         self._trackers: dict[str, Tracker] = {}
         self._routes: dict[str, _Route] = {}
         self._finals: dict[str, threading.Event] = {}
+        self.secret_env: dict[str, dict[str, str]] = {}  # by task id; memory only, never journalled
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=workers or site.workers, thread_name_prefix="fem-task")
         self._closing = False
@@ -173,7 +174,8 @@ class Agent:
         return task_workdir(self.site, task)
 
     def intake(self, data: Any, *, reply_to: str | None = None, correlation_id: str | None = None,
-               protocol: str = "v1", workdir: Path | None = None) -> IntakeResult:
+               protocol: str = "v1", workdir: Path | None = None,
+               secret_env: dict[str, str] | None = None) -> IntakeResult:
         """Validate, check policy, journal. Returns once the task is committed (then ack)."""
         task, errors = parse_task(data)
         if task is not None:
@@ -203,6 +205,8 @@ class Agent:
         with self._lock:
             self._routes[task.id] = route
             self._finals[task.id] = threading.Event()
+            if secret_env:
+                self.secret_env[task.id] = dict(secret_env)
         log.info("%s RECEIVED (executor %s)", task.id, record.executor, extra={"task_id": task.id, "native_id": None})
         self._notify(task.id, built[0])
         self._pool.submit(self._stage_and_submit, task.id)
@@ -243,7 +247,7 @@ class Agent:
         self.journal.event(record.id, status)
         if record.final and record.result_json:
             stored = ResultEvent.model_validate_json(record.result_json)
-            archive = Path(record.workdir or "") / ".fem" / "outputs.tar.gz"
+            archive = Path(record.workdir or "") / FEM_DIR / ARCHIVE_NAME
             if stored.outputs is not None:
                 if archive.is_file() and archive.stat().st_size == stored.outputs.size:
                     self._enqueue_chunks(record.id, archive, stored.outputs, reply_to or "", correlation_id)
@@ -314,7 +318,8 @@ class Agent:
 
     # -- stage-in and submit ----------------------------------------------------------------
     def _job(self, record: TaskRecord) -> Job:
-        job = Job(task=record.task, workdir=Path(record.workdir or ""), native_id=record.native_id)
+        job = Job(task=record.task, workdir=Path(record.workdir or ""), native_id=record.native_id,
+                  secret_env=self.secret_env.get(record.id, {}))
         submitted = [t["time"] for t in self.journal.transitions(record.id) if t["state"] == State.SUBMITTED.value]
         if submitted:
             job.submitted_at = submitted[0]
@@ -360,12 +365,9 @@ class Agent:
     def _prepare_workdir(self, job: Job) -> None:
         """A fresh work dir. One left from an interrupted stage-in of this task (the journal says
         it is ours) is cleared, so two attempts never mix their files."""
-        root = self.site.work_root.resolve()
         wd = job.workdir
         if wd.exists():
-            if not wd.resolve().is_relative_to(root) and not self.site.legacy.enabled:
-                raise StageInError(f"work dir {wd} is outside work_root")
-            fem = wd / ".fem"
+            fem = job.fem_dir
             if fem.exists():
                 shutil.rmtree(fem)
             if job.task.source and any(wd.iterdir()):
@@ -471,6 +473,7 @@ class Agent:
         with self._lock:
             done = self._finals.setdefault(task_id, threading.Event())
             self._routes.pop(task_id, None)
+            self.secret_env.pop(task_id, None)
         done.set()
 
     def _finish_early(self, task_id: str, reason: Reason | None, message: str,
@@ -480,8 +483,8 @@ class Agent:
         if record is None or record.final:
             return
         workdir = Path(record.workdir or "")
-        stdout = tail(workdir / ".fem" / "stdout", self.site.stage_out.tail_bytes)
-        stderr = tail(workdir / ".fem" / "stderr", self.site.stage_out.tail_bytes)
+        stdout = tail(workdir / FEM_DIR / "stdout", self.site.stage_out.tail_bytes)
+        stderr = tail(workdir / FEM_DIR / "stderr", self.site.stage_out.tail_bytes)
         result = ResultEvent(node=self.node, task_id=task_id, seq=0, state=state, reason=reason,
                              finished=utcnow(), stdout_tail=stdout, stderr_tail=stderr,
                              labels=self._route(task_id).labels, native_id=record.native_id)

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
+CREATE INDEX IF NOT EXISTS tasks_execution ON tasks(execution_id);
 CREATE TABLE IF NOT EXISTS transitions (
     task_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -186,6 +187,13 @@ class Journal:
                 f"SELECT * FROM tasks WHERE state NOT IN ({','.join('?' * len(finals))}) ORDER BY created",
                 finals,
             ).fetchall()
+        return [self._record(r) for r in rows]
+
+    def by_execution(self, execution_id: str) -> list[TaskRecord]:
+        """Tasks of one execution, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM tasks WHERE execution_id=? ORDER BY created DESC",
+                                    (execution_id,)).fetchall()
         return [self._record(r) for r in rows]
 
     def all(self, limit: int = 1000) -> list[TaskRecord]:

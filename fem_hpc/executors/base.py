@@ -41,6 +41,10 @@ class Job:
     native_id: str | None = None
     submitted_at: float = field(default_factory=time.time)
     script_name: str = "job.sh"
+    # Values the job gets in its environment but that are never written to disk or the journal
+    # (e.g. a legacy request's token, when the site asks to pass it on). Executors pass them in
+    # the environment of the process that starts the job.
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def fem_dir(self) -> Path:

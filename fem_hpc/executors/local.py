@@ -69,6 +69,7 @@ class LocalExecutor(Executor):
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: cancel reaches every descendant
                 close_fds=True,
+                env={**os.environ, **job.secret_env} if job.secret_env else None,
             )
         except OSError as exc:
             raise ExecutorError(f"cannot start {self.settings.shell}: {exc.strerror}") from None

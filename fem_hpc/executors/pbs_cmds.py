@@ -188,7 +188,11 @@ def _final_status(job_id: str, job: Mapping[str, Any], name: str | None) -> Nati
     return out(State.FAILED, Reason.EXIT_CODE, code=code, message=text)
 
 
-def _job_status(job_id: str, job: Mapping[str, Any], final_states: str) -> NativeStatus:
+_PBSPRO_FINAL = frozenset({"F", "X"})
+_TORQUE_FINAL = frozenset({"C"})
+
+
+def _job_status(job_id: str, job: Mapping[str, Any], final_states: frozenset[str]) -> NativeStatus:
     state = str(job.get("job_state", "")).strip().upper()
     name = job.get("Job_Name")
     name = name if isinstance(name, str) and name else None
@@ -233,7 +237,7 @@ def parse_qstat_json(text: str) -> dict[str, NativeStatus]:
     for job_id, job in jobs.items():
         if not isinstance(job, dict) or not isinstance(job_id, str):
             continue
-        out[job_id] = _job_status(job_id, job, final_states="FX")
+        out[job_id] = _job_status(job_id, job, final_states=_PBSPRO_FINAL)
     return out
 
 
@@ -277,7 +281,10 @@ def parse_torque_blocks(text: str) -> dict[str, dict[str, str]]:
 def parse_qstat_torque(text: str) -> dict[str, NativeStatus]:
     """Torque `qstat -f` text -> {job id: status}. `C` with no exit_status (Debian's wrapper)
     is COMPLETED with exit_code None: the marker decides."""
-    return {job_id: _job_status(job_id, attrs, final_states="C") for job_id, attrs in parse_torque_blocks(text).items()}
+    return {
+        job_id: _job_status(job_id, attrs, final_states=_TORQUE_FINAL)
+        for job_id, attrs in parse_torque_blocks(text).items()
+    }
 
 
 def parse_qstat(dialect: Dialect, text: str) -> dict[str, NativeStatus]:

@@ -159,14 +159,15 @@ def _skip(bad_lines: list[str] | None, line: str) -> None:
 
 # --- finished jobs: sacct ----------------------------------------------------------------------
 
-# JobName is asked for LAST (not in the order of the brief's example) for the same reason as in
-# squeue: with -P the separator is '|', and a name may contain one.
+# JobName is asked for LAST for the same reason as in squeue: with -P the separator is '|', and a
+# name may contain one.
 SACCT_FIELDS = "JobID,State,ExitCode,JobName"
 
 
 def sacct_argv(job_ids: list[str]) -> list[str]:
     """`sacct -n -P -X -j IDS -o ...`: one line per job allocation (no steps), '|'-separated.
-    With -j and no -S, sacct searches from the epoch, so old jobs are found too."""
+    With -j and no -S, sacct searches from the epoch, so old jobs are found too. sacct gets slow
+    with hundreds of ids: ask only about jobs that left the queue without a marker, in batches."""
     if not job_ids:
         raise ValueError("sacct_argv needs at least one job id")
     ids = ",".join(_check_job_id(j) for j in job_ids)
