@@ -53,7 +53,7 @@ def _run_ok(argv: list[str], timeout: float = 15) -> tuple[bool, str]:
 
 def _http_status(url: str, timeout: float = 5) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback URLs only
             return resp.status
     except urllib.error.HTTPError as exc:
         return exc.code

@@ -255,7 +255,7 @@ def test_cli_sigterm_cancels_the_task(leftovers, site, write_config, write_task)
             if " RUNNING" in line:
                 break
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=20)
+        _, rest = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()

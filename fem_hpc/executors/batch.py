@@ -1,0 +1,122 @@
+"""What the Slurm and PBS executors share: the runner (local or SSH), a scrubbed environment for
+the scheduler commands, the adaptive poll interval, and containers inside batch jobs.
+
+The scheduler-specific parts are the pure functions of slurm_cmds.py / pbs_cmds.py; each
+executor class only wires them to a runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..shell import CommandResult, Runner, RunnerError, SSHSettings, runner_for, scrubbed_env
+from .base import Check, Executor, ExecutorError, ExecutorSettings, Job
+
+log = logging.getLogger("fem_hpc.executors.batch")
+
+
+class PollSettings(BaseModel):
+    """squeue/qstat is the safety net behind the exit-code markers, so it can be slow: frequent
+    while the youngest job is young, then slower. Keep max well below Slurm's MinJobAge (300 s
+    by default), after which a finished job leaves squeue."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_seconds: float = Field(default=2.0, ge=0.2)
+    max_seconds: float = Field(default=30.0, ge=0.2)
+    ramp_seconds: float = Field(default=120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> PollSettings:
+        if self.max_seconds < self.min_seconds:
+            raise ValueError("max_seconds must not be below min_seconds")
+        return self
+
+
+class ContainerSettings(BaseModel):
+    """How a task with an `image` runs inside a batch job."""
+
+    model_config = ConfigDict(extra="forbid")
+    runtime: Literal["apptainer", "docker"] = "apptainer"
+    binary: str | None = None  # apptainer/singularity/docker path on the compute nodes
+    docker_user: str | None = None  # uid:gid for `docker run --user`; default: the service's own
+
+
+class BatchSettings(ExecutorSettings):
+    ssh: SSHSettings | None = None
+    command_timeout: float = Field(default=60.0, gt=0)
+    extra_directives: list[str] = Field(default_factory=list)
+    poll: PollSettings = Field(default_factory=PollSettings)
+    env: dict[str, str] = Field(default_factory=dict)  # for the scheduler commands (e.g. SLURM_CONF)
+    container: ContainerSettings = Field(default_factory=ContainerSettings)
+    lost_grace_seconds: float = Field(default=120.0, ge=0)
+
+
+class BatchExecutor(Executor):
+    batch = True
+    settings: BatchSettings
+
+    def __init__(self, name: str, settings: Any, site: Any):
+        super().__init__(name, settings, site)
+        self.runner: Runner = runner_for(settings.ssh)
+        self.calls: dict[str, int] = {}
+        self._calls_lock = threading.Lock()
+
+    def command(self, argv: list[str], *, extra_env: dict[str, str] | None = None) -> CommandResult:
+        with self._calls_lock:
+            self.calls[argv[0]] = self.calls.get(argv[0], 0) + 1
+        env = scrubbed_env({**self.settings.env, **(extra_env or {})}) if self.settings.ssh is None else \
+            ({**self.settings.env, **(extra_env or {})} or None)
+        try:
+            return self.runner.run(argv, timeout=self.settings.command_timeout, env=env)
+        except RunnerError as exc:
+            raise ExecutorError(str(exc)) from None
+
+    def submit_script(self, job: Job) -> None:
+        """With SSH the script is (re)written through SFTP, so it exists where the scheduler reads it."""
+        if self.settings.ssh is not None:
+            try:
+                self.runner.write_file(job.script_path, job.script_path.read_text())
+            except RunnerError as exc:
+                raise ExecutorError(str(exc)) from None
+
+    def poll_interval(self, youngest_age: float) -> float:
+        p = self.settings.poll
+        if p.ramp_seconds <= 0 or youngest_age >= p.ramp_seconds:
+            return p.max_seconds
+        return p.min_seconds + (p.max_seconds - p.min_seconds) * youngest_age / p.ramp_seconds
+
+    # -- containers in batch jobs ----------------------------------------------------------
+    def template_context(self, job: Job) -> dict[str, Any]:
+        ctx: dict[str, Any] = {"directives": self.directives(job)}
+        if job.task.image:
+            from ..staging.containers import batch_container_context
+
+            ctx.update(batch_container_context(self, job))
+        return ctx
+
+    def stage_in(self, job: Job, progress: Any = None) -> None:
+        # Compute nodes often have no internet: the image is fetched here, on the login node.
+        if job.task.image:
+            from ..staging.containers import stage_batch_image
+
+            stage_batch_image(self, job)
+
+    def directives(self, job: Job) -> list[str]:
+        raise NotImplementedError
+
+    def check_command(self, name: str, argv: list[str], fix: str) -> Check:
+        try:
+            res = self.command(argv)
+        except ExecutorError as exc:
+            return Check(name=name, status="error", detail=str(exc), fix=fix)
+        if not res.ok:
+            detail = (res.stderr or res.stdout).strip().splitlines()
+            return Check(name=name, status="error", detail=detail[-1] if detail else f"exit {res.returncode}",
+                         fix=fix)
+        first = res.stdout.strip().splitlines()
+        return Check(name=name, status="ok", detail=(first[0] if first else "answers") + f" ({res.seconds:.2f}s, "
+                     f"{self.runner.describe()})")
