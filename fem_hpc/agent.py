@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from . import metrics
 from .config import SiteConfig
 from .events import chunk_message, event_message
 from .executors import registry
@@ -183,7 +184,10 @@ class Agent:
         if task is None or errors:
             task_id = data.get("id") if isinstance(data, dict) else None
             labels = data.get("labels") if isinstance(data, dict) else None
-            self.reject(task_id, errors, reply_to=reply_to, correlation_id=correlation_id, labels=labels)
+            named = (task.executor or self.site.default_executor) if task is not None else None
+            executor = named if named in self.site.executors else None
+            self.reject(task_id, errors, reply_to=reply_to, correlation_id=correlation_id, labels=labels,
+                        executor=executor)
             return IntakeResult(None, False, errors)
         task = effective_task(task, self.site)
         route = _Route(reply_to, correlation_id, task.labels, protocol)
@@ -200,6 +204,7 @@ class Agent:
         if not created:
             log.info("%s already known (%s): re-sending its state", task.id, record.state.value,
                      extra={"task_id": task.id, "native_id": record.native_id})
+            metrics.intake(record.executor, "duplicate")
             self.resend(record, reply_to=reply_to, correlation_id=correlation_id)
             return IntakeResult(record, False)
         with self._lock:
@@ -208,14 +213,15 @@ class Agent:
             if secret_env:
                 self.secret_env[task.id] = dict(secret_env)
         log.info("%s RECEIVED (executor %s)", task.id, record.executor, extra={"task_id": task.id, "native_id": None})
+        metrics.intake(record.executor, "accepted")
         self._notify(task.id, built[0])
         self._pool.submit(self._stage_and_submit, task.id)
         return IntakeResult(record, True)
 
     def reject(self, task_id: Any, errors: list[FieldError], *, reply_to: str | None = None,
-               correlation_id: str | None = None, labels: Any = None) -> ResultEvent:
+               correlation_id: str | None = None, labels: Any = None, executor: str | None = None) -> ResultEvent:
         """A REJECTED result. Nothing is journalled as a task, so a corrected resubmit with the
-        same id is accepted later."""
+        same id is accepted later. `executor` (a configured name, when known) labels the metric."""
         import re
 
         tid = task_id if isinstance(task_id, str) and re.match(ID_PATTERN, task_id) else ""
@@ -225,6 +231,7 @@ class Agent:
                              labels=labels, finished=utcnow())
         log.warning("rejected task %s: %s", tid or "(no valid id)",
                     "; ".join(f"{e.field}: {e.message}" for e in errors), extra={"task_id": tid or None})
+        metrics.intake(executor, "rejected")
         msg = event_message(self.node, self.exchange, result, reply_to, correlation_id)
         if tid:
             self.journal.put(msg)
@@ -357,6 +364,7 @@ class Agent:
             self._finish_early(task_id, Reason.STAGE_IN, str(exc))
             return
         log.debug("%s staged in %.2fs", task_id, time.monotonic() - started, extra={"task_id": task_id})
+        metrics.stage_in(executor.name, time.monotonic() - started, job.workdir)
         if (rec := self.journal.get(task_id)) and rec.cancel_requested:
             self._finish_early(task_id, None, "cancelled before it was submitted", state=State.CANCELLED)
             return
@@ -421,6 +429,7 @@ class Agent:
                              finished=outcome.finished, outcome=outcome.state.value)
         cfg = self.site.stage_out
         note = outcome.message
+        started = time.monotonic()
         try:
             archive = build_archive(job.workdir, job.task.outputs, max_bytes=cfg.max_bytes)
         except (StageOutError, OSError) as exc:
@@ -443,6 +452,7 @@ class Agent:
             stdout_tail=tail(job.fem_dir / "stdout", cfg.tail_bytes),
             stderr_tail=tail(job.fem_dir / "stderr", cfg.tail_bytes),
             labels=route.labels, native_id=job.native_id)
+        metrics.stage_out(record.executor, time.monotonic() - started, archive.size)
         self._final(task_id, result, note)
 
     def _final(self, task_id: str, result: ResultEvent, message: str | None) -> None:
@@ -468,6 +478,8 @@ class Agent:
             finished=result.finished, result_json=result.model_dump_json(), also=[final_result])
         log.info("%s %s%s", task_id, result.state.value, f": {message}" if message else "",
                  extra={"task_id": task_id, "native_id": native_id})
+        metrics.completion(rec.executor if rec else None, result.state.value,
+                           result.reason.value if result.reason else None)
         for ev in built:
             self._notify(task_id, ev)
         with self._lock:

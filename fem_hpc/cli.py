@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import time
@@ -154,6 +155,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
     return 0
+
+
+# -- doctor ---------------------------------------------------------------------------------
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import render_text
+    from .doctor import run as run_doctor
+
+    setup_logging("text", "ERROR")
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # the report says what failed, once
+    report = run_doctor(args.config, broker_timeout=args.timeout)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print(render_text(report))
+    return 0 if report.ok else 1
 
 
 # -- serve ----------------------------------------------------------------------------------
@@ -319,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list the executors and whether their runtime is present")
     plugins.set_defaults(func=cmd_plugins)
+
+    doctor = sub.add_parser("doctor", help="check the config, directories, broker and executors; exit 1 on errors")
+    doctor.add_argument("--config", "-c", required=True)
+    doctor.add_argument("--json", action="store_true", help="the report as JSON")
+    doctor.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
+    doctor.set_defaults(func=cmd_doctor)
     return p
 
 

@@ -151,6 +151,15 @@ class GitConfig(_Section):
 class MetricsConfig(_Section):
     listen: str | None = None  # "127.0.0.1:9464"
 
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .metrics import parse_listen  # no prometheus import: metrics.py loads it lazily
+
+            parse_listen(v)
+        return v
+
 
 class LoggingConfig(_Section):
     format: Literal["text", "json"] = "text"
@@ -227,6 +236,19 @@ def _format_errors(exc: ValidationError) -> list[str]:
     return out
 
 
+def _defaults_over_limits(policy: PolicyConfig) -> list[str]:
+    """Default resources are filled in after the policy check, so they must fit under the caps."""
+    out = []
+    defaults, limits = policy.default_resources, policy.max_resources
+    for name, size in (("cpus", int), ("gpus", int), ("nodes", int), ("memory", memory_mib),
+                       ("walltime", walltime_seconds)):
+        value, cap = getattr(defaults, name), getattr(limits, name)
+        if value is not None and cap is not None and size(value) > size(cap):
+            out.append(f"policy.default_resources.{name}: {value} exceeds policy.max_resources.{name} ({cap}); "
+                       "a task that asks for none would get more than the site allows")
+    return out
+
+
 def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = True) -> SiteConfig:
     if not isinstance(raw, dict):
         raise ConfigError(source, ["(top level): must be a mapping of keys"])
@@ -260,6 +282,12 @@ def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = Tru
             path = vol.get("path") if isinstance(vol, dict) else None
             if isinstance(path, str) and path and not Path(path).exists():
                 problems.append(f"volumes.{name}.path: {path!r} does not exist")
+    templates_dir = raw.get("templates_dir")
+    if check_paths and isinstance(templates_dir, str) and templates_dir and not Path(templates_dir).is_dir():
+        # A typo here would silently fall back to the built-in templates.
+        problems.append(f"templates_dir: {templates_dir!r} is not a directory")
+    if cfg is not None:
+        problems += _defaults_over_limits(cfg.policy)
     if problems or cfg is None:
         raise ConfigError(source, problems)
     # Volumes are resolved once, so a symlink swapped later cannot redirect a mount.

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from . import __version__
+from . import metrics as metrics_hooks
 from .agent import Agent
 from .broker.connection import BrokerAuthError
 from .broker.consumer import Consumer, Delivery
@@ -25,9 +26,28 @@ from .model import FieldError
 log = logging.getLogger("fem_hpc.service")
 
 
+def register_site_secrets(site: SiteConfig) -> None:
+    """Mask every secret of the config in the logs from the start, before anything can log one:
+    the broker password, git tokens and registry passwords."""
+    from urllib.parse import unquote, urlsplit
+
+    from .logs import register_secret
+
+    password = urlsplit(site.broker.url).password
+    if password:
+        register_secret(password)
+        register_secret(unquote(password))
+    for cred in site.git.credentials.values():
+        if cred.token is not None:
+            register_secret(cred.token.get_secret_value())
+    for reg in site.registries.values():
+        register_secret(reg.password.get_secret_value())
+
+
 class Service:
     def __init__(self, site: SiteConfig):
         self.site = site
+        register_site_secrets(site)
         self.journal = Journal(site.journal_path)
         self.agent = Agent(site, self.journal)
         self.reconnects = 0
@@ -47,6 +67,7 @@ class Service:
 
     def _reconnected(self, who: str) -> None:
         self.reconnects += 1
+        metrics_hooks.broker_reconnect(who)
         log.info("%s reconnected to the broker", who)
 
     # -- messages ------------------------------------------------------------------------
@@ -107,14 +128,18 @@ class Service:
                 disk[name] = {"path": str(path), "free_bytes": usage.free, "total_bytes": usage.total}
             except OSError as exc:
                 disk[name] = {"path": str(path), "error": exc.strerror}
+        from .doctor import health_checks
+
+        executors = self.agent.executors_health()
         return {
             "fem": 1, "type": "health", "node": self.site.node, "version": __version__, "time": time.time(),
-            "executors": self.agent.executors_health(),
+            "executors": executors,
             "broker": {"consumer_connected": self.consumer.connected.is_set(),
                        "publisher_connected": self.publisher.connected.is_set(),
                        "outbox_depth": self.journal.outbox_depth(), "reconnects": self.reconnects},
             "disk": disk, "load": list(os.getloadavg()),
             "tasks": self.journal.counts_by_state(),
+            "checks": [c.model_dump() for c in health_checks(self, executors)],
         }
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -130,7 +155,12 @@ class Service:
             from .metrics import Metrics
 
             self.metrics = Metrics(self)
-            self.metrics.start(self.site.metrics.listen)
+            try:
+                self.metrics.start(self.site.metrics.listen)
+            except OSError as exc:  # metrics are optional: serve on, and say why they are missing
+                log.error("metrics endpoint cannot listen on %s (%s); serving without metrics",
+                          self.site.metrics.listen, exc.strerror or exc)
+                self.metrics = None
         self.publisher.start()
         recovered = self.agent.recover(skip_protocols=("cli",))
         if recovered:

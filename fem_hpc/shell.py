@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import shlex
+import socket
 import subprocess
 import threading
 import time
@@ -106,6 +108,21 @@ class SSHSettings(BaseModel):
     connect_timeout: float = Field(default=15, gt=0)
 
 
+# How long a command that has exited may still send output: sshd reports the exit status as
+# soon as the process ends, possibly before it has forwarded everything the process wrote (and a
+# background child may hold the pipes open). Output is read until EOF, for at most this long.
+EOF_GRACE_SECONDS = 2.0
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _server_answered(exc: BaseException) -> bool:
+    """True when the error is the server's answer (a refused channel, an SFTP status such as
+    'no such file'), so the connection itself may be fine. Socket-level errors are not answers."""
+    if isinstance(exc, paramiko.ChannelException):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError))
+
+
 class SSHRunner(Runner):
     def __init__(self, settings: SSHSettings):
         self.settings = settings
@@ -120,12 +137,12 @@ class SSHRunner(Runner):
         s = self.settings
         return f"ssh://{s.user + '@' if s.user else ''}{s.host}:{s.port}"
 
-    def _transport(self) -> paramiko.Transport:
+    def _transport(self) -> tuple[paramiko.SSHClient, paramiko.Transport]:
         with self._lock:
             if self._client is not None:
                 transport = self._client.get_transport()
                 if transport is not None and transport.is_active():
-                    return transport
+                    return self._client, transport
                 self._client.close()
                 self._client = None
             now = time.monotonic()
@@ -133,7 +150,7 @@ class SSHRunner(Runner):
                 raise RunnerError(f"{self.describe()} is unreachable; next attempt in {self._next_attempt - now:.0f}s")
             try:
                 client = self._connect()
-            except (OSError, paramiko.SSHException) as exc:
+            except (OSError, EOFError, paramiko.SSHException) as exc:
                 self._next_attempt = time.monotonic() + self._backoff
                 self._backoff = min(self._backoff * 2, 60)
                 raise RunnerError(f"cannot connect to {self.describe()}: {exc}") from None
@@ -142,67 +159,71 @@ class SSHRunner(Runner):
             self.connects += 1
             transport = client.get_transport()
             assert transport is not None
-            return transport
+            return client, transport
 
     def _connect(self) -> paramiko.SSHClient:
         s = self.settings
         client = paramiko.SSHClient()
-        known = s.known_hosts or Path.home() / ".ssh" / "known_hosts"
-        if known.exists():
-            client.load_host_keys(str(known))
-        if s.auto_add_host_key:
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        else:
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        client.connect(s.host, port=s.port, username=s.user, key_filename=str(s.key_file) if s.key_file else None,
-                       allow_agent=s.key_file is None, look_for_keys=False, timeout=s.connect_timeout,
-                       banner_timeout=s.connect_timeout, auth_timeout=s.connect_timeout)
-        if s.auto_add_host_key and s.known_hosts:
-            client.save_host_keys(str(s.known_hosts))
+        try:
+            known = s.known_hosts or Path.home() / ".ssh" / "known_hosts"
+            if known.exists():
+                client.load_host_keys(str(known))
+            if s.auto_add_host_key:
+                client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+            else:
+                client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            client.connect(s.host, port=s.port, username=s.user,
+                           key_filename=str(s.key_file) if s.key_file else None,
+                           allow_agent=s.key_file is None, look_for_keys=False, timeout=s.connect_timeout,
+                           banner_timeout=s.connect_timeout, auth_timeout=s.connect_timeout)
+            if s.auto_add_host_key and s.known_hosts:
+                client.save_host_keys(str(s.known_hosts))
+        except BaseException:
+            # paramiko leaves the transport (and its thread) running when the host key is
+            # refused or authentication fails.
+            client.close()
+            raise
         transport = client.get_transport()
-        if transport is not None and s.keepalive_seconds:
-            transport.set_keepalive(s.keepalive_seconds)
+        if transport is not None:
+            if s.keepalive_seconds:
+                transport.set_keepalive(s.keepalive_seconds)
+            try:  # small request/answer packets: without this each channel open waits ~40 ms (Nagle)
+                transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (AttributeError, OSError):
+                pass
         log.info("connected to %s", self.describe())
         return client
 
     def run(self, argv: list[str], *, timeout: float = 30, env: dict[str, str] | None = None) -> CommandResult:
         # The remote side gets one command line of quoted words. Variables are set with `env`
-        # as words too (sshd usually refuses SendEnv).
+        # as words too (sshd usually refuses SendEnv); they add to the remote login environment.
+        if not argv:
+            raise RunnerError("empty command")
         words = list(argv)
         if env:
+            bad = [k for k in env if not _ENV_NAME_RE.fullmatch(k)]
+            if bad:
+                raise RunnerError(f"invalid environment variable name(s): {', '.join(map(repr, bad))}")
             words = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *words]
         command = shlex.join(words)
         start = time.monotonic()
+        deadline = start + timeout
         with self._channels:
+            client, transport = self._transport()
             try:
-                chan = self._transport().open_session(timeout=self.settings.connect_timeout)
+                chan = transport.open_session(timeout=self.settings.connect_timeout)
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                self._drop()
+                self._drop(client, exc)
                 raise RunnerError(f"{self.describe()}: cannot open a channel: {exc}") from None
             try:
                 chan.exec_command(command)
-                out, err = bytearray(), bytearray()
-                deadline = start + timeout
-                while True:
-                    if chan.recv_ready():
-                        out += chan.recv(65536)
-                        continue
-                    if chan.recv_stderr_ready():
-                        err += chan.recv_stderr(65536)
-                        continue
-                    if chan.exit_status_ready():
-                        break
-                    if time.monotonic() > deadline:
-                        _observe(argv, time.monotonic() - start, False)
-                        raise RunnerError(f"{argv[0]} on {self.describe()} did not answer within {timeout:.0f}s")
-                    select.select([chan], [], [], 0.05)
-                while chan.recv_ready():
-                    out += chan.recv(65536)
-                while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
+                out, err = self._collect(chan, argv, deadline, timeout)
                 rc = chan.recv_exit_status()
+            except RunnerError:
+                _observe(argv, time.monotonic() - start, False)
+                raise
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                self._drop()
+                self._drop(client, exc)
                 raise RunnerError(f"{self.describe()}: connection lost during {argv[0]}: {exc}") from None
             finally:
                 chan.close()
@@ -210,28 +231,86 @@ class SSHRunner(Runner):
         _observe(argv, seconds, rc == 0)
         return CommandResult(argv, rc, out.decode(errors="replace"), err.decode(errors="replace"), seconds)
 
+    def _collect(self, chan: paramiko.Channel, argv: list[str], deadline: float,
+                 timeout: float) -> tuple[bytearray, bytearray]:
+        """stdout and stderr of the command, read until EOF after its exit status has come."""
+        out, err = bytearray(), bytearray()
+        fd = chan.fileno()  # readable while stdout or stderr has data (or at EOF)
+        exited_at: float | None = None
+        while True:
+            progressed = False
+            while chan.recv_ready():
+                out += chan.recv(65536)
+                progressed = True
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+                progressed = True
+            done = chan.exit_status_ready()
+            if done and (chan.eof_received or chan.closed):
+                # Data arrives before EOF, so nothing is left behind; read what raced in.
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                return out, err
+            now = time.monotonic()
+            if done:
+                exited_at = exited_at or now
+                if now - exited_at >= EOF_GRACE_SECONDS or now > deadline:
+                    log.warning("%s on %s exited but kept its output open (a background child?); "
+                                "using the output read so far", argv[0], self.describe())
+                    return out, err
+            elif now > deadline:
+                raise RunnerError(f"{argv[0]} on {self.describe()} did not answer within {timeout:g}s")
+            if progressed:
+                continue
+            if chan.eof_received:
+                chan.status_event.wait(0.05)  # the pipe stays readable after EOF: wait on the status
+            else:
+                select.select([fd], [], [], 0.05)
+
     def write_file(self, path: Path, text: str, mode: int = 0o700) -> None:
         with self._channels:
+            client, transport = self._transport()
             try:
-                sftp = paramiko.SFTPClient.from_transport(self._transport())
+                sftp = paramiko.SFTPClient.from_transport(transport)
                 assert sftp is not None
-                try:
-                    tmp = f"{path}.tmp"
-                    with sftp.open(tmp, "w") as f:
-                        f.write(text)
-                    sftp.chmod(tmp, mode)
-                    sftp.posix_rename(tmp, str(path))
-                finally:
-                    sftp.close()
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                self._drop()
+                self._drop(client, exc)
+                raise RunnerError(f"{self.describe()}: cannot start SFTP to write {path}: {exc}") from None
+            tmp = f"{path}.tmp"
+            try:
+                channel = sftp.get_channel()
+                if channel is not None:
+                    channel.settimeout(max(30.0, self.settings.connect_timeout))
+                with sftp.open(tmp, "w") as f:
+                    f.write(text)
+                sftp.chmod(tmp, mode)
+                sftp.posix_rename(tmp, str(path))
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                if _server_answered(exc):
+                    try:
+                        sftp.remove(tmp)
+                    except (paramiko.SSHException, OSError, EOFError):
+                        pass
+                self._drop(client, exc)
                 raise RunnerError(f"{self.describe()}: cannot write {path}: {exc}") from None
+            finally:
+                sftp.close()
 
-    def _drop(self) -> None:
+    def _drop(self, client: paramiko.SSHClient | None = None, exc: BaseException | None = None) -> None:
+        """Close the connection after an error, unless the server answered the request (then the
+        connection is fine and other commands may be using it), and only if it is still the
+        current one (another thread may have reconnected meanwhile)."""
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            if self._client is None or (client is not None and self._client is not client):
+                return
+            if exc is not None and _server_answered(exc):
+                transport = self._client.get_transport()
+                if transport is not None and transport.is_active():
+                    return
+            self._client.close()
+            self._client = None
 
     def close(self) -> None:
         self._drop()

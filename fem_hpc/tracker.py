@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import metrics
 from .executors.base import Executor, Job, Marker, NativeStatus, read_marker
 from .model import Reason, State
 
@@ -97,6 +98,7 @@ class Tracker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._next_poll = 0.0
+        self._last_poll_at = 0.0
         self._backoff = 1.0
         self._thread = threading.Thread(target=self._run, name=f"tracker-{executor.name}", daemon=True)
 
@@ -112,7 +114,8 @@ class Tracker:
     def track(self, job: Job, cancel_requested: bool = False) -> None:
         with self._lock:
             self._jobs[job.task.id] = _Tracked(job, cancel_requested=cancel_requested)
-            self._next_poll = 0.0  # see a new job's state soon
+            # See a new job's state soon, but a burst of submissions still shares one poll.
+            self._next_poll = min(self._next_poll, time.time() + self.executor.poll_interval(0.0))
         self._wake.set()
 
     def tracking(self, task_id: str) -> bool:
@@ -155,24 +158,29 @@ class Tracker:
         if not tracked:
             return
         now = time.time()
-        waiting_for_reason = False
         for t in tracked:
             if t.marker is None:
                 t.marker = read_marker(t.job.marker_path)
                 if t.marker is not None:
                     t.marker_at = now
-                    waiting_for_reason = waiting_for_reason or bool(t.marker.signal)
+        # A job stopped by a signal (walltime, scancel by an admin) waits for the scheduler's
+        # reason: ask about once a second meanwhile instead of on the slow schedule.
+        waiting_for_reason = any(t.marker is not None and t.marker.signal and not t.cancel_requested
+                                 for t in tracked)
         polled = False
-        if now >= self._next_poll or waiting_for_reason:
+        if now >= self._next_poll or (waiting_for_reason and now - self._last_poll_at >= 1.0):
             polled = self._poll(tracked, now)
         for t in tracked:
             self._decide(t, now, polled)
 
     def _poll(self, tracked: list[_Tracked], now: float) -> bool:
         jobs = [t.job for t in tracked if t.job.native_id is not None]
+        self._last_poll_at = now
         start = time.monotonic()
+        ok = False
         try:
             statuses = self.executor.poll(jobs)
+            ok = True
         except Exception as exc:
             self.poll_errors += 1
             self._next_poll = now + self._backoff
@@ -184,6 +192,7 @@ class Tracker:
             return False
         finally:
             self.last_poll_seconds = time.monotonic() - start
+            metrics.poll_cycle(self.executor.name, self.last_poll_seconds, ok)
         self.poll_count += 1
         if self.stale:
             log.info("poll of %s works again", self.executor.name)
@@ -227,7 +236,8 @@ class Tracker:
             try:
                 opinion = self.executor.lookup_finished(t.job)
             except Exception as exc:
-                log.info("second opinion on %s failed: %s", t.job.task.id, exc)
+                log.info("second opinion on %s failed: %s", t.job.task.id, exc,
+                         extra={"task_id": t.job.task.id, "native_id": t.job.native_id})
                 opinion = None
             if opinion is not None and opinion.state.final:
                 t.status = opinion
@@ -245,5 +255,6 @@ class Tracker:
         try:
             self.executor.after_final(t.job)
         except Exception as exc:
-            log.warning("cleanup of %s failed: %s", t.job.task.id, exc)
+            log.warning("cleanup of %s failed: %s", t.job.task.id, exc,
+                        extra={"task_id": t.job.task.id, "native_id": t.job.native_id})
         self.listener.on_final(t.job, outcome)

@@ -35,9 +35,12 @@ def rabbitmqctl(*args: str, node: str | None = None, timeout: float = 120) -> su
 class ServeProcess:
     """`fem-hpc serve` as a child process with its own config, state and work dirs."""
 
-    def __init__(self, tmp: Path, node: str, extra: dict[str, Any] | None = None):
+    def __init__(self, tmp: Path, node: str, extra: dict[str, Any] | None = None, args: list[str] | None = None,
+                 env: dict[str, str] | None = None):
         self.tmp = tmp
         self.node = node
+        self.args = list(args or [])  # extra `serve` flags, e.g. ["--log-format", "json"]
+        self.env = dict(env or {})  # extra environment for the child
         self.config: dict[str, Any] = {
             "node": node,
             "broker": {"url": BROKER_URL, "heartbeat": 5, "reconnect_max_seconds": 2},
@@ -58,8 +61,8 @@ class ServeProcess:
     def start(self) -> ServeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([*fem_hpc_command(), "serve", "--config", str(self.config_path)],
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.proc = subprocess.Popen([*fem_hpc_command(), "serve", "--config", str(self.config_path), *self.args],
                                      stdout=log, stderr=log, env=env)
         log.close()
         deadline = time.monotonic() + 30

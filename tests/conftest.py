@@ -60,6 +60,12 @@ def write_task(tmp_path: Path):
 
 
 @pytest.fixture
+def fem_hpc_argv() -> list[str]:
+    """The argv prefix that runs `fem-hpc` (for tests that need a Popen of their own)."""
+    return fem_hpc_command()
+
+
+@pytest.fixture
 def cli():
     """cli(*args, timeout=60, env=None) -> CompletedProcess of the real `fem-hpc` command (text mode)."""
 

@@ -409,3 +409,28 @@ def test_real_runtime_runs_the_test_image(tmp_path: Path, data_dir: Path):
     assert (wd / "out.txt").read_text() == "from the real runtime\n"
     assert rec.state == State.FAILED and rec.exit_code != 0  # the read-only volume refused the write
     assert not (data_dir / "x").exists()
+
+
+def test_volume_target_over_the_work_dir_fails_stage_in(tmp_path: Path, fake_bin: Path, data_dir: Path):
+    binary = install_fake(fake_bin)
+    site = make_site(tmp_path, data_dir, {"binary": str(binary)})
+    top = "/" + str(tmp_path).strip("/").split("/")[0]  # e.g. /tmp: above the work dir
+    rec = run_tasks(site, [task("hide", ["true"], volumes=[{"name": "data", "target": top}])])["hide"]
+    assert (rec.state, rec.reason) == (State.FAILED, "STAGE_IN")
+    assert "would hide the work dir" in rec.message
+    assert not calls(fake_bin)
+
+
+def test_stage_image_for_batch_jobs(tmp_path: Path, fake_bin: Path, data_dir: Path):
+    """The login-node stage-in the Slurm/PBS executors use before submitting a containerized task."""
+    from fem_hpc.staging.containers import stage_image
+
+    binary = install_fake(fake_bin)
+    site = make_site(tmp_path, data_dir, {"binary": str(binary)})
+    with pytest.raises(ImageError, match="pull_policy is 'never'"):
+        stage_image("apptainer", site, IMAGE, binary=str(binary), pull_policy="never")
+    first = stage_image("apptainer", site, IMAGE, binary=str(binary), insecure_registries=["127.0.0.1:5000"])
+    assert first == str(sif_path(site.state_dir / "sif", IMAGE))
+    assert stage_image("apptainer", site, IMAGE, binary=str(binary)) == first
+    (pull,) = calls(fake_bin, "pull")
+    assert pull["argv"][:2] == ["pull", "--no-https"]

@@ -113,6 +113,13 @@ def test_top_level_not_a_mapping() -> None:
     assert problems_of(["node"]) == ["(top level): must be a mapping of keys"]
 
 
+def test_templates_dir_must_exist(tmp_path: Path, site: dict[str, Any]) -> None:
+    site["templates_dir"] = str(tmp_path / "no-templates")
+    assert problems_of(site) == [f"templates_dir: {str(tmp_path / 'no-templates')!r} is not a directory"]
+    (tmp_path / "no-templates").mkdir()
+    assert config_from_dict(site).templates_dir == tmp_path / "no-templates"
+
+
 def test_volume_paths_may_be_skipped(tmp_path: Path, site: dict[str, Any]) -> None:
     site["volumes"] = {"later": {"path": str(tmp_path / "not-yet")}}
     cfg = config_from_dict(site, check_paths=False)

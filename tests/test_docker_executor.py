@@ -260,6 +260,44 @@ def test_readopted_by_label_after_restart(tmp_path, node, data_dir):
         second.close()
 
 
+def test_intent_without_native_id_readopts_by_label(tmp_path, node, data_dir):
+    """A crash between the submit and the journalling of its native id: the restarted agent finds
+    the container by its labels instead of starting a second one."""
+    cfg = site_dict(tmp_path, node, data_dir)
+    first = new_agent(cfg)
+    first.intake(task("int1", ["sh", "-c", "sleep 3; echo once >> runs.txt"]), protocol="cli")
+    wait_state(first, "int1", State.RUNNING)
+    first.close()
+    first.journal.update("int1", native_id=None, intent=1, state=State.STAGING_IN.value)
+    second = new_agent(cfg)
+    try:
+        assert second.recover() == 1
+        rec = second.wait("int1", 30)
+        assert rec is not None and rec.state == State.COMPLETED, rec.message
+        assert (Path(rec.workdir) / "runs.txt").read_text() == "once\n"  # ran once, not twice
+        messages = [t["message"] for t in second.journal.transitions("int1")]
+        assert "re-adopted after a restart" in messages
+    finally:
+        second.close()
+
+
+def test_created_but_never_started_container_is_replaced(tmp_path, node, data_dir):
+    site = config_from_dict(site_dict(tmp_path, node, data_dir))
+    ex = registry.create("docker", site)
+    t = Task.model_validate(task("cr1", ["true"]))
+    job = Job(task=t, workdir=site.work_root / "cr1")
+    job.fem_dir.mkdir(parents=True)
+    ex.stage_in(job)
+    client = ex._client()
+    client.containers.create(**ex._create_args(job))  # created, never started (a crash before start)
+    assert len(containers("fem.task_id=cr1")) == 1
+    try:
+        assert ex.find_by_name(job) is None  # nothing ran: the agent may submit again
+        assert containers("fem.task_id=cr1") == []
+    finally:
+        ex.close()
+
+
 def test_explicit_user_owns_the_work_dir(tmp_path, node, data_dir):
     if os.geteuid() != 0:
         pytest.skip("handing the work dir to another uid needs a root service")
@@ -283,6 +321,17 @@ def test_gpus_refused_when_disabled(tmp_path, node, data_dir):
         rec = agent.wait("gpu1", 30)
         assert (rec.state, rec.reason) == (State.FAILED, "STAGE_IN")
         assert "does not pass GPUs" in rec.message
+    finally:
+        agent.close()
+
+
+def test_volume_target_over_the_work_mount_fails_stage_in(tmp_path, node, data_dir):
+    agent = new_agent(site_dict(tmp_path, node, data_dir))
+    try:
+        agent.intake(task("hide1", ["true"], volumes=[{"name": "data", "target": "/fem"}]), protocol="cli")
+        rec = agent.wait("hide1", 30)
+        assert (rec.state, rec.reason) == (State.FAILED, "STAGE_IN")
+        assert "would hide the work dir mounted at /fem/work" in rec.message
     finally:
         agent.close()
 
@@ -322,11 +371,18 @@ def test_poll_maps_oom_and_exit_codes_in_one_list_call(tmp_path, node, data_dir)
     try:
         api = ex._client().api  # count the daemon calls a poll makes
         calls: list[str] = []
+
+        def counting(name: str):
+            real = getattr(api, name)
+
+            def call(*a, **kw):
+                calls.append(name)
+                return real(*a, **kw)
+
+            return call
+
         for name in ("containers", "inspect_container"):
-            def counting(*a, _real=getattr(api, name), _name=name, **kw):
-                calls.append(_name)
-                return _real(*a, **kw)
-            setattr(api, name, counting)
+            setattr(api, name, counting(name))
         deadline = time.monotonic() + 30
         statuses = {}
         while time.monotonic() < deadline:
@@ -347,3 +403,46 @@ def test_poll_maps_oom_and_exit_codes_in_one_list_call(tmp_path, node, data_dir)
         for job in jobs:
             ex.after_final(job)
         ex.close()
+
+
+# -- containers inside batch jobs: the launch line of staging.containers, run for real ------------
+def test_batch_job_launch_line_runs_in_docker(tmp_path, node, data_dir):
+    """What a Slurm/PBS job script does with docker as the site runtime: the common wrapper execs
+    `docker run ... image argv` (here the script is run by sh directly, as a batch job would)."""
+    from fem_hpc.render import base_context, environment
+    from fem_hpc.staging.containers import container_launch, docker_cleanup_argv, stage_image
+    from fem_hpc.staging.volumes import resolve_volumes
+
+    site = config_from_dict(site_dict(tmp_path, node, data_dir))
+    t = Task.model_validate(task("batch1", ["sh", "-c", "id -u; pwd; printf %s \"$SECRET\" > secret.txt; "
+                                            "cat /data/input.txt; touch /data/no 2>/dev/null || echo ro"],
+                                 env={"SECRET": "value with 'quotes' and $(dollar)"},
+                                 volumes=[{"name": "data", "target": "/data"}], resources={"cpus": 1}))
+    job = Job(task=t, workdir=site.work_root / "batch1")
+    job.fem_dir.mkdir(parents=True)
+    image = stage_image("docker", site, TEST_IMAGE)
+    assert image == TEST_IMAGE
+    launch, env = container_launch("docker", job, image, resolve_volumes(t, site), node=node)
+    ctx = base_context(job)
+    ctx.update(launch=launch, env_exports=env)
+    script = environment(site).get_template("local.sh.j2").render(**ctx)
+    assert "value with" not in " ".join(launch)
+    job.script_path.write_text(script)
+    proc = subprocess.run(["sh", str(job.script_path)], capture_output=True, text=True, timeout=120)
+    stdout = (job.fem_dir / "stdout").read_text()
+    assert proc.returncode == 0, (job.fem_dir / "stderr").read_text()
+    assert stdout.splitlines() == [str(os.getuid()), str(job.workdir), "read-only volume data", "ro"]
+    assert (job.workdir / "secret.txt").read_text() == "value with 'quotes' and $(dollar)"
+    assert json.loads((job.fem_dir / "exit_code").read_text())["exit_code"] == 0
+    assert containers("fem.task_id=batch1") == []  # --rm
+    cleanup = subprocess.run(docker_cleanup_argv("batch1", node), capture_output=True, text=True, timeout=60)
+    assert "No such container" in cleanup.stderr  # nothing left; and the cleanup is safe to repeat
+
+
+def test_stage_image_docker_missing_image(tmp_path, node, data_dir):
+    from fem_hpc.staging.containers import stage_image
+    from fem_hpc.staging.images import ImageError
+
+    site = config_from_dict(site_dict(tmp_path, node, data_dir))
+    with pytest.raises(ImageError, match="cannot pull image 127.0.0.1:5000/fem/nonexistent:2"):
+        stage_image("docker", site, "127.0.0.1:5000/fem/nonexistent:2")

@@ -222,7 +222,8 @@ def test_clone_over_git_daemon_keeps_tokens_out(tmp_path, repo, git_daemon, git_
     git_site["git"] = {"credentials": {"127.0.0.1": {"username": "fem-bot", "token": TOKEN}}}
     out = tmp_path / "out"
     task = {"id": "daemon", "source": {"git": f"{git_daemon}/solver", "ref": "stable"},
-            "command": ["sh", "-c", "cat version.txt > seen.txt; git config --list > gitconfig.txt 2>&1; env > env.txt"],
+            "command": ["sh", "-c",
+                        "cat version.txt > seen.txt; git config --list > gitconfig.txt 2>&1; env > env.txt"],
             "outputs": ["seen.txt", "gitconfig.txt", "env.txt"]}
     proc = run_task(cli, write_config, write_task, git_site, task, out, "--verbose")
     assert proc.returncode == 0, proc.stderr

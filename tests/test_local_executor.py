@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from conftest import fem_hpc_command
 from fem_hpc.agent import Agent
 from fem_hpc.config import SiteConfig, config_from_dict
 from fem_hpc.journal import Journal
@@ -207,6 +206,17 @@ def test_walltime_timeout_kills_the_process_group(leftovers, site, cli, write_co
     assert wait_until(lambda: not processes_running("sleep", "31.7"), 3)
 
 
+def test_timeout_kills_a_straggler_that_ignores_sigterm(leftovers, site, cli, write_config, write_task) -> None:
+    # The command's main process dies of SIGTERM, so the wrapper writes its marker and exits at once;
+    # a background process that ignores SIGTERM is still in the group and must get the SIGKILL.
+    leftovers.append(("sleep", "36.1"))
+    task = {"id": "straggler", "command": ["sh", "-c", "(trap '' TERM; exec sleep 36.1) & exec sleep 36.2"],
+            "resources": {"walltime": "00:00:01"}}
+    proc = run(cli, write_config, write_task, site, task, timeout=30)
+    assert "reason: TIMEOUT" in proc.stderr, proc.stderr
+    assert wait_until(lambda: not processes_running("sleep", "36.1"), 3)
+
+
 def test_symlink_outside_not_followed(tmp_path: Path, site, cli, write_config, write_task) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("do not ship")
@@ -242,10 +252,10 @@ def test_outputs_over_the_limit_fail_stage_out(tmp_path: Path, site, cli, write_
     assert (out / "logs" / "stdout").read_text() == "wrote\n"  # the logs still come back
 
 
-def test_cli_sigterm_cancels_the_task(leftovers, site, write_config, write_task) -> None:
+def test_cli_sigterm_cancels_the_task(leftovers, site, write_config, write_task, fem_hpc_argv) -> None:
     leftovers.append(("sleep", "32.9"))
     task = {"id": "interrupted", "command": ["sleep", "32.9"]}
-    proc = subprocess.Popen([*fem_hpc_command(), "run", "--config", str(write_config(site)),
+    proc = subprocess.Popen([*fem_hpc_argv, "run", "--config", str(write_config(site)),
                              str(write_task(task))], stderr=subprocess.PIPE, text=True)
     lines = []
     try:
@@ -310,14 +320,14 @@ def test_cancel_kills_the_whole_group(leftovers, make_agent) -> None:
 
 def test_cancel_sigkills_a_child_that_ignores_sigterm(leftovers, make_agent) -> None:
     leftovers.append(("sleep", "33.3"))
-    _, agent, journal = make_agent(executors={"local": {"kill_grace_seconds": 0.5}})
+    _, agent, journal = make_agent(executors={"local": {"kill_grace_seconds": 1}})
     agent.intake({"id": "stubborn", "command": ["sh", "-c", "trap '' TERM; sleep 33.3; echo survived"]})
     wait_state(journal, "stubborn", State.RUNNING, 10)
     assert wait_until(lambda: processes_running("sleep", "33.3"), 3)
     t0 = time.monotonic()
     agent.cancel("stubborn")
     # SIGTERM is ignored: still there before the grace period ends...
-    time.sleep(0.25)
+    time.sleep(0.3)
     assert processes_running("sleep", "33.3")
     # ...and SIGKILLed after it.
     assert wait_until(lambda: not processes_running("sleep", "33.3"), 5)
@@ -327,9 +337,21 @@ def test_cancel_sigkills_a_child_that_ignores_sigterm(leftovers, make_agent) -> 
     assert "survived" not in (Path(record.workdir or "") / ".fem" / "stdout").read_text()
 
 
+def test_cancel_kills_a_straggler_after_the_wrapper_ended(leftovers, make_agent) -> None:
+    leftovers.append(("sleep", "37.1"))
+    _, agent, journal = make_agent(executors={"local": {"kill_grace_seconds": 1}})
+    agent.intake({"id": "straggler2", "command": ["sh", "-c", "(trap '' TERM; exec sleep 37.1) & exec sleep 37.2"]})
+    wait_state(journal, "straggler2", State.RUNNING, 10)
+    assert wait_until(lambda: processes_running("sleep", "37.1"), 3)
+    agent.cancel("straggler2")
+    record = agent.wait("straggler2", 10)
+    assert record is not None and record.state == State.CANCELLED, record
+    assert wait_until(lambda: not processes_running("sleep", "37.1"), 5)
+
+
 def test_readopt_after_restart_by_pid(make_agent) -> None:
     cfg, agent, journal = make_agent()
-    agent.intake({"id": "readopt", "command": ["sh", "-c", "sleep 2; echo done > done.txt"],
+    agent.intake({"id": "readopt", "command": ["sh", "-c", "sleep 2.3; echo done > done.txt"],
                   "outputs": ["done.txt"]})
     assert wait_until(lambda: (r := journal.get("readopt")) is not None and r.native_id is not None, 10)
     native_id = journal.get("readopt").native_id  # type: ignore[union-attr]
@@ -337,7 +359,7 @@ def test_readopt_after_restart_by_pid(make_agent) -> None:
     journal.close()
     rec = Journal(cfg.journal_path, outbox=False).get("readopt")
     assert rec is not None and not rec.final
-    assert (Path(rec.workdir or "") / ".fem" / "exit_code").exists() is False
+    assert processes_running("sleep", "2.3")  # still running while no agent watches it
 
     _, agent2, journal2 = make_agent()
     assert agent2.recover() == 1

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fem_hpc.config import SiteConfig, config_from_dict
+from fem_hpc.config import ConfigError, SiteConfig, config_from_dict
 from fem_hpc.model import Task, parse_task
 from fem_hpc.policy import check_policy, effective_task, executor_for
 
@@ -165,3 +165,21 @@ def test_effective_task_keeps_what_was_asked(cfg: SiteConfig) -> None:
 def test_builtin_default_resources(site: dict[str, Any]) -> None:
     eff = effective_task(task(), config_from_dict(site))
     assert eff.resources.cpus == 1 and eff.resources.walltime == "01:00:00"
+
+
+def test_default_resources_must_fit_the_caps(site: dict[str, Any]) -> None:
+    # Defaults are filled in after the policy check, so a default over a cap would slip past it.
+    site["policy"] = {"max_resources": {"walltime": "00:30:00", "memory": "1G"},
+                      "default_resources": {"memory": "2G", "walltime": "01:00:00"}}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(site)
+    keys = sorted(p.split(":", 1)[0] for p in info.value.problems)
+    assert keys == ["policy.default_resources.memory", "policy.default_resources.walltime"], info.value.problems
+    # The built-in default walltime (01:00:00) counts too.
+    site["policy"] = {"max_resources": {"walltime": "00:30:00"}}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(site)
+    assert [p.split(":", 1)[0] for p in info.value.problems] == ["policy.default_resources.walltime"]
+    site["policy"]["default_resources"] = {"memory": "1G", "walltime": "00:30:00", "cpus": 1}
+    eff = effective_task(task(), config_from_dict(site))
+    assert check_policy(eff, config_from_dict(site)) == []

@@ -27,7 +27,7 @@ from ..staging.images import (
     parse_image_ref,
     sif_path,
 )
-from ..staging.volumes import VolumeError, resolve_volumes
+from ..staging.volumes import VolumeError, check_targets, resolve_volumes
 from .base import Check, ExecutorError, Job
 from .local import LocalExecutor, LocalSettings
 
@@ -99,7 +99,7 @@ class ApptainerExecutor(LocalExecutor):
         binary = self.binary()
         try:
             ref = parse_image_ref(job.task.image)
-            resolve_volumes(job.task, self.site)
+            check_targets(resolve_volumes(job.task, self.site), str(job.workdir))
         except (ImageError, VolumeError) as exc:
             raise ExecutorError(str(exc)) from None
         target = sif_path(self.cache_dir, ref)

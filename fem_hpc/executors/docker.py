@@ -418,10 +418,18 @@ class DockerExecutor(Executor):
     # -- restart and cleanup ----------------------------------------------------------------------
     def find_by_name(self, job: Job) -> str | None:
         found = self._list([f"fem.task_id={job.task.id}", f"fem.node={self.site.node}"])
-        if not found:
+        started = []
+        for c in found:
+            if c.get("State") == "created":
+                # The submit was interrupted between create and start: nothing ran. Remove it, so
+                # the agent submits the task again (with a freshly rendered script).
+                self._remove_quietly(self._client(), str(c["Id"]))
+            else:
+                started.append(c)
+        if not started:
             return None
-        found.sort(key=lambda c: (c.get("State") == "running", c.get("Created", 0)), reverse=True)
-        return str(found[0]["Id"])
+        started.sort(key=lambda c: (c.get("State") == "running", c.get("Created", 0)), reverse=True)
+        return str(started[0]["Id"])
 
     def after_final(self, job: Job) -> None:
         nid = job.native_id

@@ -33,6 +33,21 @@ def _cmdline(pid: int) -> list[str] | None:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group `pgid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
+            members.append(int(entry.name))
+    return members
+
+
 def _is_job_process(pid: int, script: Path) -> bool:
     cmd = _cmdline(pid)
     if cmd is None:
@@ -56,6 +71,7 @@ class LocalExecutor(Executor):
         super().__init__(name, settings, site)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._verdicts: dict[str, NativeStatus] = {}
+        self._kill_timers: list[threading.Timer] = []
         self._lock = threading.Lock()
 
     def submit(self, job: Job) -> str:
@@ -126,14 +142,27 @@ class LocalExecutor(Executor):
             return
         timer = threading.Timer(self.settings.kill_grace_seconds, self._kill_if_alive, args=(job,))
         timer.daemon = True
+        with self._lock:
+            self._kill_timers = [t for t in self._kill_timers if t.is_alive()] + [timer]
         timer.start()
 
     def _kill_if_alive(self, job: Job) -> None:
-        if self._alive(job):
+        pgid = int(job.native_id or 0)
+        # The whole group, not only the wrapper: a descendant that ignores SIGTERM outlives a
+        # wrapper that has already written its marker and exited.
+        if pgid and (self._alive(job) or _group_members(pgid)):
             try:
-                os.killpg(int(job.native_id or 0), signal.SIGKILL)
+                os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def close(self) -> None:
+        # A job being stopped still gets its SIGKILL when the grace period ends, even when the
+        # service (or `fem-hpc run`) stops first: the timers are daemon threads.
+        with self._lock:
+            timers, self._kill_timers = self._kill_timers, []
+        for timer in timers:
+            timer.join()
 
     def cancel(self, job: Job) -> None:
         if job.native_id is None:

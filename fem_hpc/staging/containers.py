@@ -1,8 +1,10 @@
 """How a task's command runs inside a container runtime from a job script.
 
-`container_launch` is a pure function (argv in, argv out): the executors put its result in the
-common wrapper's `launch` prefix and `env_exports`. It serves the apptainer executor and the batch
-executors (Slurm, PBS), whose job scripts run the task's command inside the site's runtime:
+`stage_image` puts the image on the login node before the job is submitted (compute nodes often
+have no internet) and returns what `container_launch` runs. `container_launch` is a pure function
+(argv in, argv out): the executors put its result in the common wrapper's `launch` prefix and
+`env_exports`. It serves the apptainer executor and the batch executors (Slurm, PBS), whose job
+scripts run the task's command inside the site's runtime:
 
     exec <launch...> <task argv...>
 
@@ -16,12 +18,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..model import memory_mib
-from .volumes import Mount, check_bind_path
+from .volumes import Mount, check_bind_path, check_targets
 
 if TYPE_CHECKING:
+    from ..config import SiteConfig
     from ..executors.base import Job
 
 Runtime = Literal["apptainer", "singularity", "docker"]
@@ -68,9 +71,11 @@ def container_launch(
     runtime: "apptainer"/"singularity" (`image` is the SIF path, already staged on the login node)
     or "docker" (`image` a reference the daemon already holds: pulled at stage-in). The work dir is
     bound read-write at its own path, so the wrapper's paths are the same inside and out; `mounts`
-    are the task's named volumes (staging.volumes.resolve_volumes).
+    are the task's named volumes (staging.volumes.resolve_volumes). Raises VolumeError when a
+    volume target would hide the work dir, ValueError for an unknown runtime.
     """
     workdir = check_bind_path(str(job.workdir), "work dir")
+    check_targets(list(mounts), workdir)  # VolumeError: a volume would hide the work dir
     rundir = str(job.rundir)
     task = job.task
     if runtime in ("apptainer", "singularity"):
@@ -113,3 +118,81 @@ def container_launch(
         argv += ["--entrypoint", "", *extra_args, image]
         return argv, sorted(task.env.items())
     raise ValueError(f"unknown container runtime {runtime!r} (apptainer, singularity or docker)")
+
+
+def find_runtime_binary(runtime: Runtime, configured: str | None = None) -> str:
+    """Absolute path of the runtime's binary: the configured one, else (apptainer) apptainer then
+    singularity, (docker) docker, on PATH. Raises ImageError naming what is missing."""
+    import shutil
+
+    from .images import ImageError
+
+    if configured:
+        candidates: tuple[str, ...] = (configured,)
+    elif runtime == "docker":
+        candidates = ("docker",)
+    else:
+        candidates = ("apptainer", "singularity")
+    for name in candidates:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise ImageError(f"container runtime not found: {' or '.join(candidates)} is not on PATH")
+
+
+def stage_image(
+    runtime: Runtime,
+    site: SiteConfig,
+    image: str,
+    *,
+    binary: str | None = None,
+    cache_dir: Path | None = None,
+    pull_policy: Literal["if-not-present", "always", "never"] = "if-not-present",
+    insecure_registries: Sequence[str] = (),
+    docker_client: Any = None,
+    progress: Any = None,
+) -> str:
+    """Stage `image` on this (login) host for a batch job and return the `image` argument of
+    `container_launch`: the SIF path for apptainer/singularity (cache `state_dir/sif` unless
+    `cache_dir`), the pulled reference for docker (through `docker_client`, default docker.from_env()).
+    Credentials come from `site.registries`. Raises ImageError with a message for the user."""
+    from .images import (
+        ImageError,
+        apptainer_env_credentials,
+        credentials_for,
+        docker_pull,
+        ensure_sif,
+        parse_image_ref,
+        sif_path,
+    )
+
+    ref = parse_image_ref(image)
+    if runtime == "docker":
+        import docker
+        import docker.errors
+
+        try:
+            client = docker_client or docker.from_env()
+            if pull_policy != "always":
+                try:
+                    client.images.get(ref.pull_ref)
+                    return ref.pull_ref
+                except docker.errors.ImageNotFound:
+                    if pull_policy == "never":
+                        raise ImageError(f"image {ref} is not present and pull_policy is 'never'") from None
+        except docker.errors.DockerException as exc:
+            raise ImageError(f"cannot reach the docker daemon: {exc}") from None
+        docker_pull(client, ref, credentials_for(site, ref), progress=progress)
+        return ref.pull_ref
+    exe = find_runtime_binary(runtime, binary)
+    cache = cache_dir or site.state_dir / "sif"
+    if pull_policy == "never":
+        target = sif_path(cache, ref)
+        if not target.exists():
+            raise ImageError(f"image {ref} is not in the SIF cache ({target}) and pull_policy is 'never'")
+        return str(target)
+    args = []
+    if ref.registry in insecure_registries:
+        args.append("--nohttps" if "singularity" in Path(exe).name else "--no-https")
+    return str(ensure_sif(exe, ref, cache, pull_args=args, force=pull_policy == "always",
+                          env=apptainer_env_credentials(exe, credentials_for(site, ref))))
