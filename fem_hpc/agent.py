@@ -431,7 +431,8 @@ class Agent:
         note = outcome.message
         started = time.monotonic()
         try:
-            archive = build_archive(job.workdir, job.task.outputs, max_bytes=cfg.max_bytes)
+            archive = build_archive(job.workdir, job.task.outputs, max_bytes=cfg.max_bytes,
+                                    compress_level=cfg.compress_level)
         except (StageOutError, OSError) as exc:
             outcome = Outcome(State.FAILED, Reason.STAGE_OUT, outcome.exit_code, str(exc), outcome.started,
                               outcome.finished)

@@ -118,6 +118,7 @@ class StageOutConfig(_Section):
     max_bytes: int = Field(default=2 * 1024**3, ge=0)  # per task, uncompressed output size
     chunk_bytes: int = Field(default=1024 * 1024, ge=1024, le=1024 * 1024)
     tail_bytes: int = Field(default=4096, ge=0, le=65536)
+    compress_level: int = Field(default=1, ge=0, le=9)  # gzip level of the outputs archive
 
 
 class LegacyConfig(_Section):

@@ -65,10 +65,12 @@ def site_dict(tmp_path: Path, node: str, data_dir: Path, **docker: Any) -> dict[
     }
 
 
-def containers(label: str) -> list[str]:
-    out = subprocess.run(["docker", "ps", "-a", "-q", "--filter", f"label={label}"], capture_output=True,
-                         text=True, timeout=30, check=True)
-    return out.stdout.split()
+def containers(*labels: str) -> list[str]:
+    """`docker ps -a` ids of the containers carrying every one of the labels."""
+    argv = ["docker", "ps", "-a", "-q"]
+    for label in labels:
+        argv += ["--filter", f"label={label}"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout.split()
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +190,7 @@ def test_cancel_leaves_no_container(tmp_path, node, data_dir):
         agent.intake(task("can1", ["sleep", "300"], volumes=[{"name": "data", "target": "/data"}],
                           resources={"cpus": 1, "memory": "64M"}), protocol="cli")
         wait_state(agent, "can1", State.RUNNING)
-        (cid,) = containers("fem.task_id=can1")
+        (cid,) = containers(f"fem.node={node}", "fem.task_id=can1")
         info = json.loads(subprocess.run(["docker", "inspect", cid], capture_output=True, text=True,
                                          check=True).stdout)[0]
         host = info["HostConfig"]
@@ -205,7 +207,7 @@ def test_cancel_leaves_no_container(tmp_path, node, data_dir):
         rec = agent.wait("can1", 30)
         assert rec is not None and rec.state == State.CANCELLED
         assert time.monotonic() - started < 10  # sleep obeys SIGTERM, no wait for the kill
-        assert containers("fem.task_id=can1") == []
+        assert containers(f"fem.node={node}", "fem.task_id=can1") == []
     finally:
         agent.close()
 
@@ -218,7 +220,7 @@ def test_cancel_of_a_command_ignoring_sigterm_is_killed_after_grace(tmp_path, no
         agent.cancel("can2")
         rec = agent.wait("can2", 30)
         assert rec is not None and rec.state == State.CANCELLED
-        assert containers("fem.task_id=can2") == []
+        assert containers(f"fem.node={node}", "fem.task_id=can2") == []
     finally:
         agent.close()
 
@@ -231,7 +233,7 @@ def test_walltime_timeout(tmp_path, node, data_dir):
         assert rec is not None and rec.final
         assert (rec.state, rec.reason) == (State.FAILED, Reason.TIMEOUT.value), rec.message
         assert "walltime 00:00:02 exceeded" in (rec.message or "")
-        assert containers("fem.task_id=wall1") == []
+        assert containers(f"fem.node={node}", "fem.task_id=wall1") == []
     finally:
         agent.close()
 
@@ -243,7 +245,7 @@ def test_readopted_by_label_after_restart(tmp_path, node, data_dir):
     wait_state(first, "re1", State.RUNNING)
     native = first.journal.get("re1").native_id
     first.close()  # the service stops; the container keeps running
-    (cid,) = containers("fem.task_id=re1")
+    (cid,) = containers(f"fem.node={node}", "fem.task_id=re1")
     assert native.startswith(cid)
 
     second = new_agent(cfg)
@@ -255,7 +257,7 @@ def test_readopted_by_label_after_restart(tmp_path, node, data_dir):
         rec = second.wait("re1", 30)
         assert rec is not None and rec.state == State.COMPLETED, rec.message
         assert (Path(rec.workdir) / "done.txt").read_text() == "survived\n"
-        assert containers("fem.task_id=re1") == []
+        assert containers(f"fem.node={node}", "fem.task_id=re1") == []
     finally:
         second.close()
 
@@ -290,10 +292,10 @@ def test_created_but_never_started_container_is_replaced(tmp_path, node, data_di
     ex.stage_in(job)
     client = ex._client()
     client.containers.create(**ex._create_args(job))  # created, never started (a crash before start)
-    assert len(containers("fem.task_id=cr1")) == 1
+    assert len(containers(f"fem.node={node}", "fem.task_id=cr1")) == 1
     try:
         assert ex.find_by_name(job) is None  # nothing ran: the agent may submit again
-        assert containers("fem.task_id=cr1") == []
+        assert containers(f"fem.node={node}", "fem.task_id=cr1") == []
     finally:
         ex.close()
 
@@ -434,7 +436,7 @@ def test_batch_job_launch_line_runs_in_docker(tmp_path, node, data_dir):
     assert stdout.splitlines() == [str(os.getuid()), str(job.workdir), "read-only volume data", "ro"]
     assert (job.workdir / "secret.txt").read_text() == "value with 'quotes' and $(dollar)"
     assert json.loads((job.fem_dir / "exit_code").read_text())["exit_code"] == 0
-    assert containers("fem.task_id=batch1") == []  # --rm
+    assert containers(f"fem.node={node}", "fem.task_id=batch1") == []  # --rm
     cleanup = subprocess.run(docker_cleanup_argv("batch1", node), capture_output=True, text=True, timeout=60)
     assert "No such container" in cleanup.stderr  # nothing left; and the cleanup is safe to repeat
 

@@ -357,7 +357,7 @@ def test_serve_runs_slurm_tasks_over_ssh_and_no_local_scheduler_command(sshd: SS
         r = results[tid]
         assert r.state == "COMPLETED", (r.result, log)
         assert r.exit_code == 0
-        assert (tmp_path / "out" / tid / "out.txt").read_text() == f"hello n{i}; $(x)\n"
+        assert (tmp_path / "out" / tid / "outputs" / "out.txt").read_text() == f"hello n{i}; $(x)\n"
         assert r.result["stdout_tail"] == f"done n{i}; $(x)\n"
         assert "RUNNING" in [e["state"] for e in r.events if e.get("type") == "status"]
     failed = results[fail_id]
@@ -396,7 +396,7 @@ def test_serve_runs_a_torque_pbs_task_over_ssh(sshd: SSHD, tmp_path: Path):
         serve.stop()
     assert r is not None
     assert r.state == "COMPLETED", (r.result, serve.log())
-    assert (tmp_path / "out" / "out.txt").read_text() == "pbs\n"
+    assert (tmp_path / "out" / "outputs" / "out.txt").read_text() == "pbs\n"
     assert r.result["stdout_tail"] == "ok\n"
     assert not called.exists(), called.read_text()
     assert sshd.accepted() == 1, sshd.log()

@@ -96,7 +96,8 @@ def collect(workdir: Path, patterns: list[str]) -> tuple[list[Path], list[str]]:
     return [found[k] for k in sorted(found)], skipped
 
 
-def build_archive(workdir: Path, patterns: list[str], *, max_bytes: int, dest: Path | None = None) -> Archive:
+def build_archive(workdir: Path, patterns: list[str], *, max_bytes: int, dest: Path | None = None,
+                  compress_level: int = 1) -> Archive:
     files, skipped = collect(workdir, patterns)
     total = sum(f.stat().st_size for f in files)
     if total > max_bytes:
@@ -109,7 +110,10 @@ def build_archive(workdir: Path, patterns: list[str], *, max_bytes: int, dest: P
     names = []
     with open(tmp, "wb") as raw:
         writer = _HashingWriter(raw)
-        with tarfile.open(fileobj=writer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        # Level 1 by default: outputs are mostly model weights that barely compress, and gzip at
+        # higher levels would cap stage-out far below what the broker moves on a LAN.
+        with tarfile.open(fileobj=writer, mode="w:gz", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
+                          compresslevel=compress_level) as tar:
             for f in files:
                 arc = f"outputs/{f.relative_to(workdir)}"
                 # The resolved path: a symlink to a file inside the work dir goes in as its content.
