@@ -75,6 +75,7 @@ class _Tracked:
     running_reported: bool = False
     marker: Marker | None = None
     marker_at: float = 0.0
+    polled_after_marker: bool = False
     final_seen_at: float | None = None
     missing_since: float | None = None
     second_opinion_asked: bool = False
@@ -165,8 +166,7 @@ class Tracker:
                     t.marker_at = now
         # A job stopped by a signal (walltime, scancel by an admin) waits for the scheduler's
         # reason: ask about once a second meanwhile instead of on the slow schedule.
-        waiting_for_reason = any(t.marker is not None and t.marker.signal and not t.cancel_requested
-                                 for t in tracked)
+        waiting_for_reason = any(self._stopped(t) for t in tracked)
         polled = False
         if now >= self._next_poll or (waiting_for_reason and now - self._last_poll_at >= 1.0):
             polled = self._poll(tracked, now)
@@ -205,15 +205,24 @@ class Tracker:
             if st is not None and st.job_name and st.job_name != t.job.job_name:
                 st = None  # the id was reused by another job (e.g. after a controller reset)
             t.status = st
+            if t.marker is not None:
+                t.polled_after_marker = True
         return True
+
+    def _stopped(self, t: _Tracked) -> bool:
+        """The command ended by a signal (its wrapper was told to stop, or it died of one, e.g.
+        the OOM killer): the runtime, not the exit code, knows why."""
+        return (t.marker is not None and not t.cancel_requested
+                and (bool(t.marker.signal) or t.marker.exit_code >= 128))
 
     def _decide(self, t: _Tracked, now: float, polled: bool) -> None:
         st = t.status
         if t.marker is not None:
-            scheduler_final = st is not None and st.state.final
-            if (t.marker.signal and not t.cancel_requested and not scheduler_final
-                    and now - t.marker_at < self.signal_wait):
-                return  # stopped by a signal: give the scheduler a moment to say why (TIMEOUT, ...)
+            if self._stopped(t) and now - t.marker_at < self.signal_wait:
+                # Give the runtime a moment to say why (TIMEOUT, OUT_OF_MEMORY, ...): wait for a
+                # poll after the marker, and while that poll still shows the job, for its end.
+                if not t.polled_after_marker or (st is not None and not st.state.final):
+                    return
             self._finish(t, decide(t.marker, st, t.cancel_requested))
             return
         if st is not None and st.state.final:

@@ -282,3 +282,31 @@ def test_status_shows_running_slurm_jobs_while_serving(tmp_path, cli):
             c.cancel("st1")
     finally:
         s.stop()
+
+
+@pytest.mark.docker
+def test_slurm_job_runs_its_command_in_a_docker_container(agent, tmp_path):
+    services.require("docker")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.txt").write_text("from-volume\n")
+    cfg = site_config(tmp_path, slurm={"partition": "debug", "poll": {"min_seconds": 1},
+                                       "container": {"runtime": "docker"}})
+    cfg["volumes"] = {"ds": {"path": str(data), "mode": "ro"}}
+    cfg["policy"]["images"] = ["127.0.0.1:5000/*"]
+    a = agent(cfg)
+    task = {"id": "s-ctr", "image": services.TEST_IMAGE, "env": {"GREETING": "hi $(not run)"},
+            "volumes": [{"name": "ds", "target": "/data"}], "outputs": ["o.txt"],
+            "command": ["sh", "-c", "cat /data/in.txt > o.txt; echo \"$GREETING\" >> o.txt; "
+                        "cat /etc/os-release 2>/dev/null | head -1 >> o.txt; touch /data/x || echo ro >> o.txt"]}
+    rec = run_all(a, [task], timeout=120)["s-ctr"]
+    assert rec.state == State.COMPLETED, (rec.message, Path(rec.workdir, ".fem/stderr").read_text())
+    lines = (Path(rec.workdir) / "o.txt").read_text().splitlines()
+    assert lines[0] == "from-volume" and lines[1] == "hi $(not run)" and lines[-1] == "ro"
+    assert not (data / "x").exists()
+    script = (Path(rec.workdir) / ".fem/job.sh").read_text()
+    assert "'docker' 'run'" in script or "docker run" in script.replace("'", "")
+    # The container is gone afterwards.
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", "label=fem.task_id=s-ctr"], capture_output=True,
+                          text=True).stdout.strip()
+    assert left == ""

@@ -90,20 +90,58 @@ class BatchExecutor(Executor):
         return p.min_seconds + (p.max_seconds - p.min_seconds) * youngest_age / p.ramp_seconds
 
     # -- containers in batch jobs ----------------------------------------------------------
+    # A task with an `image` runs its command inside the site's runtime, launched by the job
+    # script. The image is staged here on the login node before submit: compute nodes often have
+    # no internet. The launch line is derived from the task alone (the SIF path is a function of
+    # the image reference), so a re-render after a restart gives the same script.
+    def _image_argument(self, job: Job) -> str:
+        from ..staging.images import parse_image_ref, sif_path
+
+        assert job.task.image
+        ref = parse_image_ref(job.task.image)
+        if self.settings.container.runtime == "docker":
+            return ref.pull_ref
+        return str(sif_path(self.site.state_dir / "sif", ref))
+
     def template_context(self, job: Job) -> dict[str, Any]:
         ctx: dict[str, Any] = {"directives": self.directives(job)}
         if job.task.image:
-            from ..staging.containers import batch_container_context
+            from ..staging.containers import container_launch
+            from ..staging.volumes import VolumeError, resolve_volumes
 
-            ctx.update(batch_container_context(self, job))
+            c = self.settings.container
+            try:
+                launch, env_exports = container_launch(
+                    c.runtime, job, self._image_argument(job), resolve_volumes(job.task, self.site),
+                    binary=c.binary, user=c.docker_user or "auto", node=self.site.node)
+            except (VolumeError, ValueError) as exc:
+                raise ExecutorError(str(exc)) from None
+            ctx.update(launch=launch, env_exports=env_exports)
         return ctx
 
     def stage_in(self, job: Job, progress: Any = None) -> None:
-        # Compute nodes often have no internet: the image is fetched here, on the login node.
-        if job.task.image:
-            from ..staging.containers import stage_batch_image
+        if not job.task.image:
+            return
+        from ..staging.containers import stage_image
+        from ..staging.images import ImageError
 
-            stage_batch_image(self, job)
+        c = self.settings.container
+        try:
+            stage_image(c.runtime, self.site, job.task.image, binary=c.binary, progress=progress)
+        except ImageError as exc:
+            raise ExecutorError(str(exc)) from None
+
+    def after_final(self, job: Job) -> None:
+        # A `docker run` client killed with its job (scancel, walltime) can leave its container
+        # behind; removing it by name is harmless when it is already gone.
+        if job.task.image and self.settings.container.runtime == "docker":
+            from ..staging.containers import docker_cleanup_argv
+
+            try:
+                self.command(docker_cleanup_argv(job.task.id, self.site.node, self.settings.container.binary
+                                                 or "docker"))
+            except ExecutorError as exc:
+                log.warning("could not remove the container of %s: %s", job.task.id, exc)
 
     def directives(self, job: Job) -> list[str]:
         raise NotImplementedError
