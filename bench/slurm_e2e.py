@@ -210,9 +210,12 @@ def run_fem(root: Path, n: int, partition: str, timeout: float, broker: str) -> 
                 raise RuntimeError(f"fem-hpc serve did not start:\n{serve_log.read_text(errors='replace')}")
             time.sleep(0.1)
         cpu0 = proc_cpu(proc.pid)
+        # A named reply queue that outlives a connection: if the broker drops the bench's
+        # connection (another test restarting RabbitMQ), it reconnects and nothing is lost.
+        reply = f"{node}.bench-replies"
         conn = pika.BlockingConnection(pika.URLParameters(broker))
         ch = conn.channel()
-        reply = ch.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+        ch.queue_declare(queue=reply, durable=True)
         task_ids = [f"b{i:05d}-{node}" for i in range(n)]
         received: dict[str, tuple[float, dict[str, Any]]] = {}
         t0 = time.monotonic()
@@ -225,19 +228,32 @@ def run_fem(root: Path, n: int, partition: str, timeout: float, broker: str) -> 
         published = time.monotonic() - t0
         last_submitted = 0.0
         end = t0 + timeout
-        for method, props, body in ch.consume(reply, auto_ack=True, inactivity_timeout=0.2):
-            now_wall = time.time()
-            if method is not None and props.type != "chunk":
-                event = json.loads(body)
-                if event.get("type") == "result":
-                    received[event["task_id"]] = (now_wall, event)
-                elif event.get("state") == "SUBMITTED":
-                    last_submitted = max(last_submitted, now_wall - t0_wall)
-            if len(received) == n or time.monotonic() > end:
-                break
+        while len(received) < n and time.monotonic() < end:
+            try:
+                if not conn.is_open:
+                    conn = pika.BlockingConnection(pika.URLParameters(broker))
+                    ch = conn.channel()
+                    ph.extra["bench_reconnects"] = ph.extra.get("bench_reconnects", 0) + 1
+                for method, props, body in ch.consume(reply, auto_ack=True, inactivity_timeout=0.2):
+                    now_wall = time.time()
+                    if method is not None and props.type != "chunk":
+                        event = json.loads(body)
+                        if event.get("type") == "result":
+                            received[event["task_id"]] = (now_wall, event)
+                        elif event.get("state") == "SUBMITTED":
+                            last_submitted = max(last_submitted, now_wall - t0_wall)
+                    if len(received) == n or time.monotonic() > end:
+                        break
+            except pika.exceptions.AMQPError as exc:
+                log(f"fem: broker connection lost ({type(exc).__name__}); reconnecting")
+                time.sleep(0.5)
         ph.wall = time.monotonic() - t0
-        ch.cancel()
-        conn.close()
+        try:
+            ch.cancel()
+            ch.queue_delete(reply)
+            conn.close()
+        except pika.exceptions.AMQPError:
+            pass
         ph.submit = last_submitted
         # The service's own cost, read while it is still alive.
         cpu1 = proc_cpu(proc.pid)

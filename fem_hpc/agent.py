@@ -266,12 +266,14 @@ class Agent:
     def _enqueue_chunks(self, task_id: str, archive: Path, info: OutputsInfo, reply_to: str | None,
                         correlation_id: str | None) -> None:
         chunk = self.site.stage_out.chunk_bytes
+        makers = []
         for index in range(info.chunks):
             offset = index * chunk
             length = min(chunk, info.size - offset)
-            self.journal.event(task_id, lambda seq, i=index, o=offset, n=length: chunk_message(
+            makers.append(lambda seq, i=index, o=offset, n=length: chunk_message(
                 self.node, self.exchange, task_id, seq, i, info.chunks, info.sha256, (str(archive), o, n),
                 reply_to, correlation_id))
+        self.journal.events(task_id, makers)  # rows hold file references, not the bytes
 
     def status(self, task_id: str, *, reply_to: str | None, correlation_id: str | None) -> State:
         record = self.journal.get(task_id)

@@ -46,6 +46,55 @@ class TaskResult:
         return self.result.get("exit_code")
 
 
+class _ChunkJoiner:
+    """Joins output chunks into the archive as they arrive, hashing on the way, so memory stays
+    flat and little is left to do when the result comes. Chunks that arrive early wait in files."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.archive = tmp / "outputs.tar.gz"
+        self._out = open(self.archive, "wb")  # noqa: SIM115 - closed in finish/close
+        self._sha = hashlib.sha256()
+        self.next = 0
+        self.total: int | None = None
+
+    def _append(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._out.write(data)
+        self.next += 1
+
+    def add(self, headers: dict[str, Any], body: bytes) -> None:
+        index = int(headers["index"])
+        self.total = int(headers["total"])
+        if index < self.next:
+            return  # a duplicate
+        if index > self.next:
+            (self.tmp / f"{index:08d}.part").write_bytes(body)
+            return
+        self._append(body)
+        while (early := self.tmp / f"{self.next:08d}.part").exists():
+            data = early.read_bytes()
+            early.unlink()
+            self._append(data)
+
+    def close(self) -> None:
+        if not self._out.closed:
+            self._out.close()
+
+    def finish(self, result: dict[str, Any], outputs_dir: str | Path | None) -> list[str]:
+        self.close()
+        info = result.get("outputs")
+        if not info:
+            return []
+        if self.next != info["chunks"] or (self.total is not None and self.total != info["chunks"]):
+            raise ClientError(f"expected {info['chunks']} output chunks, received {self.next} in order")
+        if self._sha.hexdigest() != info["sha256"]:
+            raise ClientError(f"outputs checksum mismatch: got {self._sha.hexdigest()}, result says {info['sha256']}")
+        if outputs_dir is None:
+            return []
+        return safe_extract(self.archive, Path(outputs_dir))
+
+
 class Client:
     def __init__(self, url: str, node: str, *, queue: str | None = None, tls: Any = None):
         self.node = node
@@ -100,49 +149,26 @@ class Client:
         events: list[dict[str, Any]] = []
         seen: set[int] = set()
         with tempfile.TemporaryDirectory(prefix="fem-chunks-") as tmp:
-            chunk_dir = Path(tmp)
-            total = 0
-            for props, body in self.replies(corr, timeout):
-                if props.type == "chunk":
-                    h = props.headers or {}
-                    # One file per index: duplicates overwrite, memory stays flat.
-                    (chunk_dir / f"{int(h['index']):08d}").write_bytes(body)
-                    total = int(h["total"])
-                    continue
-                event = json.loads(body)
-                seq = event.get("seq", 0)
-                if seq and seq in seen:
-                    continue  # a duplicate from an at-least-once re-send
-                seen.add(seq)
-                events.append(event)
-                if on_event:
-                    on_event(event)
-                if event.get("type") == "result":
-                    names = self._outputs(event, chunk_dir, total, outputs_dir)
-                    return TaskResult(event, events, names)
+            joiner = _ChunkJoiner(Path(tmp))
+            try:
+                for props, body in self.replies(corr, timeout):
+                    if props.type == "chunk":
+                        joiner.add(props.headers or {}, body)
+                        continue
+                    event = json.loads(body)
+                    seq = event.get("seq", 0)
+                    if seq and seq in seen:
+                        continue  # a duplicate from an at-least-once re-send
+                    seen.add(seq)
+                    events.append(event)
+                    if on_event:
+                        on_event(event)
+                    if event.get("type") == "result":
+                        names = joiner.finish(event, outputs_dir)
+                        return TaskResult(event, events, names)
+            finally:
+                joiner.close()
         raise ClientError("reply stream ended without a result")  # pragma: no cover
-
-    @staticmethod
-    def _outputs(result: dict[str, Any], chunk_dir: Path, total: int, outputs_dir: str | Path | None) -> list[str]:
-        info = result.get("outputs")
-        if not info:
-            return []
-        parts = sorted(chunk_dir.iterdir())
-        if len(parts) != info["chunks"] or (total and total != info["chunks"]):
-            raise ClientError(f"expected {info['chunks']} output chunks, received {len(parts)}")
-        archive = chunk_dir / "outputs.tar.gz"
-        sha = hashlib.sha256()
-        with open(archive, "wb") as out:
-            for part in parts:
-                data = part.read_bytes()
-                sha.update(data)
-                out.write(data)
-                part.unlink()
-        if sha.hexdigest() != info["sha256"]:
-            raise ClientError(f"outputs checksum mismatch: got {sha.hexdigest()}, result says {info['sha256']}")
-        if outputs_dir is None:
-            return []
-        return safe_extract(archive, Path(outputs_dir))
 
     def _one(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         corr = self.publish(request)

@@ -118,7 +118,9 @@ class StageOutConfig(_Section):
     max_bytes: int = Field(default=2 * 1024**3, ge=0)  # per task, uncompressed output size
     chunk_bytes: int = Field(default=1024 * 1024, ge=1024, le=1024 * 1024)
     tail_bytes: int = Field(default=4096, ge=0, le=65536)
-    compress_level: int = Field(default=1, ge=0, le=9)  # gzip level of the outputs archive
+    # gzip level of the outputs archive; unset = 1 for compressible outputs, 0 (stored) for
+    # outputs that would not shrink (model weights, archives)
+    compress_level: int | None = Field(default=None, ge=0, le=9)
 
 
 class LegacyConfig(_Section):

@@ -284,8 +284,16 @@ class Journal:
 
     def event(self, task_id: str, event: Any) -> int:
         """Queue an event that is not a state change (a chunk, a re-sent status); returns its seq."""
+        return self.events(task_id, [event])
+
+    def events(self, task_id: str, events: list[Any]) -> int:
+        """Queue several events of one task in one transaction (one fsync for all the chunks)."""
+        seq = 0
         with self._tx() as db:
-            return self._append_event(db, task_id, None, event, time.time())
+            now = time.time()
+            for event in events:
+                seq = self._append_event(db, task_id, None, event, now)
+        return seq
 
     def transitions(self, task_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -318,9 +326,9 @@ class Journal:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
-    def delete(self, row_id: int) -> None:
+    def delete(self, *row_ids: int) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+            db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in row_ids])
 
     def wait_outbox(self, timeout: float) -> None:
         with self._outbox_cv:

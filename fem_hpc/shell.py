@@ -18,13 +18,16 @@ import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import paramiko
 from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("fem_hpc.shell")
+_T = TypeVar("_T")
 
 
 class RunnerError(Exception):
@@ -209,12 +212,8 @@ class SSHRunner(Runner):
         start = time.monotonic()
         deadline = start + timeout
         with self._channels:
-            client, transport = self._transport()
-            try:
-                chan = transport.open_session(timeout=self.settings.connect_timeout)
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                self._drop(client, exc)
-                raise RunnerError(f"{self.describe()}: cannot open a channel: {exc}") from None
+            client, chan = self._open(lambda t: t.open_session(timeout=self.settings.connect_timeout),
+                                      "cannot open a channel")
             try:
                 chan.exec_command(command)
                 out, err = self._collect(chan, argv, deadline, timeout)
@@ -230,6 +229,24 @@ class SSHRunner(Runner):
         seconds = time.monotonic() - start
         _observe(argv, seconds, rc == 0)
         return CommandResult(argv, rc, out.decode(errors="replace"), err.decode(errors="replace"), seconds)
+
+    def _open(self, opener: Callable[[paramiko.Transport], _T | None], what: str) -> tuple[paramiko.SSHClient, _T]:
+        """A new channel (session or SFTP) on the shared connection. A connection found dead here
+        (e.g. sshd restarted since the last command) is replaced once at once: nothing has run
+        yet, so retrying cannot run a command twice."""
+        for attempt in (1, 2):
+            client, transport = self._transport()
+            try:
+                opened = opener(transport)
+                if opened is None:
+                    raise paramiko.SSHException("the server closed the channel")
+                return client, opened
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                self._drop(client, exc)
+                if attempt == 2 or _server_answered(exc):
+                    raise RunnerError(f"{self.describe()}: {what}: {exc}") from None
+                log.info("connection to %s lost (%s); reconnecting", self.describe(), exc)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _collect(self, chan: paramiko.Channel, argv: list[str], deadline: float,
                  timeout: float) -> tuple[bytearray, bytearray]:
@@ -271,13 +288,7 @@ class SSHRunner(Runner):
 
     def write_file(self, path: Path, text: str, mode: int = 0o700) -> None:
         with self._channels:
-            client, transport = self._transport()
-            try:
-                sftp = paramiko.SFTPClient.from_transport(transport)
-                assert sftp is not None
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                self._drop(client, exc)
-                raise RunnerError(f"{self.describe()}: cannot start SFTP to write {path}: {exc}") from None
+            client, sftp = self._open(paramiko.SFTPClient.from_transport, f"cannot start SFTP to write {path}")
             tmp = f"{path}.tmp"
             try:
                 channel = sftp.get_channel()

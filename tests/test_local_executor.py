@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -53,14 +54,22 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
 
 
 @pytest.fixture
-def leftovers() -> Iterator[list[tuple[str, ...]]]:
-    """Register the unique argv of each long-running command a test starts; whatever is still
-    running at teardown is killed (by pid) and fails the test."""
-    registered: list[tuple[str, ...]] = []
-    yield registered
+def sleep_arg() -> Iterator[Callable[[int], str]]:
+    """sleep_arg(31) -> a `sleep` argument like '31.482913377', unique to this test run, so its process
+    can be found in /proc even when other runs of the suite share the machine. Whatever sleep made
+    this way is still running at teardown is killed (by pid) and fails the test."""
+    registered: list[str] = []
+
+    def make(seconds: int) -> str:
+        arg = f"{seconds}.{secrets.randbelow(10**9):09d}"
+        registered.append(arg)
+        return arg
+
+    yield make
     survivors = []
-    for argv in registered:
-        for pid in processes_running(*argv):
+    for arg in registered:
+        for pid in processes_running("sleep", arg):
+            argv = ("sleep", arg)
             survivors.append((pid, argv))
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -192,9 +201,9 @@ def test_same_task_id_twice_is_refused(tmp_path: Path, site, cli, write_config, 
     assert not (tmp_path / "out2").exists()
 
 
-def test_walltime_timeout_kills_the_process_group(leftovers, site, cli, write_config, write_task) -> None:
-    leftovers.append(("sleep", "31.7"))
-    task = {"id": "slow", "command": ["sh", "-c", "sleep 31.7; echo never"],
+def test_walltime_timeout_kills_the_process_group(sleep_arg, site, cli, write_config, write_task) -> None:
+    s = sleep_arg(31)
+    task = {"id": "slow", "command": ["sh", "-c", f"sleep {s}; echo never"],
             "resources": {"walltime": "00:00:02"}}
     t0 = time.monotonic()
     proc = run(cli, write_config, write_task, site, task, timeout=30)
@@ -203,18 +212,19 @@ def test_walltime_timeout_kills_the_process_group(leftovers, site, cli, write_co
     assert proc.returncode != 0
     assert_protocol_order(states(proc.stderr, "slow"), "FAILED")
     assert "reason: TIMEOUT" in proc.stderr and "walltime 00:00:02 exceeded" in proc.stderr
-    assert wait_until(lambda: not processes_running("sleep", "31.7"), 3)
+    assert wait_until(lambda: not processes_running("sleep", s), 3)
 
 
-def test_timeout_kills_a_straggler_that_ignores_sigterm(leftovers, site, cli, write_config, write_task) -> None:
+def test_timeout_kills_a_straggler_that_ignores_sigterm(sleep_arg, site, cli, write_config, write_task) -> None:
+    bg = sleep_arg(36)
+    fg = sleep_arg(36)
     # The command's main process dies of SIGTERM, so the wrapper writes its marker and exits at once;
     # a background process that ignores SIGTERM is still in the group and must get the SIGKILL.
-    leftovers.append(("sleep", "36.1"))
-    task = {"id": "straggler", "command": ["sh", "-c", "(trap '' TERM; exec sleep 36.1) & exec sleep 36.2"],
+    task = {"id": "straggler", "command": ["sh", "-c", f"(trap '' TERM; exec sleep {bg}) & exec sleep {fg}"],
             "resources": {"walltime": "00:00:01"}}
     proc = run(cli, write_config, write_task, site, task, timeout=30)
     assert "reason: TIMEOUT" in proc.stderr, proc.stderr
-    assert wait_until(lambda: not processes_running("sleep", "36.1"), 3)
+    assert wait_until(lambda: not processes_running("sleep", bg), 3)
 
 
 def test_symlink_outside_not_followed(tmp_path: Path, site, cli, write_config, write_task) -> None:
@@ -252,9 +262,9 @@ def test_outputs_over_the_limit_fail_stage_out(tmp_path: Path, site, cli, write_
     assert (out / "logs" / "stdout").read_text() == "wrote\n"  # the logs still come back
 
 
-def test_cli_sigterm_cancels_the_task(leftovers, site, write_config, write_task, fem_hpc_argv) -> None:
-    leftovers.append(("sleep", "32.9"))
-    task = {"id": "interrupted", "command": ["sleep", "32.9"]}
+def test_cli_sigterm_cancels_the_task(sleep_arg, site, write_config, write_task, fem_hpc_argv) -> None:
+    s = sleep_arg(32)
+    task = {"id": "interrupted", "command": ["sleep", s]}
     proc = subprocess.Popen([*fem_hpc_argv, "run", "--config", str(write_config(site)),
                              str(write_task(task))], stderr=subprocess.PIPE, text=True)
     lines = []
@@ -272,7 +282,7 @@ def test_cli_sigterm_cancels_the_task(leftovers, site, write_config, write_task,
     stderr = "".join(lines) + rest
     assert proc.returncode != 0
     assert_protocol_order(states(stderr, "interrupted"), "CANCELLED")
-    assert wait_until(lambda: not processes_running("sleep", "32.9"), 3)
+    assert wait_until(lambda: not processes_running("sleep", s), 3)
 
 
 # -- the agent directly -------------------------------------------------------------------------------
@@ -299,63 +309,66 @@ def wait_state(journal: Journal, task_id: str, state: State, timeout: float) -> 
         journal.get(task_id)
 
 
-def test_cancel_kills_the_whole_group(leftovers, make_agent) -> None:
-    leftovers.append(("sleep", "33.4"))
+def test_cancel_kills_the_whole_group(sleep_arg, make_agent) -> None:
+    s = sleep_arg(33)
     _, agent, journal = make_agent()
     seen: list[str] = []
     agent.observers.append(lambda tid, ev: seen.append(ev.state.value))
-    result = agent.intake({"id": "c1", "command": ["sh", "-c", "sleep 33.4 & wait"]})
+    result = agent.intake({"id": "c1", "command": ["sh", "-c", f"sleep {s} & wait"]})
     assert result.created
     wait_state(journal, "c1", State.RUNNING, 10)
-    assert wait_until(lambda: processes_running("sleep", "33.4"), 5)
+    assert wait_until(lambda: processes_running("sleep", s), 5)
     t0 = time.monotonic()
     agent.cancel("c1")
     record = agent.wait("c1", 10)
     assert record is not None and record.state == State.CANCELLED, record
     assert time.monotonic() - t0 < 8
-    assert wait_until(lambda: not processes_running("sleep", "33.4"), 3)
+    assert wait_until(lambda: not processes_running("sleep", s), 3)
     assert seen[-2:] == ["CANCELLED", "CANCELLED"]  # the status event, then the result
     assert_protocol_order(seen[:-1], "CANCELLED")
 
 
-def test_cancel_sigkills_a_child_that_ignores_sigterm(leftovers, make_agent) -> None:
-    leftovers.append(("sleep", "33.3"))
+def test_cancel_sigkills_a_child_that_ignores_sigterm(sleep_arg, make_agent) -> None:
+    s = sleep_arg(33)
     _, agent, journal = make_agent(executors={"local": {"kill_grace_seconds": 2}})
-    agent.intake({"id": "stubborn", "command": ["sh", "-c", "trap '' TERM; sleep 33.3; echo survived"]})
+    agent.intake({"id": "stubborn", "command": ["sh", "-c", f"trap '' TERM; sleep {s}; echo survived"]})
     wait_state(journal, "stubborn", State.RUNNING, 10)
-    assert wait_until(lambda: processes_running("sleep", "33.3"), 3)
+    assert wait_until(lambda: processes_running("sleep", s), 3)
     t0 = time.monotonic()
     agent.cancel("stubborn")
     # SIGTERM is ignored: still there before the grace period ends...
     time.sleep(0.3)
-    assert processes_running("sleep", "33.3")
+    assert processes_running("sleep", s)
     # ...and SIGKILLed after it.
-    assert wait_until(lambda: not processes_running("sleep", "33.3"), 8)
+    assert wait_until(lambda: not processes_running("sleep", s), 8)
     record = agent.wait("stubborn", 15)
     assert record is not None and record.state == State.CANCELLED, record
     assert time.monotonic() - t0 < 12
     assert "survived" not in (Path(record.workdir or "") / ".fem" / "stdout").read_text()
 
 
-def test_cancel_kills_a_straggler_after_the_wrapper_ended(leftovers, make_agent) -> None:
-    leftovers.append(("sleep", "37.1"))
+def test_cancel_kills_a_straggler_after_the_wrapper_ended(sleep_arg, make_agent) -> None:
+    bg = sleep_arg(37)
+    fg = sleep_arg(37)
     _, agent, journal = make_agent(executors={"local": {"kill_grace_seconds": 1}})
-    agent.intake({"id": "straggler2", "command": ["sh", "-c", "(trap '' TERM; exec sleep 37.1) & exec sleep 37.2"]})
+    agent.intake({"id": "straggler2",
+                  "command": ["sh", "-c", f"(trap '' TERM; exec sleep {bg}) & exec sleep {fg}"]})
     wait_state(journal, "straggler2", State.RUNNING, 10)
-    assert wait_until(lambda: processes_running("sleep", "37.1"), 3)
+    assert wait_until(lambda: processes_running("sleep", bg), 3)
     agent.cancel("straggler2")
     record = agent.wait("straggler2", 10)
     assert record is not None and record.state == State.CANCELLED, record
-    assert wait_until(lambda: not processes_running("sleep", "37.1"), 5)
+    assert wait_until(lambda: not processes_running("sleep", bg), 5)
 
 
-def test_readopt_after_restart_by_pid(make_agent) -> None:
+def test_readopt_after_restart_by_pid(sleep_arg, make_agent) -> None:
+    s = sleep_arg(2)
     cfg, agent, journal = make_agent()
-    agent.intake({"id": "readopt", "command": ["sh", "-c", "sleep 2.3; echo done > done.txt"],
+    agent.intake({"id": "readopt", "command": ["sh", "-c", f"sleep {s}; echo done > done.txt"],
                   "outputs": ["done.txt"]})
     assert wait_until(lambda: (r := journal.get("readopt")) is not None and r.native_id is not None, 10)
     native_id = journal.get("readopt").native_id  # type: ignore[union-attr]
-    assert wait_until(lambda: processes_running("sleep", "2.3"), 2)
+    assert wait_until(lambda: processes_running("sleep", s), 2)
     agent.close()  # the service stops; the job keeps running
     journal.close()
     rec = Journal(cfg.journal_path, outbox=False).get("readopt")
@@ -375,16 +388,16 @@ def test_readopt_after_restart_by_pid(make_agent) -> None:
     assert states_seen[-2:] == ["STAGING_OUT", "COMPLETED"]
 
 
-def test_killed_job_is_lost_after_restart(leftovers, make_agent) -> None:
-    leftovers.append(("sleep", "35.9"))
+def test_killed_job_is_lost_after_restart(sleep_arg, make_agent) -> None:
+    s = sleep_arg(35)
     cfg, agent, journal = make_agent()
-    agent.intake({"id": "lost", "command": ["sleep", "35.9"]})
+    agent.intake({"id": "lost", "command": ["sleep", s]})
     wait_state(journal, "lost", State.RUNNING, 10)
     native_id = journal.get("lost").native_id  # type: ignore[union-attr]
     agent.close()
     journal.close()
     os.killpg(int(native_id or 0), signal.SIGKILL)  # the wrapper dies without writing its marker
-    assert wait_until(lambda: not processes_running("sleep", "35.9"), 3)
+    assert wait_until(lambda: not processes_running("sleep", s), 3)
 
     _, agent2, journal2 = make_agent()
     agent2.tracker("local").lost_grace = 1.0  # the default waits a minute before giving up on a job

@@ -4,6 +4,7 @@ its own registry, hooks that cost nothing when metrics are off, and `metrics.lis
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 import services
-from brokerkit import BROKER_URL, ServeProcess, task, unique_node
+from brokerkit import BROKER_URL, ServeProcess, rabbitmqctl, task, unique_node
 from prometheus_client.parser import text_string_to_metric_families
 
 from fem_hpc import metrics
@@ -249,3 +250,32 @@ def test_doctor_sees_the_endpoint_of_a_running_service(served, cli) -> None:
     proc = cli("doctor", "--config", s.config_path, "--json", timeout=120)
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert checks["metrics"]["status"] == "ok" and "served by a running fem-hpc" in checks["metrics"]["detail"]
+
+
+@pytest.mark.rabbitmq
+def test_broker_reconnects_are_counted(tmp_path: Path) -> None:
+    """Close this node's connections on the broker side (a dedicated user picks them out)."""
+    services.require("rabbitmq")
+    user, password = f"fem-met-{secrets.token_hex(4)}", secrets.token_hex(12)
+    assert rabbitmqctl("add_user", user, password).returncode == 0
+    try:
+        assert rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*").returncode == 0
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/metrics"
+        s = ServeProcess(tmp_path, unique_node("met"), {
+            "broker": {"url": f"amqp://{user}:{password}@127.0.0.1:5672/%2F"},
+            "metrics": {"listen": f"127.0.0.1:{port}"}}).start()
+        try:
+            _wait_for(url, "fem_broker_connected", {"connection": "publisher"}, 1)
+            listed = rabbitmqctl("-q", "list_connections", "name", "user").stdout.splitlines()
+            names = [ln.split("\t")[0] for ln in listed if ln.endswith(f"\t{user}")]
+            assert len(names) == 2, listed  # the consumer's and the publisher's
+            for name in names:
+                rabbitmqctl("close_connection", name, "test: reconnect please")
+            for connection in ("consumer", "publisher"):
+                _wait_for(url, "fem_broker_reconnects_total", {"connection": connection}, 1, timeout=60)
+            _wait_for(url, "fem_broker_connected", {"connection": "consumer"}, 1)
+        finally:
+            s.stop()
+    finally:
+        rabbitmqctl("delete_user", user)

@@ -248,18 +248,23 @@ def test_auto_add_host_key_accepts_and_saves(sshd: SSHD, tmp_path: Path):
 def test_reconnects_after_sshd_restart(runner: SSHRunner, sshd: SSHD):
     assert runner.run(["echo", "1"]).ok
     assert runner.connects == 1
-    # Restarted while the runner is idle: the next command reconnects.
+    # Restarted while the runner is idle: the next command reconnects and runs (the dead
+    # connection is found when the channel is opened, before anything ran, so it is retried).
     sshd.restart()
-    assert _wait(lambda: not runner._client.get_transport().is_active(), 5)  # noqa: SLF001
     assert runner.run(["echo", "2"]).stdout == "2\n"
     assert runner.connects == 2
     assert sshd.accepted() == 2
+    # the same for a job script written over SFTP
+    sshd.restart()
+    runner.write_file(sshd.dir / "after-restart.sh", "echo 3\n")
+    assert (sshd.dir / "after-restart.sh").read_text() == "echo 3\n"
+    assert runner.connects == 3
 
 
 def test_backs_off_while_sshd_is_down_then_reconnects(runner: SSHRunner, sshd: SSHD):
     assert runner.run(["echo", "1"]).ok
     sshd.stop()
-    with pytest.raises(RunnerError):
+    with pytest.raises(RunnerError, match="cannot connect"):
         runner.run(["echo", "down"])
     failed_at = time.monotonic()
     sshd.start()

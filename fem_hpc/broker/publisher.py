@@ -100,22 +100,30 @@ class Publisher:
                 conn.process_data_events(time_limit=0)  # heartbeats while idle
                 self.journal.wait_outbox(0.2)
                 continue
-            for row in rows:
-                if self._stop.is_set():
-                    return
-                try:
-                    body = row.payload()
-                except OSError as exc:  # the archive is gone (work dir removed): nothing left to send
-                    log.error("outbox row %s of task %s cannot be read (%s); dropping it", row.id, row.task_id, exc,
-                              extra={"task_id": row.task_id})
-                    self.journal.delete(row.id)
-                    continue
-                props = properties(row)
-                for exchange, routing_key in row.destinations:
-                    # With confirms on, basic_publish returns once the broker has taken the message
-                    # (and raises on a nack), so the row is deleted only after every confirm.
-                    channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body, properties=props)
-                self.journal.delete(row.id)
-                self.published += 1
-                if self.on_published:
-                    self.on_published(row)
+            done: list[int] = []
+            try:
+                self._publish_rows(channel, rows, done)
+            finally:
+                if done:  # one commit for the batch; a crash before it only means a re-send
+                    self.journal.delete(*done)
+
+    def _publish_rows(self, channel, rows: list[OutboxRow], done: list[int]) -> None:
+        for row in rows:
+            if self._stop.is_set():
+                return
+            try:
+                body = row.payload()
+            except OSError as exc:  # the archive is gone (work dir removed): nothing left to send
+                log.error("outbox row %s of task %s cannot be read (%s); dropping it", row.id, row.task_id, exc,
+                          extra={"task_id": row.task_id})
+                done.append(row.id)
+                continue
+            props = properties(row)
+            for exchange, routing_key in row.destinations:
+                # With confirms on, basic_publish returns once the broker has taken the message
+                # (and raises on a nack), so the row is deleted only after every confirm.
+                channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body, properties=props)
+            done.append(row.id)
+            self.published += 1
+            if self.on_published:
+                self.on_published(row)

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,10 +97,29 @@ def collect(workdir: Path, patterns: list[str]) -> tuple[list[Path], list[str]]:
     return [found[k] for k in sorted(found)], skipped
 
 
+def looks_compressible(files: list[Path], sample: int = 64 * 1024, max_files: int = 64) -> bool:
+    """Whether deflate would gain anything on these files, judged on a sample of each of the
+    largest ones (model weights and other binaries barely compress; logs and CSVs do)."""
+    largest = sorted(files, key=lambda f: f.stat().st_size, reverse=True)[:max_files]
+    raw = packed = 0
+    for f in largest:
+        with open(f, "rb") as fh:
+            head = fh.read(sample)
+        if head:
+            weight = max(1, f.stat().st_size // max(1, len(head)))
+            raw += len(head) * weight
+            packed += len(zlib.compress(head, 1)) * weight
+    return raw == 0 or packed < 0.9 * raw
+
+
 def build_archive(workdir: Path, patterns: list[str], *, max_bytes: int, dest: Path | None = None,
-                  compress_level: int = 1) -> Archive:
+                  compress_level: int | None = None) -> Archive:
+    """`compress_level` None picks 1 for compressible outputs and 0 (stored, still gzip) for
+    outputs that would not shrink, where deflate would only cost time."""
     files, skipped = collect(workdir, patterns)
     total = sum(f.stat().st_size for f in files)
+    if compress_level is None:
+        compress_level = 1 if looks_compressible(files) else 0
     if total > max_bytes:
         raise StageOutError(
             f"outputs are {total} bytes, over this site's limit of {max_bytes} bytes per task (stage_out.max_bytes)"
@@ -110,8 +130,8 @@ def build_archive(workdir: Path, patterns: list[str], *, max_bytes: int, dest: P
     names = []
     with open(tmp, "wb") as raw:
         writer = _HashingWriter(raw)
-        # Level 1 by default: outputs are mostly model weights that barely compress, and gzip at
-        # higher levels would cap stage-out far below what the broker moves on a LAN.
+        # Never above the configured level: gzip -6/-9 would cap stage-out far below what the
+        # broker moves on a LAN.
         with tarfile.open(fileobj=writer, mode="w:gz", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
                           compresslevel=compress_level) as tar:
             for f in files:
