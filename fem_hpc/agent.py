@@ -224,7 +224,7 @@ class Agent:
         same id is accepted later. `executor` (a configured name, when known) labels the metric."""
         import re
 
-        tid = task_id if isinstance(task_id, str) and re.match(ID_PATTERN, task_id) else ""
+        tid = task_id if isinstance(task_id, str) and re.fullmatch(ID_PATTERN, task_id) else ""
         labels = labels if isinstance(labels, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()) else {}
         result = ResultEvent(node=self.node, task_id=tid, seq=1, state=State.REJECTED, errors=errors,

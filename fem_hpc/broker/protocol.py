@@ -48,7 +48,7 @@ def decode(body: bytes, max_bytes: int) -> Request | Invalid:
     task_id = data.get("task_id")
     if isinstance(task, dict):
         task_id = task.get("id")
-    if not (isinstance(task_id, str) and re.match(ID_PATTERN, task_id)):
+    if not (isinstance(task_id, str) and re.fullmatch(ID_PATTERN, task_id)):
         task_id = None
     labels = task.get("labels") if isinstance(task, dict) and isinstance(task.get("labels"), dict) else {}
     errors: list[FieldError] = []
@@ -65,7 +65,7 @@ def decode(body: bytes, max_bytes: int) -> Request | Invalid:
         errors.append(FieldError(field="task", message="required for op 'submit'"))
     if op in ("cancel", "status"):
         raw = data.get("task_id")
-        if not (isinstance(raw, str) and re.match(ID_PATTERN, raw)):
+        if not (isinstance(raw, str) and re.fullmatch(ID_PATTERN, raw)):
             errors.append(FieldError(field="task_id", message=f"must match {ID_PATTERN}, got {raw!r}"))
     if errors:
         return Invalid(errors, task_id, labels)

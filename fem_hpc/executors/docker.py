@@ -65,7 +65,7 @@ class DockerSettings(ExecutorSettings):
     @field_validator("user")
     @classmethod
     def _user(cls, v: str) -> str:
-        if not _USER.match(v):
+        if not _USER.fullmatch(v):
             raise ValueError(f"user {v!r} must be 'auto', 'UID' or 'UID:GID' (numeric)")
         return v
 

@@ -92,7 +92,7 @@ def parse_image_ref(text: str) -> ImageRef:
     rest, digest = text, None
     if "@" in rest:
         rest, digest = rest.split("@", 1)
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise ImageError(f"image reference {text!r}: digest {digest!r} is not sha256:<64 hex digits>")
     parts = rest.split("/")
     registry = DEFAULT_REGISTRY
@@ -102,9 +102,9 @@ def parse_image_ref(text: str) -> ImageRef:
     tag = None
     if ":" in parts[-1]:
         parts[-1], tag = parts[-1].rsplit(":", 1)
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise ImageError(f"image reference {text!r}: tag {tag!r} is not valid")
-    if not parts or not all(_COMPONENT.match(p) for p in parts):
+    if not parts or not all(_COMPONENT.fullmatch(p) for p in parts):
         raise ImageError(f"image reference {text!r}: repository {'/'.join(parts)!r} is not valid "
                          "(lowercase letters, digits and . _ - separators)")
     if registry in _DOCKER_HUB_ALIASES:
@@ -184,7 +184,7 @@ def cache_key(ref: ImageRef | str, digest: str | None = None) -> str:
         ref = parse_image_ref(ref)
     digest = digest or ref.digest
     if digest:
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise ImageError(f"digest {digest!r} is not sha256:<64 hex digits>")
         return "sha256-" + digest.split(":", 1)[1]
     return "ref-" + hashlib.sha256(ref.normalized.encode()).hexdigest()
