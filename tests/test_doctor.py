@@ -282,6 +282,16 @@ def test_docker_daemon_running_is_ok(cli, write_config, good):
     assert docker and docker[0]["status"] == "ok" and "Docker" in docker[0]["detail"], docker
 
 
+def test_docker_daemon_not_answering_is_an_error(cli, write_config, good, tmp_path):
+    """The shared dockerd keeps running: this executor points at a socket no daemon serves."""
+    good["broker"] = {"url": f"amqp://guest:guest@127.0.0.1:{_free_port()}/%2F"}
+    good["executors"] = {"local": {}, "docker": {"base_url": f"unix://{tmp_path}/no-docker.sock", "api_timeout": 5}}
+    code, report = _doctor(cli, write_config(good))
+    docker = [c for c in report["checks"] if c["name"].startswith("docker")]
+    assert code == 1
+    assert docker and docker[0]["status"] == "error", docker
+
+
 @pytest.mark.rabbitmq
 def test_health_reply_carries_the_checks(tmp_path):
     services.require("rabbitmq")

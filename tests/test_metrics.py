@@ -267,11 +267,12 @@ def test_broker_reconnects_are_counted(tmp_path: Path) -> None:
             "metrics": {"listen": f"127.0.0.1:{port}"}}).start()
         try:
             _wait_for(url, "fem_broker_connected", {"connection": "publisher"}, 1)
-            listed = rabbitmqctl("-q", "list_connections", "name", "user").stdout.splitlines()
-            names = [ln.split("\t")[0] for ln in listed if ln.endswith(f"\t{user}")]
-            assert len(names) == 2, listed  # the consumer's and the publisher's
-            for name in names:
-                rabbitmqctl("close_connection", name, "test: reconnect please")
+            listed = rabbitmqctl("-q", "list_connections", "pid", "user").stdout.splitlines()
+            pids = [ln.split("\t")[0] for ln in listed if ln.endswith(f"\t{user}")]
+            assert len(pids) == 2, listed  # the consumer's and the publisher's
+            for pid in pids:
+                res = rabbitmqctl("close_connection", pid, "test: reconnect please")
+                assert res.returncode == 0, res.stdout + res.stderr
             for connection in ("consumer", "publisher"):
                 _wait_for(url, "fem_broker_reconnects_total", {"connection": connection}, 1, timeout=60)
             _wait_for(url, "fem_broker_connected", {"connection": "consumer"}, 1)
