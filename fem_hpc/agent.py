@@ -78,7 +78,9 @@ class Agent:
         self.node = site.node
         self.exchange = site.broker.events_exchange
         self.observers: list[Observer] = []
-        self.stage_in_hooks: list[Callable[[Job, Any], None]] = []  # e.g. git checkout (staging.git)
+        # Stage-in steps before the executor's own: hook(job, site, progress), e.g. staging.git.
+        self.stage_in_hooks: list[Callable[[Job, Any, Callable[[str], None]], None]] = []
+        self.progress_observers: list[Callable[[str, str], None]] = []  # (task_id, text) of long steps
         self._executors: dict[str, Executor] = {}
         self._trackers: dict[str, Tracker] = {}
         self._routes: dict[str, _Route] = {}
@@ -358,10 +360,11 @@ class Agent:
         started = time.monotonic()
         try:
             self._prepare_workdir(job)
+            progress = self._progress_for(task_id)
             for hook in self.stage_in_hooks:
-                hook(job, self.site)
+                hook(job, self.site, progress)
             job.fem_dir.mkdir(parents=True, exist_ok=True)
-            executor.stage_in(job)
+            executor.stage_in(job, progress)
         except (StageInError, ExecutorError, OSError) as exc:
             self._finish_early(task_id, Reason.STAGE_IN, str(exc))
             return
@@ -371,6 +374,14 @@ class Agent:
             self._finish_early(task_id, None, "cancelled before it was submitted", state=State.CANCELLED)
             return
         self._submit(task_id, job, executor, attempt=record.attempt)
+
+    def _progress_for(self, task_id: str) -> Callable[[str], None]:
+        """A callback for long stage-in steps (git clone, image pull): logged, and shown by `run`."""
+        def progress(text: str) -> None:
+            log.info("%s: %s", task_id, text, extra={"task_id": task_id})
+            for observer in list(self.progress_observers):
+                observer(task_id, text)
+        return progress
 
     def _prepare_workdir(self, job: Job) -> None:
         """A fresh work dir. One left from an interrupted stage-in of this task (the journal says
@@ -406,6 +417,11 @@ class Agent:
     # -- tracker callbacks ---------------------------------------------------------------------
     def on_running(self, job: Job, status: NativeStatus) -> None:
         self._transition(job.task.id, State.RUNNING, message=status.message)
+
+    def on_pending(self, job: Job, status: NativeStatus) -> None:
+        # Why the scheduler holds the job (Priority, Resources, ...): shown by `status` and in the
+        # reply to a status request; not an event of its own, the state has not changed.
+        self.journal.update(job.task.id, message=f"pending: {status.message}" if status.message else None)
 
     def on_final(self, job: Job, outcome: Outcome) -> None:
         self._pool.submit(self._stage_out_guarded, job, outcome)

@@ -84,6 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"[{time.monotonic() - t0:6.1f}s] {task_id} {event.state.value}{native}{msg}", file=sys.stderr)
 
     agent.observers.append(progress)
+    agent.progress_observers.append(
+        lambda task_id, text: print(f"[{time.monotonic() - t0:6.1f}s] {task_id} {text}", file=sys.stderr))
     from .staging.git import install as install_git
 
     install_git(agent)

@@ -39,6 +39,8 @@ class Outcome:
 class Listener(Protocol):
     def on_running(self, job: Job, status: NativeStatus) -> None: ...
 
+    def on_pending(self, job: Job, status: NativeStatus) -> None: ...
+
     def on_final(self, job: Job, outcome: Outcome) -> None: ...
 
 
@@ -73,6 +75,7 @@ class _Tracked:
     cancel_requested: bool = False
     status: NativeStatus | None = None
     running_reported: bool = False
+    pending_reason: str | None = None
     marker: Marker | None = None
     marker_at: float = 0.0
     polled_after_marker: bool = False
@@ -235,6 +238,9 @@ class Tracker:
             if st.state == State.RUNNING and not t.running_reported:
                 t.running_reported = True
                 self.listener.on_running(t.job, st)
+            elif st.state == State.SUBMITTED and st.message != t.pending_reason:
+                t.pending_reason = st.message
+                self.listener.on_pending(t.job, st)
             return
         if not polled or t.job.native_id is None:
             return

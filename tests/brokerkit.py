@@ -22,6 +22,9 @@ from conftest import fem_hpc_command
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
+# Secrets used across the suite's end-to-end tests; ServeProcess.stop checks its log for each.
+KNOWN_SECRETS = {"tok-SECRET-123", "fempass"}
+
 
 def unique_node(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
@@ -39,6 +42,7 @@ class ServeProcess:
                  env: dict[str, str] | None = None):
         self.tmp = tmp
         self.node = node
+        self.secrets: set[str] = set()  # extra secrets this test gave the service
         self.args = list(args or [])  # extra `serve` flags, e.g. ["--log-format", "json"]
         self.env = dict(env or {})  # extra environment for the child
         self.config: dict[str, Any] = {
@@ -79,13 +83,23 @@ class ServeProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            code = self.proc.returncode if self.proc else None
+        else:
+            self.proc.send_signal(sig)
+            try:
+                code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait()
+        self.assert_no_secrets()
+        return code
+
+    def assert_no_secrets(self) -> None:
+        """Every end-to-end run of the suite is checked: no secret a test handed to the service
+        (broker password, tokens, registry and git credentials) may appear in its log."""
+        log = self.log()
+        leaked = sorted(s for s in KNOWN_SECRETS | self.secrets if s and s in log)
+        assert not leaked, f"secrets in the log of fem-hpc serve ({self.log_path}): {leaked}"
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

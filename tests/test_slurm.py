@@ -92,22 +92,27 @@ def test_exit_codes_and_outputs(agent, tmp_path):
     assert "#SBATCH --job-name=fem-s-ok" in script
 
 
-def test_cancel_pending_and_running(agent):
-    a = agent()
+def test_cancel_pending_and_running(agent, tmp_path):
+    cfg = site_config(tmp_path)
+    # A second instance of the slurm executor whose jobs may only start in an hour: they pend.
+    cfg["executors"]["later"] = {"type": "slurm", "partition": "debug", "poll": {"min_seconds": 1},
+                                 "extra_directives": ["--begin=now+3600"]}
+    a = agent(cfg)
     a.intake({"id": "s-run", "command": ["sleep", "300"]})
-    a.intake({"id": "s-pend", "command": ["sleep", "300"], "resources": {"cpus": 4}})
-    # Hold the second one so it stays pending.
+    a.intake({"id": "s-pend", "command": ["sleep", "300"], "executor": "later"})
+    # The pending reason shows in the task's message (what `fem-hpc status` prints).
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (a.journal.get("s-pend").native_id and
-                                                a.journal.get("s-run").state == State.RUNNING):
+    while time.monotonic() < deadline and not (
+            a.journal.get("s-run").state == State.RUNNING and "BeginTime" in (a.journal.get("s-pend").message or "")):
         time.sleep(0.2)
-    subprocess.run(["scontrol", "hold", a.journal.get("s-pend").native_id], check=True)
+    assert a.journal.get("s-pend").state == State.SUBMITTED
+    assert a.journal.get("s-pend").message == "pending: BeginTime"
     a.cancel("s-run")
     a.cancel("s-pend")
     for tid in ("s-run", "s-pend"):
         rec = a.wait(tid, 60)
         assert rec.state == State.CANCELLED, (tid, rec.state, rec.message)
-    assert "fem-s-run" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout
+    assert "fem-s-" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout
 
 
 def test_fifty_concurrent_jobs_batched_polls(agent):
@@ -248,15 +253,20 @@ def test_serve_runs_slurm_tasks_end_to_end(tmp_path):
     services.require("rabbitmq")
     node = unique_node("sle")
     s = ServeProcess(tmp_path, node, {"default_executor": "slurm",
-                                      "executors": {"slurm": {"partition": "debug"}}}).start()
+                                      "executors": {"slurm": {"partition": "debug"},
+                                                    "pbs": {"dialect": "torque"}}}).start()
     try:
         with Client(BROKER_URL, node) as c:
             res = c.submit({"id": "e2e1", "command": ["sh", "-c", "echo slurm-out > r.txt"], "outputs": ["r.txt"]},
                            timeout=120, outputs_dir=tmp_path / "out")
+            pbs = c.submit({"id": "e2e-pbs", "executor": "pbs", "command": ["sh", "-c", "echo pbs-out > r.txt"],
+                            "outputs": ["r.txt"]}, timeout=120, outputs_dir=tmp_path / "pbs-out")
         assert res.state == "COMPLETED" and res.result["native_id"]
         assert (tmp_path / "out/outputs/r.txt").read_text() == "slurm-out\n"
         states = [e["state"] for e in res.events if e["type"] == "status"]
         assert states == ["RECEIVED", "STAGING_IN", "SUBMITTED", "RUNNING", "STAGING_OUT", "COMPLETED"]
+        assert pbs.state == "COMPLETED" and pbs.result["native_id"]
+        assert (tmp_path / "pbs-out/outputs/r.txt").read_text() == "pbs-out\n"
     finally:
         assert s.stop(signal.SIGTERM) == 0
 

@@ -110,6 +110,8 @@ class ApptainerExecutor(LocalExecutor):
         pull_args = list(self.settings.pull_args)
         if ref.registry in self.settings.insecure_registries:
             pull_args.append("--nohttps" if self.flavor(binary) == "singularity" else "--no-https")
+        if progress is not None and not target.exists():
+            progress(f"pulling image {ref} into the SIF cache")
         try:
             ensure_sif(binary, ref, self.cache_dir, pull_args=pull_args,
                        env=apptainer_env_credentials(binary, credentials_for(self.site, ref)),

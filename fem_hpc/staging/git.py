@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -149,20 +150,25 @@ def checkout(site: SiteConfig, url: str, ref: str | None, commit: str | None, de
     return sha
 
 
-def stage_source(job: Job, site: SiteConfig) -> None:
+def stage_source(job: Job, site: SiteConfig, progress: Callable[[str], None] | None = None) -> None:
     """Stage-in hook: check out the task's source into its work dir."""
     from ..agent import StageInError
 
     src = job.task.source
     if src is None:
         return
+    if progress is not None:
+        action = "fetching" if (mirror_path(site, src.git) / "HEAD").exists() else "cloning"
+        progress(f"{action} {redact(src.git)}")
     try:
         sha = checkout(site, src.git, src.ref, src.commit, job.workdir)
     except GitStageError as exc:
         raise StageInError(str(exc)) from None
     if src.path and not (job.workdir / src.path).is_dir():
         raise StageInError(f"source path {src.path!r} is not a directory at commit {sha[:12]}")
-    log.info("%s: %s checked out at %s", job.task.id, src.git, sha[:12], extra={"task_id": job.task.id})
+    log.info("%s: %s checked out at %s", job.task.id, redact(src.git), sha[:12], extra={"task_id": job.task.id})
+    if progress is not None:
+        progress(f"checked out {sha[:12]}")
 
 
 def install(agent: Agent) -> None:

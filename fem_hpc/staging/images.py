@@ -150,6 +150,8 @@ def docker_pull(client: Any, ref: ImageRef | str, credentials: RegistryCredentia
     auth = docker_auth_config(credentials, ref.registry)
     started = time.monotonic()
     last_note = 0.0
+    if progress is not None:
+        progress(f"pulling image {ref}")
     try:
         stream = client.api.pull(ref.name, tag=ref.pull_tag, stream=True, decode=True, auth_config=auth)
         for line in stream:
@@ -168,6 +170,8 @@ def docker_pull(client: Any, ref: ImageRef | str, credentials: RegistryCredentia
     except docker.errors.DockerException as exc:
         raise ImageError(f"cannot pull image {ref}: {redact(str(exc))}") from None
     log.info("pulled %s in %.1fs", ref, time.monotonic() - started)
+    if progress is not None:
+        progress(f"pulled image {ref} in {time.monotonic() - started:.1f}s")
 
 
 def _docker_explanation(exc: Any) -> str:
