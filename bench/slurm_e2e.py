@@ -482,8 +482,12 @@ def run_tracker_scale(args: argparse.Namespace) -> int:
     all_final = threading.Event()
 
     class Listener:
-        def on_running(self, job: Job, status: NativeStatus) -> None:
-            pass
+        """Counts final jobs; every other tracker callback (on_running, on_pending, ...) is a no-op."""
+
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("on_"):
+                return lambda *args, **kwargs: None
+            raise AttributeError(name)
 
         def on_final(self, job: Job, outcome: Any) -> None:
             nonlocal finals
@@ -497,10 +501,16 @@ def run_tracker_scale(args: argparse.Namespace) -> int:
     cycle_seconds: list[tuple[float, bool, int]] = []  # (seconds, polled, tracked)
     inner_cycle = tracker._cycle  # noqa: SLF001 - timing the real cycle
 
+    cycle_errors: list[BaseException] = []
+
     def timed_cycle() -> None:
         polls = len(executor.parse_seconds)
         start = time.perf_counter()
-        inner_cycle()
+        try:
+            inner_cycle()
+        except BaseException as exc:
+            cycle_errors.append(exc)
+            raise
         cycle_seconds.append((time.perf_counter() - start, len(executor.parse_seconds) > polls, len(tracker)))
 
     tracker._cycle = timed_cycle  # type: ignore[method-assign]  # noqa: SLF001
@@ -516,6 +526,11 @@ def run_tracker_scale(args: argparse.Namespace) -> int:
     tracker.start()
     rss_samples = []
     while len(cycle_seconds) < args.cycles:
+        if cycle_errors:
+            tracker.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"RESULT ERROR tracker cycle failed: {cycle_errors[0]!r}")
+            return 2
         time.sleep(0.05)
         rss_samples.append(proc_status_kb("self", "VmRSS") / 1024)
     steady = list(cycle_seconds)

@@ -48,22 +48,32 @@ def _print_errors(errors: list[Any]) -> None:
         print(f"  - {e.field}: {e.message}", file=sys.stderr)
 
 
-# -- run ----------------------------------------------------------------------------------
-def cmd_run(args: argparse.Namespace) -> int:
-    from .agent import Agent
-    from .journal import Journal
-    from .model import State, parse_task
+def _valid_task(data: Any, site: SiteConfig):
+    """The task if it is valid and allowed on this site; else None, with the problems printed."""
+    from .model import parse_task
     from .policy import check_policy
-    from .staging.outputs import safe_extract
 
-    site = _load(args.config)
-    setup_logging(site.logging.format, "DEBUG" if args.verbose else "WARNING")
-    data = _read_task(args.task, args.executor)
     task, errors = parse_task(data)
     if task is not None:
         errors = check_policy(task, site)
     if task is None or errors:
         _print_errors(errors)
+        return None
+    return task
+
+
+# -- run ----------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from .agent import Agent
+    from .journal import Journal
+    from .model import State
+    from .staging.outputs import safe_extract
+
+    site = _load(args.config)
+    setup_logging(site.logging.format, "DEBUG" if args.verbose else "WARNING")
+    data = _read_task(args.task, args.executor)
+    task = _valid_task(data, site)
+    if task is None:
         return EX_REJECTED
     journal = Journal(site.journal_path, outbox=False)
     known = journal.get(task.id)
@@ -126,17 +136,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .agent import task_workdir
     from .executors import registry
     from .executors.base import Job
-    from .model import parse_task
-    from .policy import check_policy, effective_task, executor_for
+    from .policy import effective_task, executor_for
     from .render import render_job
 
     site = _load(args.config)
-    data = _read_task(args.task, args.executor)
-    task, errors = parse_task(data)
-    if task is not None:
-        errors = check_policy(task, site)
-    if task is None or errors:
-        _print_errors(errors)
+    task = _valid_task(_read_task(args.task, args.executor), site)
+    if task is None:
         return EX_REJECTED
     task = effective_task(task, site)
     executor = registry.create(executor_for(task, site), site)

@@ -84,32 +84,11 @@ class VolumeConfig(_Section):
     mode: Literal["ro", "rw"] = "ro"
 
 
-class MaxResources(_Section):
-    cpus: int | None = Field(default=None, ge=1)
-    memory: str | None = None
-    gpus: int | None = Field(default=None, ge=0)
-    nodes: int | None = Field(default=None, ge=1)
-    walltime: str | None = None
-
-    @field_validator("memory")
-    @classmethod
-    def _memory(cls, v: str | None) -> str | None:
-        if v is not None:
-            memory_mib(v)
-        return v
-
-    @field_validator("walltime")
-    @classmethod
-    def _walltime(cls, v: str | None) -> str | None:
-        if v is not None:
-            walltime_seconds(v)
-        return v
-
-
 class PolicyConfig(_Section):
     images: list[str] = Field(default_factory=list)  # fnmatch globs; empty = no image allowed
     git: list[str] = Field(default_factory=list)  # fnmatch globs on the URL; empty = no git source allowed
-    max_resources: MaxResources = Field(default_factory=MaxResources)
+    # The same fields and checks as a task's `resources`, read as upper limits.
+    max_resources: Resources = Field(default_factory=Resources)
     default_resources: Resources = Field(default_factory=lambda: Resources(cpus=1, walltime="01:00:00"))
     executors: list[str] | None = None  # executors a task may name; None = every configured one
 

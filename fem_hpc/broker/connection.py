@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
+import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import pika
 
 from ..config import BrokerConfig
 from ..logs import register_secret
+
+log = logging.getLogger("fem_hpc.broker")
 
 
 class BrokerAuthError(Exception):
@@ -55,3 +60,41 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingConnection], None],
+                  stop: threading.Event, connected: threading.Event,
+                  on_reconnect: Callable[[str], None] | None = None) -> BrokerAuthError | None:
+    """Run `session` on a fresh connection until `stop`, reconnecting with jittered backoff after
+    any loss. Returns the error when the broker refuses the credentials (retrying would not help)."""
+    backoff = Backoff(cfg.reconnect_max_seconds)
+    first = True
+    while not stop.is_set():
+        try:
+            conn = pika.BlockingConnection(parameters(cfg))
+        except Exception as exc:
+            if is_auth_error(exc):
+                return BrokerAuthError(
+                    f"the broker at {cfg.url.split('@')[-1]} refused the credentials or vhost ({exc!r})")
+            delay = backoff.next()
+            log.warning("%s cannot reach the broker (%s); retrying in %.1fs", who, type(exc).__name__, delay)
+            stop.wait(delay)
+            continue
+        if not first and on_reconnect:
+            on_reconnect(who)
+        first = False
+        backoff.reset()
+        try:
+            session(conn)
+        except Exception as exc:
+            if stop.is_set():
+                break
+            log.warning("%s lost the broker connection (%s: %s); reconnecting", who, type(exc).__name__, exc)
+        finally:
+            connected.clear()
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:
+                pass
+    return None

@@ -19,7 +19,7 @@ from typing import Any
 import pika
 
 from ..config import BrokerConfig
-from .connection import Backoff, BrokerAuthError, is_auth_error, parameters
+from .connection import run_connected
 
 log = logging.getLogger("fem_hpc.broker.consumer")
 
@@ -65,38 +65,10 @@ class Consumer:
             return self._inflight
 
     def _run(self) -> None:
-        backoff = Backoff(self.cfg.reconnect_max_seconds)
-        first = True
-        while not self._stop.is_set():
-            try:
-                conn = pika.BlockingConnection(parameters(self.cfg))
-            except Exception as exc:
-                if is_auth_error(exc):
-                    self.fatal = BrokerAuthError(
-                        f"the broker at {self.cfg.url.split('@')[-1]} refused the credentials or vhost ({exc!r})")
-                    log.error("%s", self.fatal)
-                    return
-                delay = backoff.next()
-                log.warning("cannot reach the broker (%s); retrying in %.1fs", type(exc).__name__, delay)
-                self._stop.wait(delay)
-                continue
-            if not first and self.on_reconnect:
-                self.on_reconnect("consumer")
-            first = False
-            backoff.reset()
-            try:
-                self._consume(conn)
-            except Exception as exc:
-                if self._stop.is_set():
-                    break
-                log.warning("lost the broker connection (%s: %s); reconnecting", type(exc).__name__, exc)
-            finally:
-                self.connected.clear()
-                try:
-                    if conn.is_open:
-                        conn.close()
-                except Exception:
-                    pass
+        self.fatal = run_connected(self.cfg, "consumer", self._consume, self._stop, self.connected,
+                                   self.on_reconnect)
+        if self.fatal is not None:
+            log.error("%s", self.fatal)
 
     def _consume(self, conn: pika.BlockingConnection) -> None:
         channel = conn.channel()

@@ -12,7 +12,7 @@ import pika
 
 from ..config import BrokerConfig
 from ..journal import Journal, OutboxRow
-from .connection import Backoff, BrokerAuthError, is_auth_error, parameters
+from .connection import run_connected
 
 log = logging.getLogger("fem_hpc.broker.publisher")
 
@@ -59,34 +59,8 @@ class Publisher:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        backoff = Backoff(self.cfg.reconnect_max_seconds)
-        first = True
-        while not self._stop.is_set():
-            try:
-                conn = pika.BlockingConnection(parameters(self.cfg))
-            except Exception as exc:
-                if is_auth_error(exc):
-                    self.fatal = BrokerAuthError(f"the broker refused the credentials: {exc!r}")
-                    return
-                delay = backoff.next()
-                log.warning("publisher cannot reach the broker (%s); retrying in %.1fs", type(exc).__name__, delay)
-                self._stop.wait(delay)
-                continue
-            if not first and self.on_reconnect:
-                self.on_reconnect("publisher")
-            first = False
-            backoff.reset()
-            try:
-                self._publish_loop(conn)
-            except Exception as exc:
-                log.warning("publisher lost the broker connection (%s: %s); reconnecting", type(exc).__name__, exc)
-            finally:
-                self.connected.clear()
-                try:
-                    if conn.is_open:
-                        conn.close()
-                except Exception:
-                    pass
+        self.fatal = run_connected(self.cfg, "publisher", self._publish_loop, self._stop, self.connected,
+                                   self.on_reconnect)
 
     def _publish_loop(self, conn: pika.BlockingConnection) -> None:
         channel = conn.channel()

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from ..model import Reason, State, Task, format_walltime
 from .base import FEM_DIR, NativeStatus, job_name
+from .directive_checks import SAFE_WORD_RE, check_path, check_plain, reject_control
 
 Dialect = Literal["pbspro", "torque"]
 DIALECTS: tuple[str, ...] = ("pbspro", "torque")
@@ -54,10 +55,10 @@ def qsub_argv(script_path: str, stdout_path: str | None = None, stderr_path: str
     qsub wrapper only command-line -o/-e take effect (see the module doc); elsewhere it is harmless."""
     argv = ["qsub"]
     if stdout_path is not None:
-        argv += ["-o", _check_path("stdout path", stdout_path)]
+        argv += ["-o", _path("stdout path", stdout_path)]
     if stderr_path is not None:
-        argv += ["-e", _check_path("stderr path", stderr_path)]
-    argv.append(_check_path("script path", script_path))
+        argv += ["-e", _path("stderr path", stderr_path)]
+    argv.append(_path("script path", script_path))
     return argv
 
 
@@ -301,34 +302,11 @@ def parse_qstat(dialect: Dialect, text: str) -> dict[str, NativeStatus]:
 # backslash, '#' comments, %-patterns in -o/-e); real PBS reads them with its own option parser.
 # Values are restricted to characters that are plain in all of them instead of being quoted.
 
-_SAFE_WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,256}$")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,235}$")  # PBS: starts with a letter, <= 236
-_SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]*$")
 
 
-def _reject_control(what: str, value: str) -> None:
-    if any(c in value for c in "\n\r\0"):
-        raise ValueError(f"{what} {value!r} contains a newline or NUL")
-
-
-def _check_plain(what: str, value: str, pattern: re.Pattern[str]) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, not {type(value).__name__}")
-    _reject_control(what, value)
-    if not pattern.fullmatch(value):
-        raise ValueError(f"{what} {value!r} has characters other than {pattern.pattern}")
-    return value
-
-
-def _check_path(what: str, value: str | os.PathLike[str]) -> str:
-    text = os.fspath(value)
-    _reject_control(what, text)
-    if not _SAFE_PATH_RE.fullmatch(text):
-        raise ValueError(
-            f"{what} {text!r} must be an absolute path of letters, digits and _ . - / only "
-            "(it goes into a scheduler directive and, on Debian's qsub, through a shell)"
-        )
-    return text
+def _path(what: str, value: str | os.PathLike[str]) -> str:
+    return check_path(what, value, "it goes into a scheduler directive and, on Debian's qsub, through a shell")
 
 
 def directives(
@@ -351,25 +329,25 @@ def directives(
     """
     if dialect not in DIALECTS:
         raise ValueError(f"unknown PBS dialect {dialect!r} (expected one of {DIALECTS})")
-    wd = _check_path("work dir", workdir)
+    wd = _path("work dir", workdir)
     fem = f"{wd.rstrip('/')}/{FEM_DIR}"
     lines = [
-        f"-N {_check_plain('job name', job_name(task.id), _NAME_RE)}",
+        f"-N {check_plain('job name', job_name(task.id), _NAME_RE)}",
         "-S /bin/sh",
         f"-o {fem}/scheduler.out",
         f"-e {fem}/scheduler.err",
     ]
     q = task.queue or queue
     if q is not None:
-        lines.append(f"-q {_check_plain('queue', q, _SAFE_WORD_RE)}")
+        lines.append(f"-q {check_plain('queue', q, SAFE_WORD_RE)}")
     acct = task.account or account
     if acct is not None:
-        lines.append(f"-A {_check_plain('account', acct, _SAFE_WORD_RE)}")
+        lines.append(f"-A {check_plain('account', acct, SAFE_WORD_RE)}")
     res = task.resources
     nodes = int(res.nodes or 1)
     cpus = int(res.cpus or 1)
     if res.memory is not None:
-        _reject_control("memory", res.memory)
+        reject_control("memory", res.memory)
     mem = res.memory_mib
     gpus = int(res.gpus or 0)
     if dialect == "pbspro":
@@ -387,13 +365,13 @@ def directives(
         if mem is not None:  # Torque's mem is for the whole job; the task's memory is per node
             lines.append(f"-l mem={mem * nodes}mb")
     if res.walltime is not None:
-        _reject_control("walltime", res.walltime)
+        reject_control("walltime", res.walltime)
         seconds = res.walltime_seconds
         assert seconds is not None
         lines.append(f"-l walltime={format_walltime(seconds)}")
     out = [f"#PBS {line}" for line in lines]
     for extra in extra_directives:
-        _reject_control("extra directive", extra)
+        reject_control("extra directive", extra)
         text = extra.strip()
         if not text:
             continue

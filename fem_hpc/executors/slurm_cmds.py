@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from ..model import Reason, State, Task
 from .base import FEM_DIR, NativeStatus, job_name
+from .directive_checks import SAFE_WORD_RE, check_path, check_plain, reject_control
 
 # --- submit ------------------------------------------------------------------------------------
 
@@ -73,7 +74,7 @@ def squeue_argv(user: str | None = None) -> list[str]:
     if user is None:
         argv.append("--me")
     else:
-        _check_plain("user", user, _USER_RE)
+        check_plain("user", user, _USER_RE)
         argv += ["-u", user]
     return argv
 
@@ -81,7 +82,7 @@ def squeue_argv(user: str | None = None) -> list[str]:
 def find_by_name_argv(job_name: str) -> list[str]:
     """squeue for the jobs carrying one name (in all states), in the SQUEUE_FORMAT: parse with
     parse_squeue. Used to re-adopt a job submitted before a restart."""
-    _check_plain("job name", job_name, _NAME_RE)
+    check_plain("job name", job_name, _NAME_RE)
     return ["squeue", "--noheader", "-t", "all", f"--name={job_name}", "-o", SQUEUE_FORMAT]
 
 
@@ -269,34 +270,8 @@ def scancel_argv(job_id: str) -> list[str]:
 # expand %-patterns (%j, %x, ...). Instead of quoting for that private grammar, every value put in
 # a directive is restricted to characters that mean nothing to it.
 
-_SAFE_WORD_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,256}$")  # partition, account, job name
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}$")
-_SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]*$")
-
-
-def _reject_control(what: str, value: str) -> None:
-    if any(c in value for c in "\n\r\0"):
-        raise ValueError(f"{what} {value!r} contains a newline or NUL")
-
-
-def _check_plain(what: str, value: str, pattern: re.Pattern[str]) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, not {type(value).__name__}")
-    _reject_control(what, value)
-    if not pattern.fullmatch(value):
-        raise ValueError(f"{what} {value!r} has characters other than {pattern.pattern}")
-    return value
-
-
-def _check_path(what: str, value: str) -> str:
-    _reject_control(what, value)
-    if not _SAFE_PATH_RE.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} must be an absolute path of letters, digits and _ . - / only "
-            "(it goes into a scheduler directive, where spaces, quotes, '#', '\\' and '%' mean something)"
-        )
-    return value
 
 
 def format_slurm_time(seconds: int) -> str:
@@ -306,6 +281,11 @@ def format_slurm_time(seconds: int) -> str:
     days, rest = divmod(seconds, 86400)
     hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
     return f"{days}-{hms}" if days else hms
+
+
+def _path(what: str, value: str | os.PathLike[str]) -> str:
+    return check_path(what, value,
+                      "it goes into a scheduler directive, where spaces, quotes, '#', '\\' and '%' mean something")
 
 
 def directives(
@@ -323,9 +303,9 @@ def directives(
     `extra_directives` are trusted site strings (`--qos=normal` or a whole `#SBATCH ...` line);
     they are added last, so they can override what is computed here.
     """
-    wd = _check_path("work dir", os.fspath(workdir))
+    wd = _path("work dir", workdir)
     fem = f"{wd.rstrip('/')}/{FEM_DIR}"
-    name = _check_plain("job name", job_name(task.id), _NAME_RE)
+    name = check_plain("job name", job_name(task.id), _NAME_RE)
     lines = [
         f"--job-name={name}",
         f"--chdir={wd}",
@@ -334,28 +314,28 @@ def directives(
     ]
     part = task.queue or partition
     if part is not None:
-        lines.append(f"--partition={_check_plain('partition', part, _SAFE_WORD_RE)}")
+        lines.append(f"--partition={check_plain('partition', part, SAFE_WORD_RE)}")
     acct = task.account or account
     if acct is not None:
-        lines.append(f"--account={_check_plain('account', acct, _SAFE_WORD_RE)}")
+        lines.append(f"--account={check_plain('account', acct, SAFE_WORD_RE)}")
     res = task.resources
     if res.nodes is not None:
         lines.append(f"--nodes={int(res.nodes)}")
     if res.cpus is not None:
         lines.append(f"--cpus-per-task={int(res.cpus)}")
     if res.memory is not None:
-        _reject_control("memory", res.memory)
+        reject_control("memory", res.memory)
         lines.append(f"--mem={res.memory_mib}M")
     if res.gpus:
         lines.append(f"--gres=gpu:{int(res.gpus)}")
     if res.walltime is not None:
-        _reject_control("walltime", res.walltime)
+        reject_control("walltime", res.walltime)
         seconds = res.walltime_seconds
         assert seconds is not None
         lines.append(f"--time={format_slurm_time(seconds)}")
     out = [f"#SBATCH {line}" for line in lines]
     for extra in extra_directives:
-        _reject_control("extra directive", extra)
+        reject_control("extra directive", extra)
         text = extra.strip()
         if not text:
             continue

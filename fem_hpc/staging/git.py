@@ -9,13 +9,11 @@ the task's work dir.
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -23,6 +21,7 @@ from urllib.parse import urlsplit
 import git
 
 from ..logs import redact, register_secret
+from .locks import exclusive
 
 if TYPE_CHECKING:
     from ..agent import Agent
@@ -63,17 +62,6 @@ def git_env(site: SiteConfig, url: str) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _explain(exc: git.GitCommandError, url: str) -> str:
     stderr = (exc.stderr or "").strip().replace("stderr: ", "").strip("' \n")
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
@@ -98,7 +86,7 @@ def update_mirror(site: SiteConfig, url: str) -> Path:
     mirror = mirror_path(site, url)
     env = git_env(site, url)
     timeout = site.git.timeout_seconds
-    with _locked(mirror.with_suffix(".lock")):
+    with exclusive(mirror.with_suffix(".lock")):
         try:
             if (mirror / "HEAD").exists():
                 git.Repo(mirror).git.fetch("--prune", "--tags", "origin", "+refs/*:refs/*", env=env,

@@ -15,7 +15,6 @@ processes alike, download one image once, and no reader ever sees half a SIF.
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
 import json
 import logging
@@ -24,13 +23,13 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..logs import redact, register_secret
+from .locks import exclusive
 
 if TYPE_CHECKING:
     from ..config import RegistryCredential, SiteConfig
@@ -198,25 +197,6 @@ def sif_path(cache_dir: Path, ref: ImageRef | str, digest: str | None = None) ->
     return Path(cache_dir) / f"{cache_key(ref, digest)}.sif"
 
 
-_thread_locks: dict[str, threading.Lock] = {}
-_thread_locks_guard = threading.Lock()
-
-
-@contextmanager
-def _image_lock(lock_path: Path) -> Iterator[None]:
-    """Exclusive per image across processes (flock) and, cheaply, across this process's threads."""
-    with _thread_locks_guard:
-        tlock = _thread_locks.setdefault(str(lock_path), threading.Lock())
-    with tlock:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def apptainer_env_credentials(binary: str, credentials: RegistryCredential | None) -> dict[str, str]:
     """Registry credentials for `apptainer pull` / `singularity pull`, passed in the environment."""
     if credentials is None:
@@ -241,7 +221,7 @@ def ensure_sif(runtime_binary: str, ref: ImageRef | str, cache_dir: Path, *, dig
     if target.exists() and not force:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _image_lock(cache_dir / ".locks" / f"{target.stem}.lock"):
+    with exclusive(cache_dir / ".locks" / f"{target.stem}.lock"):
         if target.exists() and not force:  # another caller pulled it while this one waited
             return target
         tmp = cache_dir / f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.sif"
