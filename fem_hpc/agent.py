@@ -88,6 +88,10 @@ class Agent:
         self.secret_env: dict[str, dict[str, str]] = {}  # by task id; memory only, never journalled
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=workers or site.workers, thread_name_prefix="fem-task")
+        # Stage-out has its own workers: a finished job's result must not wait behind a burst of
+        # stage-ins and submits (a slow sbatch would otherwise delay every result).
+        self._out_pool = ThreadPoolExecutor(max_workers=max(2, (workers or site.workers) // 2),
+                                            thread_name_prefix="fem-stageout")
         self._closing = False
 
     # -- executors ----------------------------------------------------------------------
@@ -114,6 +118,7 @@ class Agent:
         """Stop tracking; jobs keep running and are re-adopted at the next start."""
         self._closing = True
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self._out_pool.shutdown(wait=True, cancel_futures=False)
         for tracker in self.trackers.values():
             tracker.stop()
         for executor in list(self._executors.values()):
@@ -424,7 +429,7 @@ class Agent:
         self.journal.update(job.task.id, message=f"pending: {status.message}" if status.message else None)
 
     def on_final(self, job: Job, outcome: Outcome) -> None:
-        self._pool.submit(self._stage_out_guarded, job, outcome)
+        self._out_pool.submit(self._stage_out_guarded, job, outcome)
 
     # -- stage-out -------------------------------------------------------------------------------
     def _stage_out_guarded(self, job: Job, outcome: Outcome) -> None:
@@ -544,7 +549,7 @@ class Agent:
             outcome = Outcome(State(record.outcome or State.FAILED.value),
                               Reason(record.reason) if record.reason else None, record.exit_code, record.message,
                               record.started, record.finished)
-            self._pool.submit(self._stage_out_guarded, job, outcome)
+            self._out_pool.submit(self._stage_out_guarded, job, outcome)
             return
         if record.native_id:
             self.tracker(record.executor or self.site.default_executor).track(

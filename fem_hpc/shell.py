@@ -126,6 +126,21 @@ def _server_answered(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError))
 
 
+# Reads records from stdin (a name, a line count, then the value's lines), exports each, then
+# runs "$@". A constant: no task data is ever part of it.
+_EXPORT_FROM_STDIN = (
+    'while IFS= read -r fem_n; do IFS= read -r fem_c; fem_v=; fem_i=0; '
+    'while [ "$fem_i" -lt "$fem_c" ]; do IFS= read -r fem_l; '
+    'if [ "$fem_i" -gt 0 ]; then fem_v="$fem_v\n$fem_l"; else fem_v=$fem_l; fi; fem_i=$((fem_i+1)); done; '
+    'export "$fem_n=$fem_v"; done; unset fem_n fem_c fem_v fem_i fem_l; exec "$@"'
+)
+
+
+def _env_record(name: str, value: str) -> str:
+    lines = value.split("\n")
+    return f"{name}\n{len(lines)}\n" + "".join(line + "\n" for line in lines)
+
+
 class SSHRunner(Runner):
     def __init__(self, settings: SSHSettings):
         self.settings = settings
@@ -198,16 +213,21 @@ class SSHRunner(Runner):
         return client
 
     def run(self, argv: list[str], *, timeout: float = 30, env: dict[str, str] | None = None) -> CommandResult:
-        # The remote side gets one command line of quoted words. Variables are set with `env`
-        # as words too (sshd usually refuses SendEnv); they add to the remote login environment.
+        # The remote side gets one command line of quoted words. Variables (sshd usually refuses
+        # SendEnv) travel on the channel's stdin, read by a fixed snippet that exports them before
+        # exec'ing the argv: values never appear on a command line, where `ps` would show them.
         if not argv:
             raise RunnerError("empty command")
         words = list(argv)
+        stdin = b""
         if env:
             bad = [k for k in env if not _ENV_NAME_RE.fullmatch(k)]
             if bad:
                 raise RunnerError(f"invalid environment variable name(s): {', '.join(map(repr, bad))}")
-            words = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *words]
+            if any("\0" in v for v in env.values()):
+                raise RunnerError("environment values must not contain NUL")
+            words = ["sh", "-c", _EXPORT_FROM_STDIN, "sh", *words]
+            stdin = "".join(_env_record(k, v) for k, v in sorted(env.items())).encode()
         command = shlex.join(words)
         start = time.monotonic()
         deadline = start + timeout
@@ -216,6 +236,9 @@ class SSHRunner(Runner):
                                       "cannot open a channel")
             try:
                 chan.exec_command(command)
+                if stdin:
+                    chan.sendall(stdin)
+                chan.shutdown_write()
                 out, err = self._collect(chan, argv, deadline, timeout)
                 rc = chan.recv_exit_status()
             except RunnerError:

@@ -110,6 +110,15 @@ def test_environment_is_passed_as_words(runner: SSHRunner, tmp_path: Path):
         runner.run(["true"], env={"A; touch x": "1"})
 
 
+def test_environment_values_never_appear_on_a_command_line(runner: SSHRunner):
+    # The values travel on stdin: neither the command sshd runs nor the final process shows them.
+    res = runner.run(["sh", "-c", 'tr "\\0" " " < /proc/$$/cmdline; echo; tr "\\0" " " < /proc/$PPID/cmdline; echo; '
+                      'echo "$FEM_SECRET"'], env={"FEM_SECRET": "s3cr3t-value"})
+    lines = res.stdout.splitlines()
+    assert lines[-1] == "s3cr3t-value"
+    assert all("s3cr3t-value" not in line for line in lines[:-1]), lines
+
+
 def test_exit_codes_and_stderr(runner: SSHRunner):
     res = runner.run(["sh", "-c", "echo out; echo err >&2; exit 7"])
     assert (res.returncode, res.stdout, res.stderr) == (7, "out\n", "err\n")
