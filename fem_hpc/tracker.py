@@ -21,6 +21,7 @@ from typing import Protocol
 
 from . import metrics
 from .executors.base import Executor, Job, Marker, NativeStatus, read_marker
+from .markers import MarkerWatcher
 from .model import Reason, State
 
 log = logging.getLogger("fem_hpc.tracker")
@@ -105,6 +106,7 @@ class Tracker:
         self._last_poll_at = 0.0
         self._backoff = 1.0
         self._thread = threading.Thread(target=self._run, name=f"tracker-{executor.name}", daemon=True)
+        self._watcher = MarkerWatcher(self._wake.set)  # markers seen at once where inotify works
 
     def start(self) -> None:
         self._thread.start()
@@ -114,8 +116,10 @@ class Tracker:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        self._watcher.close()
 
     def track(self, job: Job, cancel_requested: bool = False) -> None:
+        self._watcher.add(job.fem_dir)
         with self._lock:
             self._jobs[job.task.id] = _Tracked(job, cancel_requested=cancel_requested)
             # See a new job's state soon, but a burst of submissions still shares one poll.
@@ -267,6 +271,7 @@ class Tracker:
     def _finish(self, t: _Tracked, outcome: Outcome) -> None:
         with self._lock:
             self._jobs.pop(t.job.task.id, None)
+        self._watcher.remove(t.job.fem_dir)
         try:
             self.executor.after_final(t.job)
         except Exception as exc:
