@@ -99,7 +99,13 @@ class MarkerWatcher:
                 continue
             except OSError:
                 return
-            # The event payloads (names) are not needed: any rename into a job's .fem dir is
-            # worth one early cycle, which reads the markers that matter.
-            if len(data) >= _EVENT.size:
+            # Names are not needed: any rename into a job's .fem dir is worth one early cycle,
+            # which reads the markers that matter. Other events (IN_IGNORED after a watch is
+            # removed) are skipped.
+            offset, moved = 0, False
+            while offset + _EVENT.size <= len(data):
+                _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                moved = moved or bool(mask & IN_MOVED_TO)
+                offset += _EVENT.size + length
+            if moved:
                 self.wake()
