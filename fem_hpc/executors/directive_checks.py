@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 SAFE_WORD_RE = re.compile(r"[A-Za-z0-9_.@+-]{1,256}")  # partition, queue, account
 SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9_./-]*")
@@ -34,3 +35,15 @@ def check_path(what: str, value: str | os.PathLike[str], where: str) -> str:
     if not SAFE_PATH_RE.fullmatch(text):
         raise ValueError(f"{what} {text!r} must be an absolute path of letters, digits and _ . - / only ({where})")
     return text
+
+
+def directive_lines(prefix: str, options: list[str], extra_directives: Sequence[str]) -> list[str]:
+    """`#SBATCH`/`#PBS` lines: the computed options, then the site's trusted extra directives
+    (an option, or a whole line with the prefix), last so that they can override."""
+    out = [f"{prefix} {option}" for option in options]
+    for extra in extra_directives:
+        reject_control("extra directive", extra)
+        text = extra.strip()
+        if text:
+            out.append(text if text.startswith(prefix) else f"{prefix} {text}")
+    return out

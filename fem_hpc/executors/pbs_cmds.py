@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from ..model import Reason, State, Task, format_walltime
 from .base import FEM_DIR, NativeStatus, job_name
-from .directive_checks import SAFE_WORD_RE, check_path, check_plain, reject_control
+from .directive_checks import SAFE_WORD_RE, check_path, check_plain, directive_lines, reject_control
 
 Dialect = Literal["pbspro", "torque"]
 DIALECTS: tuple[str, ...] = ("pbspro", "torque")
@@ -369,11 +369,4 @@ def directives(
         seconds = res.walltime_seconds
         assert seconds is not None
         lines.append(f"-l walltime={format_walltime(seconds)}")
-    out = [f"#PBS {line}" for line in lines]
-    for extra in extra_directives:
-        reject_control("extra directive", extra)
-        text = extra.strip()
-        if not text:
-            continue
-        out.append(text if text.startswith("#PBS") else f"#PBS {text}")
-    return out
+    return directive_lines("#PBS", lines, extra_directives)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from ..model import Reason, State, Task
 from .base import FEM_DIR, NativeStatus, job_name
-from .directive_checks import SAFE_WORD_RE, check_path, check_plain, reject_control
+from .directive_checks import SAFE_WORD_RE, check_path, check_plain, directive_lines, reject_control
 
 # --- submit ------------------------------------------------------------------------------------
 
@@ -333,11 +333,4 @@ def directives(
         seconds = res.walltime_seconds
         assert seconds is not None
         lines.append(f"--time={format_slurm_time(seconds)}")
-    out = [f"#SBATCH {line}" for line in lines]
-    for extra in extra_directives:
-        reject_control("extra directive", extra)
-        text = extra.strip()
-        if not text:
-            continue
-        out.append(text if text.startswith("#SBATCH") else f"#SBATCH {text}")
-    return out
+    return directive_lines("#SBATCH", lines, extra_directives)
