@@ -45,7 +45,9 @@ def _host(url: str) -> str:
 
 def git_env(site: SiteConfig, url: str) -> dict[str, str]:
     """Environment for git commands on this URL: no prompts, and the host's credentials if any."""
-    env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/false", "SSH_ASKPASS": "/bin/false"}
+    # BatchMode: ssh must never stop to ask (a password, an unknown host key) in a service.
+    env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/false", "SSH_ASKPASS": "/bin/false",
+           "GIT_SSH_COMMAND": "ssh -o BatchMode=yes"}
     cred = site.git.credentials.get(_host(url))
     if cred is None:
         return env

@@ -1,0 +1,112 @@
+"""Git stage-in over real transports: submodules from a `git daemon`, and an SSH source with the
+site's per-host key (GIT_SSH_COMMAND) against the loopback sshd."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from sshkit import SSHD
+
+from fem_hpc.agent import Agent
+from fem_hpc.config import config_from_dict
+from fem_hpc.journal import Journal
+from fem_hpc.model import State
+from fem_hpc.staging.git import install
+
+
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_repo(path: Path, files: dict[str, str]) -> Path:
+    path.mkdir(parents=True)
+    git("init", "-q", "-b", "main", cwd=path)
+    git("config", "user.email", "t@example.org", cwd=path)
+    git("config", "user.name", "t", cwd=path)
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    git("add", ".", cwd=path)
+    git("commit", "-qm", "init", cwd=path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_task(tmp: Path, git_cfg: dict, policy_git: list[str], source: dict) -> tuple[Agent, object]:
+    site = config_from_dict({"node": "gt", "state_dir": str(tmp / "state"), "work_root": str(tmp / "work"),
+                             "executors": {"local": {}}, "git": git_cfg, "policy": {"git": policy_git}})
+    agent = Agent(site, Journal(site.journal_path, outbox=False))
+    install(agent)
+    agent.intake({"id": "g1", "source": source, "command": ["sh", "-c", "find . -name '*.txt' | sort"]})
+    rec = agent.wait("g1", 60)
+    agent.close()
+    return agent, rec
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    base = tmp_path / "served"
+    base.mkdir()
+    sub = make_repo(tmp_path / "sub-src", {"lib.txt": "from the submodule\n"})
+    subprocess.run(["git", "clone", "-q", "--bare", str(sub), str(base / "sub.git")], check=True)
+    port = free_port()
+    proc = subprocess.Popen(["git", "daemon", "--reuseaddr", f"--base-path={base}", "--export-all",
+                             "--listen=127.0.0.1", f"--port={port}", str(base)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    main = make_repo(tmp_path / "main-src", {"top.txt": "top\n"})
+    git("-c", "protocol.git.allow=always", "submodule", "add", "-q", f"git://127.0.0.1:{port}/sub.git", "vendor/sub",
+        cwd=main)
+    git("commit", "-qm", "add submodule", cwd=main)
+    subprocess.run(["git", "clone", "-q", "--bare", str(main), str(base / "main.git")], check=True)
+    yield f"git://127.0.0.1:{port}/main.git"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_submodules_only_when_the_site_enables_them(tmp_path, daemon, enabled):
+    _, rec = run_task(tmp_path, {"submodules": enabled}, ["git://127.0.0.1:*"], {"git": daemon})
+    assert rec.state == State.COMPLETED, rec.message
+    listed = (Path(rec.workdir) / ".fem/stdout").read_text().split()
+    assert "./top.txt" in listed
+    assert ("./vendor/sub/lib.txt" in listed) is enabled
+
+
+@pytest.mark.ssh
+def test_ssh_source_uses_the_hosts_key_from_the_site_config(tmp_path):
+    if shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
+        pytest.fail("sshd is not installed (openssh-server)")
+    server = SSHD(tmp_path).start()
+    try:
+        repo = make_repo(tmp_path / "src", {"over-ssh.txt": "via ssh\n"})
+        bare = tmp_path / "repo.git"
+        subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True)
+        url = f"ssh://root@127.0.0.1:{server.port}{bare}"
+        cred = {"127.0.0.1": {"ssh_key": str(server.client_key), "known_hosts": str(server.known_hosts)}}
+        _, rec = run_task(tmp_path, {"credentials": cred}, ["ssh://root@127.0.0.1:*"], {"git": url})
+        assert rec.state == State.COMPLETED, rec.message
+        assert "./over-ssh.txt" in (Path(rec.workdir) / ".fem/stdout").read_text().split()
+        # Without the key the host refuses, and the task ends in STAGE_IN with a clear reason.
+        other = tmp_path / "other"
+        other.mkdir()
+        _, bad = run_task(other, {}, ["ssh://root@127.0.0.1:*"], {"git": url})
+        assert bad.state == State.FAILED and bad.reason == "STAGE_IN", bad.message
+    finally:
+        server.stop()
