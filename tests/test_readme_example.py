@@ -15,7 +15,7 @@ def test_readme_example_runs(cli, tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "out/outputs/out/answer.txt").read_text() == "42\n"
     assert (tmp_path / "out/logs/stdout").read_text() == "hello from fem-hpc\n"
-    states = [line.split()[2] for line in out.stderr.splitlines() if line.startswith("[")]
+    states = [line.split("] ", 1)[1].split()[1] for line in out.stderr.splitlines() if line.startswith("[")]
     assert states[:1] == ["RECEIVED"] and states[-1] == "COMPLETED"
     # The same id again is refused, and says why.
     again = cli("run", "--config", config, ROOT / "examples/hello.json")
