@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -45,6 +46,7 @@ def register_site_secrets(site: SiteConfig) -> None:
 
 
 class Service:
+    JOURNAL_RETRY_SECONDS = 2.0
     def __init__(self, site: SiteConfig):
         self.site = site
         register_site_secrets(site)
@@ -77,11 +79,22 @@ class Service:
                 self._handle_v1(d)
             else:
                 self.legacy.handle(d)
+        except (sqlite3.Error, OSError) as exc:
+            # The journal cannot take it (disk full, I/O error): the message must not be acked,
+            # or it would be lost. It goes back to the queue; the pause keeps this from spinning.
+            log.error("cannot write the journal (%s); the message goes back to the queue", exc)
+            time.sleep(self.JOURNAL_RETRY_SECONDS)
+            d.nack()
+            return
         except Exception as exc:
             log.exception("could not handle a message; dead-lettering it")
-            self.dead_letter(d, "internal error", [FieldError(field="body", message=f"internal error: {exc}")])
-        finally:
-            d.ack()
+            try:
+                self.dead_letter(d, "internal error",
+                                 [FieldError(field="body", message=f"internal error: {exc}")])
+            except (sqlite3.Error, OSError):
+                d.nack()
+                return
+        d.ack()
 
     def _handle_v1(self, d: Delivery) -> None:
         req = decode(d.body, self.site.broker.max_body_bytes)

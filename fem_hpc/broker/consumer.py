@@ -33,6 +33,7 @@ class Delivery:
     headers: dict[str, Any]
     redelivered: bool
     ack: Callable[[], None]
+    nack: Callable[[], None]  # give the message back to the queue (requeue)
 
 
 class Consumer:
@@ -93,11 +94,14 @@ class Consumer:
             self._inflight += 1
 
         def ack() -> None:
-            conn.add_callback_threadsafe(functools.partial(self._ack, channel, method.delivery_tag))
+            conn.add_callback_threadsafe(functools.partial(self._ack, channel, method.delivery_tag, True))
+
+        def nack() -> None:
+            conn.add_callback_threadsafe(functools.partial(self._ack, channel, method.delivery_tag, False))
 
         delivery = Delivery(body=body, reply_to=props.reply_to, correlation_id=props.correlation_id,
                             message_id=props.message_id, headers=dict(props.headers or {}),
-                            redelivered=bool(method.redelivered), ack=ack)
+                            redelivered=bool(method.redelivered), ack=ack, nack=nack)
         self._pool.submit(self._handle, delivery)
 
     def _handle(self, delivery: Delivery) -> None:
@@ -107,10 +111,13 @@ class Consumer:
             log.exception("message handler failed")
             delivery.ack()
 
-    def _ack(self, channel, tag: int) -> None:
+    def _ack(self, channel, tag: int, ok: bool) -> None:
         with self._lock:
             self._inflight -= 1
         # A tag of a channel that died is void: the broker redelivers that message, and the
         # journal makes the second intake a no-op.
         if channel.is_open:
-            channel.basic_ack(delivery_tag=tag)
+            if ok:
+                channel.basic_ack(delivery_tag=tag)
+            else:
+                channel.basic_nack(delivery_tag=tag, requeue=True)
