@@ -166,3 +166,31 @@ def test_hostile_legacy_bodies_get_error_replies_and_nothing_runs(legacy):
     assert not Path("/tmp/fem-pwn-1").exists() and not Path("/tmp/fem-pwn-2").exists()
     assert s.alive()
     assert orch.call(body("health-check"))["status"] == "success"
+
+
+def test_submit_waits_false_replies_once_the_job_is_submitted(tmp_path):
+    services.require("rabbitmq")
+    node = unique_node("legs")
+    (tmp_path / "sandbox").mkdir()
+    s = ServeProcess(tmp_path, node, {"legacy": {"enabled": True, "sandbox_path": str(tmp_path / "sandbox"),
+                                                 "submit_waits": False}}).start()
+    orch = LegacyOrchestrator(node)
+    try:
+        info = TASK_INFO.replace("echo hi; mkdir -p model; echo w > model/w.txt", "sleep 5; echo late")
+        start = time.monotonic()
+        reply = orch.call(body("submit_run", info, execution='{"execution_id": "ex9"}'), timeout=30)
+        assert time.monotonic() - start < 4, "the reply did not wait for the task's end"
+        assert reply["status"] == "success" and reply["result"]["native_id"]
+        assert reply["return_code"] is None and reply["message"] == "submitted"
+        status = orch.call(body("run_status", "{'_id': 'abc123'}", execution='{"execution_id": "ex9"}'))
+        assert status["state"] in ("SUBMITTED", "RUNNING")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            report = orch.call(body("run_report", "{'_id': 'abc123'}", execution='{"execution_id": "ex9"}'))
+            if report["state"] == "COMPLETED":
+                break
+            time.sleep(0.5)
+        assert report["state"] == "COMPLETED" and report["exit_code"] == 0
+    finally:
+        orch.close()
+        s.stop()
