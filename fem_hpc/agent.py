@@ -417,7 +417,16 @@ class Agent:
         job.native_id = native_id
         job.submitted_at = time.time()
         self._transition(task_id, State.SUBMITTED, native_id=native_id)
-        self.tracker(executor.name).track(job)
+        self._track(executor.name, job)
+
+    def _track(self, executor_name: str, job: Job) -> None:
+        """Hand a submitted job to its tracker. A cancel that arrived meanwhile (during submit, or
+        before a restart) is carried out now, not just remembered."""
+        tracker = self.tracker(executor_name)
+        tracker.track(job)
+        rec = self.journal.get(job.task.id)
+        if rec is not None and rec.cancel_requested:
+            tracker.cancel(job.task.id)
 
     # -- tracker callbacks ---------------------------------------------------------------------
     def on_running(self, job: Job, status: NativeStatus) -> None:
@@ -552,8 +561,7 @@ class Agent:
             self._out_pool.submit(self._stage_out_guarded, job, outcome)
             return
         if record.native_id:
-            self.tracker(record.executor or self.site.default_executor).track(
-                self._job(record), cancel_requested=record.cancel_requested)
+            self._track(record.executor or self.site.default_executor, self._job(record))
             return
         if record.intent:
             self._pool.submit(self._readopt_intent, record.id)
@@ -587,7 +595,7 @@ class Agent:
         if native_id is not None:
             job.native_id = native_id
             self._transition(task_id, State.SUBMITTED, native_id=native_id, message="re-adopted after a restart")
-            self.tracker(executor.name).track(job, cancel_requested=record.cancel_requested)
+            self._track(executor.name, job)
             return
         log.info("%s: no job found for the journalled intent; submitting it now", task_id,
                  extra={"task_id": task_id})

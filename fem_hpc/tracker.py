@@ -118,10 +118,10 @@ class Tracker:
             self._thread.join(timeout=10)
         self._watcher.close()
 
-    def track(self, job: Job, cancel_requested: bool = False) -> None:
+    def track(self, job: Job) -> None:
         self._watcher.add(job.fem_dir)
         with self._lock:
-            self._jobs[job.task.id] = _Tracked(job, cancel_requested=cancel_requested)
+            self._jobs[job.task.id] = _Tracked(job)
             # See a new job's state soon, but a burst of submissions still shares one poll.
             self._next_poll = min(self._next_poll, time.time() + self.executor.poll_interval(0.0))
         self._wake.set()

@@ -407,3 +407,20 @@ def test_killed_job_is_lost_after_restart(sleep_arg, make_agent) -> None:
     assert record.reason == "LOST"
     assert record.message and "without an exit-code marker" in record.message
     assert not (Path(record.workdir or "") / ".fem" / "exit_code").exists()
+
+
+def test_cancel_journalled_before_a_restart_is_carried_out(sleep_arg, make_agent) -> None:
+    """The cancel was committed, then the service died before it stopped the job: the next start
+    stops the job instead of only remembering the wish."""
+    s = sleep_arg(35)
+    _, first, journal = make_agent()
+    first.intake({"id": "cr1", "command": ["sleep", s]})
+    wait_state(journal, "cr1", State.RUNNING, 10)
+    first.close()
+    journal.update("cr1", cancel_requested=1)
+    assert processes_running("sleep", s)
+    _, second, journal2 = make_agent()
+    assert second.recover() == 1
+    record = second.wait("cr1", 20)
+    assert record is not None and record.state == State.CANCELLED, record
+    assert wait_until(lambda: not processes_running("sleep", s), 15)
