@@ -590,7 +590,7 @@ class Agent:
             return
         marker = read_marker(job.marker_path)
         if native_id is None and marker is not None:  # it ran and ended: the marker decides
-            self.on_final(job, decide(marker, None, record.cancel_requested))
+            self.on_final(job, decide(marker, None, record.cancel_requested, job))
             return
         if native_id is not None:
             job.native_id = native_id

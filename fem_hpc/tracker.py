@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 from . import metrics
@@ -45,7 +46,23 @@ class Listener(Protocol):
     def on_final(self, job: Job, outcome: Outcome) -> None: ...
 
 
-def decide(marker: Marker | None, status: NativeStatus | None, cancel_requested: bool) -> Outcome:
+def _over_walltime(marker: Marker, job: Job | None) -> bool:
+    """Whether a job stopped by a signal had run its full walltime when it ended: the reason a
+    runtime that enforces walltime itself (local, docker) would give, derived from the marker's
+    own start and end times, so it survives a restart of the service between the kill and the end."""
+    limit = job.task.resources.walltime_seconds if job is not None else None
+    if not marker.signal or limit is None or not marker.started or not marker.finished:
+        return False
+    try:
+        started, finished = (datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+                             for t in (marker.started, marker.finished))
+    except ValueError:
+        return False
+    return finished - started >= limit - 1  # the marker has whole seconds
+
+
+def decide(marker: Marker | None, status: NativeStatus | None, cancel_requested: bool,
+           job: Job | None = None) -> Outcome:
     """The final word on a job from its marker and the scheduler's last status."""
     started = marker.started if marker else None
     finished = marker.finished if marker else None
@@ -58,6 +75,10 @@ def decide(marker: Marker | None, status: NativeStatus | None, cancel_requested:
     if marker is not None:
         if marker.exit_code == 0:
             return Outcome(State.COMPLETED, None, 0, None, started, finished)
+        if _over_walltime(marker, job):
+            assert job is not None
+            return Outcome(State.FAILED, Reason.TIMEOUT, marker.exit_code,
+                           f"walltime {job.task.resources.walltime} exceeded", started, finished)
         why = f"command exited with code {marker.exit_code}"
         if marker.signal:
             why += f" after SIG{marker.signal} was sent to it"
@@ -230,7 +251,7 @@ class Tracker:
                 # poll after the marker, and while that poll still shows the job, for its end.
                 if not t.polled_after_marker or (st is not None and not st.state.final):
                     return
-            self._finish(t, decide(t.marker, st, t.cancel_requested))
+            self._finish(t, decide(t.marker, st, t.cancel_requested, t.job))
             return
         if st is not None and st.state.final:
             t.final_seen_at = t.final_seen_at or now

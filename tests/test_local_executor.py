@@ -424,3 +424,19 @@ def test_cancel_journalled_before_a_restart_is_carried_out(sleep_arg, make_agent
     record = second.wait("cr1", 20)
     assert record is not None and record.state == State.CANCELLED, record
     assert wait_until(lambda: not processes_running("sleep", s), 15)
+
+
+def test_walltime_kill_survives_a_restart_before_the_job_ends(make_agent) -> None:
+    """The service is stopped between the walltime kill and the job's end: the next start still
+    reports TIMEOUT (from the marker's times), not a plain exit code."""
+    _, first, journal = make_agent(executors={"local": {"kill_grace_seconds": 5}})
+    first.intake({"id": "wt-restart", "resources": {"walltime": "00:00:02"},
+                  "command": ["sh", "-c", 'trap "sleep 2; exit 143" TERM; sleep 30 & wait']})
+    wait_state(journal, "wt-restart", State.RUNNING, 10)
+    time.sleep(3)  # past the walltime: the first agent has sent SIGTERM, the job is still ending
+    first.close()
+    _, second, _ = make_agent(executors={"local": {"kill_grace_seconds": 5}})
+    second.recover()
+    record = second.wait("wt-restart", 30)
+    assert record is not None and record.state == State.FAILED, record
+    assert record.reason == "TIMEOUT", (record.reason, record.message)
