@@ -185,6 +185,7 @@ def test_slurmctld_down_for_20s_is_no_false_failure(agent, tmp_path, cli, write_
 def test_restart_mid_run_readopts_every_job_and_submits_none_twice(tmp_path):
     services.require("rabbitmq")
     node = unique_node("slr")
+    run = node.split("-", 1)[1]  # job names unique to this run: squeue keeps ended jobs for MinJobAge
     tap = EventTap(node)
     extra = {"default_executor": "slurm",
              "executors": {"slurm": {"partition": "debug", "poll": {"min_seconds": 1}}}}
@@ -192,24 +193,24 @@ def test_restart_mid_run_readopts_every_job_and_submits_none_twice(tmp_path):
     try:
         with Client(BROKER_URL, node) as c:
             for i in range(6):
-                c.submit({"id": f"re{i}", "command": ["sh", "-c", "sleep 6; echo done"]}, wait=False)
+                c.submit({"id": f"{run}-{i}", "command": ["sh", "-c", "sleep 6; echo done"]}, wait=False)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and squeue_names().count("fem-re") < 6:
+        while time.monotonic() < deadline and squeue_names().count(f"fem-{run}-") < 6:
             time.sleep(0.3)
         time.sleep(1)
         s.kill()  # no goodbye: the journal is all the next process has
         s2 = ServeProcess(tmp_path, node, extra).start()
         try:
             for i in range(6):
-                tap.drain(until_result=f"re{i}", timeout=90)
-            assert all(tap.result(f"re{i}")["state"] == "COMPLETED" for i in range(6))
+                tap.drain(until_result=f"{run}-{i}", timeout=90)
+            assert all(tap.result(f"{run}-{i}")["state"] == "COMPLETED" for i in range(6))
             assert "re-adopting" in s2.log()
         finally:
             s2.stop()
         # Every task had exactly one Slurm job.
         names = squeue_names().split()
         for i in range(6):
-            assert names.count(f"fem-re{i}") == 1, names
+            assert names.count(f"fem-{run}-{i}") == 1, names
     finally:
         s.stop()
         tap.delete()
@@ -218,18 +219,19 @@ def test_restart_mid_run_readopts_every_job_and_submits_none_twice(tmp_path):
 def test_intent_without_native_id_is_found_by_name_not_resubmitted(agent, tmp_path):
     """A crash between sbatch and the journal commit: the restart finds the job by name."""
     a = agent()
-    a.intake({"id": "intent1", "command": ["sh", "-c", "sleep 3; echo once >> ../../count"]})
+    tid = unique_node("intent")  # unique: squeue keeps ended jobs (and their names) for MinJobAge
+    a.intake({"id": tid, "command": ["sh", "-c", "sleep 3; echo once >> ../../count"]})
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and a.journal.get("intent1").native_id is None:
+    while time.monotonic() < deadline and a.journal.get(tid).native_id is None:
         time.sleep(0.1)
     a.close()
     # Forget the native id, as if the process died right after sbatch.
-    a.journal.update("intent1", native_id=None, state="STAGING_IN")
+    a.journal.update(tid, native_id=None, state="STAGING_IN")
     b = agent()
     assert b.recover() == 1
-    rec = b.wait("intent1", 60)
+    rec = b.wait(tid, 60)
     assert rec.state == State.COMPLETED
-    assert squeue_names().split().count("fem-intent1") == 1
+    assert squeue_names().split().count(f"fem-{tid}") == 1
     assert b.executor("slurm").calls.get("sbatch", 0) == 0
 
 
