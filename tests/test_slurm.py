@@ -112,7 +112,8 @@ def test_cancel_pending_and_running(agent, tmp_path):
     for tid in ("s-run", "s-pend"):
         rec = a.wait(tid, 60)
         assert rec.state == State.CANCELLED, (tid, rec.state, rec.message)
-    assert "fem-s-" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout
+    active = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert a.journal.get("s-run").native_id not in active and a.journal.get("s-pend").native_id not in active
 
 
 def test_fifty_concurrent_jobs_batched_polls(agent):
