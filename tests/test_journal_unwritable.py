@@ -31,6 +31,8 @@ def test_unwritable_journal_returns_the_message_to_the_queue(tmp_path: Path):
         db.execute("PRAGMA query_only = ON")  # every write now fails inside SQLite
     runner = threading.Thread(target=service.run, kwargs={"install_signals": False}, daemon=True)
     runner.start()
+    # The service declares its queue when it connects: a message published before would be dropped.
+    assert service.consumer.connected.wait(30)
     try:
         with Client(BROKER_URL, node) as c:
             corr = c.publish({"fem": 1, "op": "submit",
