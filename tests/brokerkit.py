@@ -76,6 +76,8 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"fem-hpc serve exited {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.1)
+        self.proc.kill()  # never leave a half-started service behind
+        self.proc.wait()
         raise RuntimeError(f"fem-hpc serve did not start consuming:\n{self.log()}")
 
     def log(self) -> str:
