@@ -3,62 +3,31 @@ from a `git daemon` on loopback pinned to a commit, and a named read-only volume
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import services
 from brokerkit import BROKER_URL, ServeProcess, unique_node
+from gitkit import Repo, git
+from gitkit import git_daemon as serve_git
 
 from fem_hpc.client import Client
 
 pytestmark = [pytest.mark.docker, pytest.mark.rabbitmq]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def git(*args: str, cwd: Path) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
-
-
 @pytest.fixture
 def git_daemon(tmp_path: Path):
+    """A repository with two commits served by a real `git daemon`; yields (URL, first commit)."""
+    work = Repo(tmp_path / "src")
+    pinned = work.commit({"job/train.sh": "echo pinned-version\n"}, "v1")
+    work.commit({"job/train.sh": "echo moved-on\n"}, "v2")
     base = tmp_path / "repos"
-    repo = base / "fl.git"
-    work = tmp_path / "src"
-    work.mkdir(parents=True)
-    git("init", "-q", "-b", "main", cwd=work)
-    git("config", "user.email", "t@example.org", cwd=work)
-    git("config", "user.name", "t", cwd=work)
-    (work / "job").mkdir()
-    (work / "job/train.sh").write_text("echo pinned-version\n")
-    git("add", ".", cwd=work)
-    git("commit", "-qm", "v1", cwd=work)
-    pinned = git("rev-parse", "HEAD", cwd=work)
-    (work / "job/train.sh").write_text("echo moved-on\n")
-    git("commit", "-qam", "v2", cwd=work)
     base.mkdir()
-    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(repo)], check=True)
-    port = free_port()
-    proc = subprocess.Popen(["git", "daemon", "--reuseaddr", f"--base-path={base}", "--export-all",
-                             "--listen=127.0.0.1", f"--port={port}", str(base)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"git://127.0.0.1:{port}/fl.git", pinned
-    proc.terminate()
-    proc.wait(10)
+    git(tmp_path, "clone", "-q", "--bare", str(work.path), str(base / "fl.git"))
+    with serve_git(base) as url:
+        yield f"{url}/fl.git", pinned
 
 
 def test_image_git_source_and_readonly_volume_through_serve(tmp_path, git_daemon):

@@ -5,52 +5,20 @@ from __future__ import annotations
 
 import base64
 import functools
-import os
-import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from gitkit import GIT_ENV, Repo, git
+from gitkit import git_daemon as serve_git
+from sshkit import free_port
 
 from fem_hpc.config import config_from_dict
 from fem_hpc.staging.git import mirror_path
-
-GIT_ENV = {
-    **os.environ,
-    "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    "GIT_CONFIG_NOSYSTEM": "1",
-}
-
-
-def git(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True, text=True, check=True)
-    return proc.stdout.strip()
-
-
-class Repo:
-    def __init__(self, path: Path):
-        self.path = path
-        path.mkdir(parents=True)
-        git(path, "init", "-q", "-b", "main")
-
-    def commit(self, files: dict[str, str], message: str = "change") -> str:
-        for name, content in files.items():
-            f = self.path / name
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(content)
-        git(self.path, "add", "-A")
-        git(self.path, "commit", "-q", "-m", message)
-        return git(self.path, "rev-parse", "HEAD")
-
-    @property
-    def url(self) -> str:
-        return f"file://{self.path}"
 
 
 @pytest.fixture
@@ -179,39 +147,11 @@ def test_mirror_is_reused_and_fetched(tmp_path, repo, git_site, cli, write_confi
 
 
 # -- git daemon on loopback ------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def git_daemon(tmp_path: Path, repo: Repo) -> Iterator[str]:
-    """A real `git daemon` serving tmp_path/repos; yields its base URL."""
-    base = repo.path.parent
-    port = free_port()
-    proc = subprocess.Popen(
-        ["git", "daemon", "--reuseaddr", f"--base-path={base}", "--export-all", "--listen=127.0.0.1",
-         f"--port={port}", str(base)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("git daemon did not start")
-                time.sleep(0.05)
-        yield f"git://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def git_daemon(repo: Repo) -> Iterator[str]:
+    """A real `git daemon` serving the repos next to `repo`; yields its base URL."""
+    with serve_git(repo.path.parent) as url:
+        yield url
 
 
 TOKEN = "fem-test-TOKEN-7f3a9c1e"

@@ -4,12 +4,11 @@ site's per-host key (GIT_SSH_COMMAND) against the loopback sshd."""
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from gitkit import Repo, git
+from gitkit import git_daemon as serve_git
 from sshkit import SSHD
 
 from fem_hpc.agent import Agent
@@ -19,27 +18,9 @@ from fem_hpc.model import State
 from fem_hpc.staging.git import install
 
 
-def git(*args: str, cwd: Path) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
-
-
 def make_repo(path: Path, files: dict[str, str]) -> Path:
-    path.mkdir(parents=True)
-    git("init", "-q", "-b", "main", cwd=path)
-    git("config", "user.email", "t@example.org", cwd=path)
-    git("config", "user.name", "t", cwd=path)
-    for name, text in files.items():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        (path / name).write_text(text)
-    git("add", ".", cwd=path)
-    git("commit", "-qm", "init", cwd=path)
+    Repo(path).commit(files, "init")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_task(tmp: Path, git_cfg: dict, policy_git: list[str], source: dict) -> tuple[Agent, object]:
@@ -58,26 +39,13 @@ def daemon(tmp_path: Path):
     base = tmp_path / "served"
     base.mkdir()
     sub = make_repo(tmp_path / "sub-src", {"lib.txt": "from the submodule\n"})
-    subprocess.run(["git", "clone", "-q", "--bare", str(sub), str(base / "sub.git")], check=True)
-    port = free_port()
-    proc = subprocess.Popen(["git", "daemon", "--reuseaddr", f"--base-path={base}", "--export-all",
-                             "--listen=127.0.0.1", f"--port={port}", str(base)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    main = make_repo(tmp_path / "main-src", {"top.txt": "top\n"})
-    git("-c", "protocol.git.allow=always", "submodule", "add", "-q", f"git://127.0.0.1:{port}/sub.git", "vendor/sub",
-        cwd=main)
-    git("commit", "-qm", "add submodule", cwd=main)
-    subprocess.run(["git", "clone", "-q", "--bare", str(main), str(base / "main.git")], check=True)
-    yield f"git://127.0.0.1:{port}/main.git"
-    proc.terminate()
-    proc.wait(10)
+    git(tmp_path, "clone", "-q", "--bare", str(sub), str(base / "sub.git"))
+    with serve_git(base) as url:
+        main = make_repo(tmp_path / "main-src", {"top.txt": "top\n"})
+        git(main, "-c", "protocol.git.allow=always", "submodule", "add", "-q", f"{url}/sub.git", "vendor/sub")
+        git(main, "commit", "-qm", "add submodule")
+        git(tmp_path, "clone", "-q", "--bare", str(main), str(base / "main.git"))
+        yield f"{url}/main.git"
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -97,7 +65,7 @@ def test_ssh_source_uses_the_hosts_key_from_the_site_config(tmp_path):
     try:
         repo = make_repo(tmp_path / "src", {"over-ssh.txt": "via ssh\n"})
         bare = tmp_path / "repo.git"
-        subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True)
+        git(tmp_path, "clone", "-q", "--bare", str(repo), str(bare))
         url = f"ssh://root@127.0.0.1:{server.port}{bare}"
         cred = {"127.0.0.1": {"ssh_key": str(server.client_key), "known_hosts": str(server.known_hosts)}}
         _, rec = run_task(tmp_path, {"credentials": cred}, ["ssh://root@127.0.0.1:*"], {"git": url})
