@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -99,7 +100,7 @@ class Agent:
         with self._lock:
             if name not in self._executors:
                 executor = registry.create(name, self.site)
-                tracker = Tracker(executor, self, lost_grace=getattr(executor.settings, "lost_grace_seconds", 60.0))
+                tracker = Tracker(executor, self, lost_grace=executor.settings.lost_grace_seconds)
                 tracker.start()
                 self._executors[name] = executor
                 self._trackers[name] = tracker
@@ -229,8 +230,6 @@ class Agent:
                correlation_id: str | None = None, labels: Any = None, executor: str | None = None) -> ResultEvent:
         """A REJECTED result. Nothing is journalled as a task, so a corrected resubmit with the
         same id is accepted later. `executor` (a configured name, when known) labels the metric."""
-        import re
-
         tid = task_id if isinstance(task_id, str) and re.fullmatch(ID_PATTERN, task_id) else ""
         labels = labels if isinstance(labels, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()) else {}
@@ -249,16 +248,25 @@ class Agent:
         return result
 
     # -- queries ----------------------------------------------------------------------------
+    def _reply_status(self, task_id: str, record: TaskRecord | None, message: str | None, *,
+                      reply_to: str | None, correlation_id: str | None) -> State:
+        """One status event with the task's current state for whoever asked (and fem.events);
+        UNKNOWN, outside any task's seq, for a task this node never saw."""
+        if record is None:
+            ev = StatusEvent(node=self.node, task_id=task_id, seq=0, state=State.UNKNOWN, time=utcnow(),
+                             message="this node has never seen this task")
+            self.journal.put(event_message(self.node, self.exchange, ev, reply_to, correlation_id))
+            return State.UNKNOWN
+        route = self._route(task_id)
+        self.journal.event(task_id, lambda seq: self._message(
+            self._status_event(task_id, record.state, seq, route, native_id=record.native_id, message=message),
+            route, reply_to or "", correlation_id))
+        return record.state
+
     def resend(self, record: TaskRecord, *, reply_to: str | None, correlation_id: str | None) -> None:
         """Re-send a task's current status (and its result when final), with fresh seqs."""
         route = self._route(record.id)
-
-        def status(seq: int) -> Message:
-            ev = self._status_event(record.id, record.state, seq, route, native_id=record.native_id,
-                                    message=record.message)
-            return self._message(ev, route, reply_to or "", correlation_id)
-
-        self.journal.event(record.id, status)
+        self._reply_status(record.id, record, record.message, reply_to=reply_to, correlation_id=correlation_id)
         if record.final and record.result_json:
             stored = ResultEvent.model_validate_json(record.result_json)
             archive = Path(record.workdir or "") / FEM_DIR / ARCHIVE_NAME
@@ -284,43 +292,22 @@ class Agent:
 
     def status(self, task_id: str, *, reply_to: str | None, correlation_id: str | None) -> State:
         record = self.journal.get(task_id)
-        if record is None:
-            ev = StatusEvent(node=self.node, task_id=task_id, seq=0, state=State.UNKNOWN, time=utcnow(),
-                             message="this node has never seen this task")
-            self.journal.put(event_message(self.node, self.exchange, ev, reply_to, correlation_id))
-            return State.UNKNOWN
-        route = self._route(task_id)
-        self.journal.event(task_id, lambda seq: self._message(
-            self._status_event(task_id, record.state, seq, route, native_id=record.native_id,
-                               message=record.message), route, reply_to or "", correlation_id))
-        return record.state
+        return self._reply_status(task_id, record, record.message if record else None, reply_to=reply_to,
+                                  correlation_id=correlation_id)
 
     def cancel(self, task_id: str, *, reply_to: str | None = None, correlation_id: str | None = None) -> State:
         record = self.journal.get(task_id)
         if record is None or record.final or record.state == State.STAGING_OUT:
-            note = ("this node has never seen this task" if record is None else
-                    f"already {record.state.value.lower()}; nothing to cancel")
-            state = State.UNKNOWN if record is None else record.state
-            ev = StatusEvent(node=self.node, task_id=task_id, seq=0 if record is None else record.seq,
-                             state=state, time=utcnow(), native_id=record.native_id if record else None,
-                             message=note)
-            if record is None:
-                self.journal.put(event_message(self.node, self.exchange, ev, reply_to, correlation_id))
-            else:
-                route = self._route(task_id)
-                self.journal.event(task_id, lambda seq: self._message(
-                    ev.model_copy(update={"seq": seq}), route, reply_to or "", correlation_id))
-            return state
+            note = None if record is None else f"already {record.state.value.lower()}; nothing to cancel"
+            return self._reply_status(task_id, record, note, reply_to=reply_to, correlation_id=correlation_id)
         self.journal.update(task_id, cancel_requested=1)
         log.info("%s cancel requested", task_id, extra={"task_id": task_id, "native_id": record.native_id})
         if reply_to:  # the canceller hears at once; the CANCELLED events follow on the task's own route
-            route = self._route(task_id)
-            self.journal.event(task_id, lambda seq: self._message(
-                self._status_event(task_id, record.state, seq, route, native_id=record.native_id,
-                                   message="cancel requested"), route, reply_to, correlation_id))
-        if record.executor and self.tracker(record.executor).cancel(task_id):
-            return record.state
-        # Still staging: the stage-in worker sees the flag before it submits anything.
+            self._reply_status(task_id, record, "cancel requested", reply_to=reply_to, correlation_id=correlation_id)
+        # A tracked job is stopped now; one still staging is stopped by its stage-in worker, which
+        # checks the flag before it submits anything.
+        if record.executor:
+            self.tracker(record.executor).cancel(task_id)
         return record.state
 
     def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord | None:
