@@ -25,8 +25,9 @@ from . import metrics
 from .config import SiteConfig
 from .events import chunk_message, event_message
 from .executors import registry
-from .executors.base import FEM_DIR, Executor, ExecutorError, Job, NativeStatus, read_marker
+from .executors.base import Executor, ExecutorError, Job, NativeStatus
 from .journal import Journal, Message, TaskRecord
+from .layout import ARCHIVE_NAME, FEM_DIR, read_marker, task_workdir
 from .model import (
     ID_PATTERN,
     FieldError,
@@ -41,16 +42,12 @@ from .model import (
 )
 from .policy import check_policy, effective_task, executor_for
 from .render import render_job
-from .staging.outputs import ARCHIVE_NAME, StageOutError, build_archive, tail
+from .staging.outputs import StageOutError, build_archive, tail
 from .tracker import Outcome, Tracker, decide
 
 log = logging.getLogger("fem_hpc.agent")
 
 Observer = Callable[[str, BaseModel], None]
-
-
-def task_workdir(site: SiteConfig, task: Task) -> Path:
-    return site.work_root / task.user_id / task.execution / task.id
 
 
 class StageInError(Exception):
@@ -180,7 +177,7 @@ class Agent:
 
     # -- intake ---------------------------------------------------------------------------
     def workdir_for(self, task: Task) -> Path:
-        return task_workdir(self.site, task)
+        return task_workdir(self.site.work_root, task)
 
     def intake(self, data: Any, *, reply_to: str | None = None, correlation_id: str | None = None,
                protocol: str = "v1", workdir: Path | None = None,

@@ -133,9 +133,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- render ---------------------------------------------------------------------------------
 def cmd_render(args: argparse.Namespace) -> int:
-    from .agent import task_workdir
     from .executors import registry
     from .executors.base import Job
+    from .layout import task_workdir
     from .policy import effective_task, executor_for
     from .render import render_job
 
@@ -145,7 +145,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         return EX_REJECTED
     task = effective_task(task, site)
     executor = registry.create(executor_for(task, site), site)
-    sys.stdout.write(render_job(executor, Job(task=task, workdir=task_workdir(site, task))))
+    sys.stdout.write(render_job(executor, Job(task=task, workdir=task_workdir(site.work_root, task))))
     return 0
 
 

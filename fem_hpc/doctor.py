@@ -31,8 +31,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, Field
 
 from .config import ConfigError, SiteConfig, load_config
-from .executors.base import Check
 from .logs import redact
+from .model import Check
 
 GiB = 1024**3
 MiB = 1024**2

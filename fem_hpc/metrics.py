@@ -10,7 +10,7 @@ Hook points (all cheap, all thread-safe):
 - ``observe_command(cmd, seconds, ok)``: one scheduler command (sbatch, squeue, sacct, qsub,
   qstat, ...) ran for ``seconds``; ``ok`` is False when it failed (non-zero exit, timeout, not
   found, SSH error). ``cmd`` is the command's base name (``os.path.basename(argv[0])``), never
-  its arguments. The runners in ``fem_hpc.shell`` call it for every command they run.
+  its arguments. The runners in ``fem_hpc.executors.runners`` call it for every command they run.
 - ``intake(executor, outcome)``: a request for a task was accepted, rejected or a duplicate.
 - ``completion(executor, state, reason)``: a task reached a final state.
 - ``poll_cycle(executor, seconds, ok)``: one batched poll of an executor's tracker.
@@ -78,7 +78,7 @@ def _label(value: Any, default: str = "-") -> str:
 def observe_command(cmd: str, seconds: float, ok: bool) -> None:
     """Record one scheduler command: its base name (``squeue``, ``sbatch``, ``qstat`` ...), how
     long it took in seconds, and whether it worked (exit status 0, no timeout, no SSH error).
-    Called by the command runners (``fem_hpc.shell``) for every command; a no-op when metrics are
+    Called by the command runners (``fem_hpc.executors.runners``) for every command; a no-op when metrics are
     off. Feeds ``fem_scheduler_command_seconds{command}`` and, when not ok,
     ``fem_scheduler_command_errors_total{command}``."""
     m = _active

@@ -46,7 +46,6 @@ class State(StrEnum):
 
 
 FINAL_STATES = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED, State.REJECTED})
-STATE_ORDER = [State.RECEIVED, State.STAGING_IN, State.SUBMITTED, State.RUNNING, State.STAGING_OUT]
 
 
 class Reason(StrEnum):
@@ -287,3 +286,12 @@ class ResultEvent(BaseModel):
     stderr_tail: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
     native_id: str | None = None  # additive extension: the scheduler's job id
+
+
+class Check(BaseModel):
+    """One line of `fem-hpc doctor` and of the health reply."""
+
+    name: str
+    status: str  # ok | warning | error
+    detail: str
+    fix: str | None = None

@@ -19,7 +19,16 @@ if TYPE_CHECKING:
     from .config import SiteConfig
     from .executors.base import Executor, Job
 
-BUILTIN_TEMPLATES = Path(str(files("fem_hpc") / "templates"))
+def _builtin_templates() -> Path:
+    """The templates shipped with fem-hpc: inside the installed package (pyproject maps the
+    top-level templates/ there), or the top-level templates/ of a source checkout."""
+    installed = Path(str(files("fem_hpc") / "templates"))
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+BUILTIN_TEMPLATES = _builtin_templates()
 
 
 def shell_quote(value: Any) -> str:

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from . import metrics
-from .executors.base import Executor, Job, Marker, NativeStatus, read_marker
+from .executors.base import Executor, Job, NativeStatus
+from .layout import Marker, read_marker
 from .markers import MarkerWatcher
 from .model import Reason, State
 

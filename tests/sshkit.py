@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fem_hpc.shell import SSHSettings
+from fem_hpc.executors.runners import SSHSettings
 
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
 SFTP_SERVER_CANDIDATES = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from fem_hpc.executors import pbs_cmds as pc
-from fem_hpc.executors.base import Job, read_marker
+from fem_hpc.executors.base import Job
+from fem_hpc.layout import read_marker
 from fem_hpc.model import Reason, State, Task
 from fem_hpc.render import base_context, make_environment
 

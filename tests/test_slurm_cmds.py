@@ -13,7 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from fem_hpc.executors import slurm_cmds as sc
-from fem_hpc.executors.base import Job, read_marker
+from fem_hpc.executors.base import Job
+from fem_hpc.layout import read_marker
 from fem_hpc.model import Reason, State, Task
 from fem_hpc.render import base_context, make_environment
 

@@ -20,8 +20,8 @@ from brokerkit import BROKER_URL, ServeProcess, unique_node
 from sshkit import SSHD, sshd_binary
 
 from fem_hpc.client import Client
+from fem_hpc.executors.runners import RunnerError, SSHRunner, runner_for
 from fem_hpc.journal import Journal
-from fem_hpc.shell import RunnerError, SSHRunner, runner_for
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slurm]
 

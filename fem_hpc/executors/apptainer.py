@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from ..model import Check
 from ..staging.containers import container_launch
 from ..staging.images import (
     ImageError,
@@ -28,7 +29,7 @@ from ..staging.images import (
     sif_path,
 )
 from ..staging.volumes import VolumeError, check_targets, resolve_volumes
-from .base import Check, ExecutorError, Job
+from .base import ExecutorError, Job
 from .local import LocalExecutor, LocalSettings
 
 CANDIDATES = ("apptainer", "singularity")

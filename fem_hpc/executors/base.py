@@ -3,7 +3,6 @@ interface an executor implements. Threads and timing live in the tracker, not he
 
 from __future__ import annotations
 
-import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -12,13 +11,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..model import Reason, State, Task
+from ..layout import FEM_DIR, MARKER_NAME, SCRIPT_NAME, job_name
+from ..model import Check, Reason, State, Task
 
 if TYPE_CHECKING:
     from ..config import SiteConfig
-
-FEM_DIR = ".fem"
-
 
 class ExecutorError(Exception):
     """A submit or cancel that failed; the message is shown to the user as is."""
@@ -40,7 +37,6 @@ class Job:
     workdir: Path
     native_id: str | None = None
     submitted_at: float = field(default_factory=time.time)
-    script_name: str = "job.sh"
     # Values the job gets in its environment but that are never written to disk or the journal
     # (e.g. a legacy request's token, when the site asks to pass it on). Executors pass them in
     # the environment of the process that starts the job.
@@ -59,19 +55,15 @@ class Job:
 
     @property
     def script_path(self) -> Path:
-        return self.fem_dir / self.script_name
+        return self.fem_dir / SCRIPT_NAME
 
     @property
     def marker_path(self) -> Path:
-        return self.fem_dir / "exit_code"
+        return self.fem_dir / MARKER_NAME
 
     @property
     def job_name(self) -> str:
         return job_name(self.task.id)
-
-
-def job_name(task_id: str) -> str:
-    return f"fem-{task_id}"
 
 
 class NativeStatus(BaseModel):
@@ -85,42 +77,6 @@ class NativeStatus(BaseModel):
     job_name: str | None = None
 
 
-class Marker(BaseModel):
-    """What the common wrapper writes to .fem/exit_code when the command has ended."""
-
-    exit_code: int
-    started: str | None = None
-    finished: str | None = None
-    signal: str | None = None  # set when the wrapper itself was told to stop (cancel, walltime)
-
-
-def parse_marker(text: str) -> Marker | None:
-    try:
-        data = json.loads(text)
-        marker = Marker.model_validate(data)
-    except (ValueError, TypeError):
-        return None
-    if marker.signal == "":
-        marker.signal = None
-    return marker
-
-
-def read_marker(path: Path) -> Marker | None:
-    try:
-        return parse_marker(path.read_text())
-    except OSError:
-        return None
-
-
-class Check(BaseModel):
-    """One line of `fem-hpc doctor` and of the health reply."""
-
-    name: str
-    status: str  # ok | warning | error
-    detail: str
-    fix: str | None = None
-
-
 class Executor(ABC):
     """An executor is a template plus a few calls. The tracker decides when to call them."""
 
@@ -128,7 +84,6 @@ class Executor(ABC):
     runtimes: ClassVar[tuple[str, ...]] = ()  # binaries, any one of which must be on PATH
     template: ClassVar[str]
     Settings: ClassVar[type[ExecutorSettings]] = ExecutorSettings
-    batch: ClassVar[bool] = False  # True for schedulers: jobs outlive the service
 
     def __init__(self, name: str, settings: Any, site: SiteConfig):
         self.name = name

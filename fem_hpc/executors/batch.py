@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..shell import CommandResult, Runner, RunnerError, SSHSettings, runner_for, scrubbed_env
-from .base import Check, Executor, ExecutorError, ExecutorSettings, Job
+from ..model import Check
+from .base import Executor, ExecutorError, ExecutorSettings, Job
+from .runners import CommandResult, Runner, RunnerError, SSHSettings, runner_for, scrubbed_env
 
 log = logging.getLogger("fem_hpc.executors.batch")
 
@@ -56,7 +57,6 @@ class BatchSettings(ExecutorSettings):
 
 
 class BatchExecutor(Executor):
-    batch = True
     settings: BatchSettings
 
     def __init__(self, name: str, settings: Any, site: Any):

@@ -36,10 +36,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..model import Reason, State, memory_mib
+from ..layout import FEM_DIR, SCRIPT_NAME, read_marker
+from ..model import Check, Reason, State, memory_mib
 from ..staging.images import ImageError, credentials_for, docker_pull, parse_image_ref
 from ..staging.volumes import VolumeError, check_targets, resolve_volumes
-from .base import FEM_DIR, Check, Executor, ExecutorError, ExecutorSettings, Job, NativeStatus, read_marker
+from .base import Executor, ExecutorError, ExecutorSettings, Job, NativeStatus
 
 log = logging.getLogger("fem_hpc.executors.docker")
 
@@ -217,7 +218,7 @@ class DockerExecutor(Executor):
         args: dict[str, Any] = {
             "image": parse_image_ref(task.image or "").pull_ref,
             "entrypoint": ["/bin/sh"],
-            "command": [f"{WORK_MOUNT}/{FEM_DIR}/{job.script_name}"],
+            "command": [f"{WORK_MOUNT}/{FEM_DIR}/{SCRIPT_NAME}"],
             "name": self.container_name(job),
             "labels": self.labels(job),
             "user": f"{uid}:{gid}",

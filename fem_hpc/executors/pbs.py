@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ..model import Check
 from . import pbs_cmds as cmds
-from .base import Check, ExecutorError, Job, NativeStatus
+from .base import ExecutorError, Job, NativeStatus
 from .batch import BatchExecutor, BatchSettings
 
 

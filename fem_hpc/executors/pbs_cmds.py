@@ -37,8 +37,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from ..layout import FEM_DIR, job_name
 from ..model import Reason, State, Task, format_walltime
-from .base import FEM_DIR, NativeStatus, job_name
+from .base import NativeStatus
 from .directive_checks import SAFE_WORD_RE, check_path, check_plain, directive_lines, reject_control
 
 Dialect = Literal["pbspro", "torque"]

@@ -6,8 +6,9 @@ import logging
 
 from pydantic import Field
 
+from ..model import Check
 from . import slurm_cmds as cmds
-from .base import Check, ExecutorError, Job, NativeStatus
+from .base import ExecutorError, Job, NativeStatus
 from .batch import BatchExecutor, BatchSettings
 
 log = logging.getLogger("fem_hpc.executors.slurm")

@@ -14,8 +14,9 @@ import os
 import re
 from collections.abc import Sequence
 
+from ..layout import FEM_DIR, job_name
 from ..model import Reason, State, Task
-from .base import FEM_DIR, NativeStatus, job_name
+from .base import NativeStatus
 from .directive_checks import SAFE_WORD_RE, check_path, check_plain, directive_lines, reject_control
 
 # --- submit ------------------------------------------------------------------------------------

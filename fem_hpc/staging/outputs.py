@@ -15,9 +15,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..executors.base import FEM_DIR
-
-ARCHIVE_NAME = "outputs.tar.gz"
+from ..layout import ARCHIVE_NAME, FEM_DIR
 
 
 class StageOutError(Exception):

@@ -26,7 +26,9 @@ from typing import TypeVar
 import paramiko
 from pydantic import BaseModel, ConfigDict, Field
 
-log = logging.getLogger("fem_hpc.shell")
+from .. import metrics
+
+log = logging.getLogger("fem_hpc.executors.runners")
 _T = TypeVar("_T")
 
 
@@ -48,11 +50,7 @@ class CommandResult:
 
 
 def _observe(argv: list[str], seconds: float, ok: bool) -> None:
-    try:
-        from .metrics import observe_command
-    except ImportError:  # metrics are optional
-        return
-    observe_command(os.path.basename(argv[0]) if argv else "?", seconds, ok)
+    metrics.observe_command(os.path.basename(argv[0]) if argv else "?", seconds, ok)
 
 
 class Runner(ABC):
