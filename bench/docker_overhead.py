@@ -36,9 +36,9 @@ def bare_docker(n: int) -> float:
 
 
 def fem_docker(n: int, tmp: Path) -> float:
-    from fem_hpc.agent import Agent
     from fem_hpc.config import config_from_dict
     from fem_hpc.journal import Journal
+    from fem_hpc.lifecycle.agent import Agent
 
     site = config_from_dict({"node": "bench", "state_dir": str(tmp / "state"), "work_root": str(tmp / "work"),
                              "default_executor": "docker", "executors": {"docker": {}},

@@ -15,7 +15,7 @@ Default mode, three phases on the real Slurm (partition debug), each with N jobs
 Scheduler commands are counted with PATH wrappers: a temp dir of sbatch/squeue/scancel/sacct/
 sinfo/scontrol/qstat scripts that log their name and `exec` the real binary by absolute path.
 
---tracker-scale JOBS feeds ONE fem_hpc.tracker.Tracker with JOBS jobs through an in-process
+--tracker-scale JOBS feeds ONE fem_hpc.lifecycle.tracker.Tracker with JOBS jobs through an in-process
 executor whose poll() parses a squeue output in the real SQUEUE_FORMAT (generated, JOBS lines),
 with the jobs' work dirs (and later their exit-code markers) in a temp dir.
 
@@ -469,8 +469,8 @@ def run_e2e(args: argparse.Namespace) -> int:
 def run_tracker_scale(args: argparse.Namespace) -> int:
     from fem_hpc.executors.base import Executor, ExecutorSettings, Job, NativeStatus
     from fem_hpc.executors.slurm_cmds import SQUEUE_FORMAT, parse_squeue
+    from fem_hpc.lifecycle.tracker import Tracker
     from fem_hpc.model import Task
-    from fem_hpc.tracker import Tracker
 
     jobs_n = args.tracker_scale
     root = Path(tempfile.mkdtemp(prefix="fem_tracker_", dir=args.tmp))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, SiteConfig, load_config
+from .config import ConfigError, SiteConfig
 from .logs import setup_logging
 
 EX_CONFIG = 78  # sysexits: configuration error
@@ -20,8 +20,10 @@ EX_REJECTED = 2
 
 
 def _load(path: str) -> SiteConfig:
+    from .executors import load_site
+
     try:
-        site = load_config(path)
+        site = load_site(path)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         sys.exit(EX_CONFIG)
@@ -64,9 +66,10 @@ def _valid_task(data: Any, site: SiteConfig):
 
 # -- run ----------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from .agent import Agent
     from .journal import Journal
+    from .lifecycle.agent import Agent
     from .model import State
+    from .staging.git import stage_source
     from .staging.outputs import safe_extract
 
     site = _load(args.config)
@@ -83,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"task id {task.id!r} already exists on this node (state {known.state.value}, work dir "
               f"{known.workdir}); task ids are idempotency keys, use a new id", file=sys.stderr)
         return EX_REJECTED
-    agent = Agent(site, journal)
+    agent = Agent(site, journal, steps=[stage_source])
     t0 = time.monotonic()
 
     def progress(task_id: str, event: Any) -> None:
@@ -96,10 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent.observers.append(progress)
     agent.progress_observers.append(
         lambda task_id, text: print(f"[{time.monotonic() - t0:6.1f}s] {task_id} {text}", file=sys.stderr))
-    from .staging.git import install as install_git
-
-    install_git(agent)
-    result = agent.intake(data, protocol="cli")
+    result = agent.intake(data)
     if result.record is None:
         _print_errors(result.errors)
         agent.close()
@@ -166,8 +166,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 # -- doctor ---------------------------------------------------------------------------------
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import render_text
-    from .doctor import run as run_doctor
+    from .ops.doctor import render_text
+    from .ops.doctor import run as run_doctor
 
     setup_logging("text", "ERROR")
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # the report says what failed, once
@@ -278,7 +278,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.config:
         print("status needs --config F (the local journal) or --broker URL --node N TASK_ID", file=sys.stderr)
         return EX_REJECTED
-    from .status import print_status
+    from .ops.status import print_status
 
     return print_status(_load(args.config), task_id=args.task_id, all_tasks=args.all, as_json=args.json)
 

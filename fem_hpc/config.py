@@ -6,8 +6,10 @@ Secrets stay out of the file when the admin wants: any string value may be writt
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from .model import ID_PATTERN, Resources, memory_mib, walltime_seconds
+from .model import ID_PATTERN, Resources, errors_from_validation, memory_mib, walltime_seconds
 
 
 class ConfigError(Exception):
@@ -38,6 +40,28 @@ class ConfigError(Exception):
         lines = [f"invalid config {self.source}:"]
         lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` (IPv4, a host name, or ``[v6]:port``) -> (host, port). Raises ValueError."""
+    value = value.strip()
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$", value) or re.match(r"^([A-Za-z0-9.-]+):(\d{1,5})$", value)
+    if not m:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:9464, 0.0.0.0:9464 or [::1]:9464)")
+    host, port = m.group(1), int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is not in 1-65535")
+    if value.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif re.match(r"^[0-9.]+$", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+    return host, port
 
 
 class _Section(BaseModel):
@@ -137,7 +161,6 @@ class MetricsConfig(_Section):
     @classmethod
     def _listen(cls, v: str | None) -> str | None:
         if v is not None:
-            from .metrics import parse_listen  # no prometheus import: metrics.py loads it lazily
 
             parse_listen(v)
         return v
@@ -209,13 +232,9 @@ def _expand_env(value: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
-def _format_errors(exc: ValidationError) -> list[str]:
-    out = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        out.append(f"{loc}: {msg}")
-    return out
+def format_errors(exc: ValidationError) -> list[str]:
+    """A config's (or an executor section's) problems as 'key.path: message' lines."""
+    return [f"{e.field or '(top level)'}: {e.message}" for e in errors_from_validation(exc, "", unknown="unknown key")]
 
 
 def _defaults_over_limits(policy: PolicyConfig) -> list[str]:
@@ -231,7 +250,14 @@ def _defaults_over_limits(policy: PolicyConfig) -> list[str]:
     return out
 
 
-def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = True) -> SiteConfig:
+ExecutorCheck = Callable[[str, Any], list[str]]  # (type, settings) -> 'key: message' problems
+
+
+def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = True,
+                     executor_check: ExecutorCheck | None = None) -> SiteConfig:
+    """The validated site config. `executor_check` validates each executor section with that
+    executor's own settings model (executors.registry.validate_settings; passed in, because the
+    config sits below the executors); without it the sections are only checked to be mappings."""
     if not isinstance(raw, dict):
         raise ConfigError(source, ["(top level): must be a mapping of keys"])
     problems: list[str] = []
@@ -244,20 +270,18 @@ def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = Tru
     try:
         cfg = SiteConfig.model_validate(raw)
     except ValidationError as exc:
-        problems += _format_errors(exc)
+        problems += format_errors(exc)
     # The checks below read the raw mapping, so they are listed together with the model's own
     # problems (every problem at once) even when the model did not validate.
     # Executor settings are validated by each executor's own model, so a typo in
     # executors.slurm.partiton is reported here and not when the first job arrives.
-    from .executors import registry
-
     executors = raw.get("executors", {"local": {}})
-    if isinstance(executors, dict):
+    if executor_check is not None and isinstance(executors, dict):
         for name, settings in executors.items():
             if not isinstance(settings, dict):
                 continue  # the model already said it must be a mapping
             kind = str(settings.get("type", name))
-            problems += [f"executors.{name}.{p}" for p in registry.validate_settings(kind, settings)]
+            problems += [f"executors.{name}.{p}" for p in executor_check(kind, settings)]
     volumes = raw.get("volumes")
     if check_paths and isinstance(volumes, dict):
         for name, vol in volumes.items():
@@ -278,7 +302,7 @@ def config_from_dict(raw: Any, source: str = "<config>", check_paths: bool = Tru
     return cfg
 
 
-def load_config(path: str | Path) -> SiteConfig:
+def load_config(path: str | Path, executor_check: ExecutorCheck | None = None) -> SiteConfig:
     path = Path(path)
     try:
         text = path.read_text()
@@ -288,4 +312,4 @@ def load_config(path: str | Path) -> SiteConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
-    return config_from_dict(raw, str(path))
+    return config_from_dict(raw, str(path), executor_check=executor_check)

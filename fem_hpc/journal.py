@@ -71,6 +71,16 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a task's events go, as its protocol frontend understands it. The lifecycle stores and
+    passes it on without reading it; only the frontend named by `protocol` interprets the rest."""
+
+    protocol: str
+    reply_to: str | None = None
+    correlation_id: str | None = None
+
+
 @dataclass
 class TaskRecord:
     id: str
@@ -106,6 +116,10 @@ class TaskRecord:
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
+
+    @property
+    def route(self) -> Route:
+        return Route(self.protocol, self.reply_to, self.correlation_id)
 
 
 @dataclass
@@ -196,11 +210,6 @@ class Journal:
                                     (execution_id,)).fetchall()
         return [self._record(r) for r in rows]
 
-    def all(self, limit: int = 1000) -> list[TaskRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM tasks ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
-        return [self._record(r) for r in rows]
-
     def counts_by_state(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall()
@@ -212,9 +221,7 @@ class Journal:
         *,
         executor: str,
         workdir: Path,
-        protocol: str = "v1",
-        reply_to: str | None = None,
-        correlation_id: str | None = None,
+        route: Route,
         event: Any = None,
     ) -> tuple[TaskRecord, bool]:
         """Record a new task in state RECEIVED. Returns (record, created); an existing id is
@@ -228,7 +235,8 @@ class Journal:
                 "INSERT INTO tasks (id, execution_id, user_id, executor, state, task_json, protocol,"
                 " reply_to, correlation_id, workdir, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (task.id, task.execution, task.user_id, executor, State.RECEIVED.value,
-                 task.model_dump_json(), protocol, reply_to, correlation_id, str(workdir), now, now),
+                 task.model_dump_json(), route.protocol, route.reply_to, route.correlation_id, str(workdir),
+                 now, now),
             )
             if event is not None:
                 self._append_event(db, task.id, State.RECEIVED, event, now)
@@ -237,15 +245,17 @@ class Journal:
 
     def _append_event(self, db: sqlite3.Connection, task_id: str, state: State | None, event: Any,
                       now: float, native_id: str | None = None, message: str | None = None) -> int:
-        """Bump the task's seq and, if wanted, queue `event(seq)` -> Message in the outbox."""
+        """Bump the task's seq and queue what `event(seq)` returns (a Message, a list of them, or
+        None) in the outbox, in the caller's transaction."""
         seq = db.execute("UPDATE tasks SET seq=seq+1, updated=? WHERE id=? RETURNING seq",
                          (now, task_id)).fetchone()[0]
         if state is not None:
             db.execute("INSERT INTO transitions VALUES (?,?,?,?,?,?)",
                        (task_id, seq, state.value, now, native_id, message))
-        msg = event(seq) if callable(event) else event
-        if msg is not None and self.outbox_enabled:
-            self._put(db, task_id, msg, now)
+        made = event(seq) if callable(event) else event
+        if self.outbox_enabled:
+            for msg in made if isinstance(made, list) else [made] if made is not None else []:
+                self._put(db, task_id, msg, now)
         return seq
 
     def _put(self, db: sqlite3.Connection, task_id: str | None, msg: Message, now: float) -> None:
@@ -301,18 +311,19 @@ class Journal:
             return [dict(r) for r in rows.fetchall()]
 
     # -- outbox ------------------------------------------------------------------
-    def put(self, msg: Message, task_id: str | None = None) -> None:
-        """Queue a message that is not a task event (health report, legacy reply)."""
-        if not self.outbox_enabled:
+    def put(self, *msgs: Message, task_id: str | None = None) -> None:
+        """Queue messages that are not task events (a health report, a legacy reply, a rejection),
+        all in one transaction."""
+        if not self.outbox_enabled or not msgs:
             return
         with self._tx() as db:
-            self._put(db, task_id, msg, time.time())
+            now = time.time()
+            for msg in msgs:
+                self._put(db, task_id, msg, now)
 
-    def pending(self, limit: int = 100, after_id: int = 0) -> list[OutboxRow]:
+    def pending(self, limit: int = 100) -> list[OutboxRow]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM outbox WHERE id>? ORDER BY id LIMIT ?", (after_id, limit)
-            ).fetchall()
+            rows = self._db.execute("SELECT * FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
         return [
             OutboxRow(
                 id=r["id"], task_id=r["task_id"], destinations=[tuple(d) for d in json.loads(r["destinations"])],
@@ -333,3 +344,37 @@ class Journal:
     def wait_outbox(self, timeout: float) -> None:
         with self._outbox_cv:
             self._outbox_cv.wait(timeout)
+
+
+STATUS_COLUMNS = ("id", "user_id", "executor", "native_id", "state", "created", "updated", "message",
+                  "exit_code", "reason")
+
+
+class JournalReader:
+    """A read-only view of a journal file, safe while `serve` writes it (WAL): for `fem-hpc status`
+    and `doctor`, which must never create, lock or change it."""
+
+    def __init__(self, path: Path, timeout: float = 10.0):
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
+        self._db.row_factory = sqlite3.Row
+
+    def __enter__(self) -> JournalReader:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._db.close()
+
+    def task_rows(self, task_id: str | None = None) -> list[dict[str, Any]]:
+        """The status columns of every task (or of one), newest first."""
+        query = f"SELECT {', '.join(STATUS_COLUMNS)} FROM tasks"
+        args: tuple[Any, ...] = ()
+        if task_id:
+            query += " WHERE id=?"
+            args = (task_id,)
+        return [dict(r) for r in self._db.execute(query + " ORDER BY created DESC", args)]
+
+    def counts_by_state(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")}
+
+    def outbox_depth(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]

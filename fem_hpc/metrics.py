@@ -44,19 +44,20 @@ Series (all on the service's own registry, not prometheus_client's global one):
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .service import Service
+from . import __version__
+from .config import parse_listen
+from .model import State
 
 log = logging.getLogger("fem_hpc.metrics")
 
@@ -128,33 +129,6 @@ def stage_out(executor: str | None, seconds: float, nbytes: int) -> None:
         m._safe(m._stage_out, executor, seconds, nbytes)
 
 
-def active() -> Metrics | None:
-    return _active
-
-
-# -- listen address ---------------------------------------------------------------------------------
-def parse_listen(value: str) -> tuple[str, int]:
-    """``host:port`` (IPv4, a host name, or ``[v6]:port``) -> (host, port). Raises ValueError."""
-    value = value.strip()
-    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$", value) or re.match(r"^([A-Za-z0-9.-]+):(\d{1,5})$", value)
-    if not m:
-        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:9464, 0.0.0.0:9464 or [::1]:9464)")
-    host, port = m.group(1), int(m.group(2))
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is not in 1-65535")
-    if value.startswith("["):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    elif re.match(r"^[0-9.]+$", host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv4 address") from None
-    return host, port
-
-
 def _tree_bytes(root: Path, limit: int = 200_000) -> int:
     """Total size of the regular files under root (symlinks not followed), at most `limit` entries."""
     total = 0
@@ -182,10 +156,12 @@ _STAGE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.
 class Metrics:
     """The metrics of one service: its own registry, and an HTTP endpoint once started."""
 
-    def __init__(self, service: Service | None = None):
+    def __init__(self, node: str = "", executors: tuple[str, ...] = (), sources: Sources | None = None):
         from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 
-        self.service = service
+        self.node = node
+        self.executors = executors
+        self.sources = sources
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.intake_total = Counter("fem_intake", "Task requests by executor and outcome "
@@ -216,7 +192,7 @@ class Metrics:
         ProcessCollector(registry=r)
         r.register(_ServiceCollector(self))
         # Known label values start at 0, so rates and alerts work before the first event.
-        for name in (service.site.executors if service is not None else {}):
+        for name in executors:
             for outcome in INTAKE_OUTCOMES:
                 self.intake_total.labels(name, outcome)
             self.stage_in_bytes.labels(name)
@@ -323,9 +299,36 @@ class Metrics:
             _active = self
 
 
+@dataclass
+class TrackerGauge:
+    tracked: int
+    stale: bool
+
+
+@dataclass
+class Sources:
+    """What the running service lets the collector read at scrape time, one callable per source, so
+    one failing source hides only its own series (and this module knows nothing of the service)."""
+
+    tasks_by_state: Callable[[], dict[str, int]]
+    outbox_depth: Callable[[], int]
+    connected: Callable[[], dict[str, bool]]  # consumer / publisher
+    published: Callable[[], int]
+    trackers: Callable[[], dict[str, TrackerGauge]]
+    extra: list[Callable[[], list[Any]]] = field(default_factory=list)  # more metric families
+
+
+def _read(what: str, source: Callable[[], Any], default: Any) -> Any:
+    try:
+        return source()
+    except Exception:
+        log.debug("%s not collected", what, exc_info=True)
+        return default
+
+
 class _ServiceCollector:
-    """Gauges read from the service at scrape time: the journal, the outbox, the broker links,
-    the trackers. Each source is read on its own, so one failing source hides only its series."""
+    """Gauges read at scrape time from the service's `Sources`: the journal, the outbox, the broker
+    links, the trackers."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -336,19 +339,15 @@ class _ServiceCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from . import __version__
-        from .model import State
-
-        service = self.metrics.service
-        node = service.site.node if service is not None else ""
         info = GaugeMetricFamily("fem_info", "fem-hpc version and node.", labels=["node", "version"])
-        info.add_metric([node, __version__], 1)
+        info.add_metric([self.metrics.node, __version__], 1)
         yield info
-        if service is None:
+        src = self.metrics.sources
+        if src is None:
             return
-        tasks = GaugeMetricFamily("fem_tasks", "Tasks in the journal by state.", labels=["state"])
-        try:
-            counts = service.journal.counts_by_state()
+        counts = _read("fem_tasks", src.tasks_by_state, None)
+        if counts is not None:
+            tasks = GaugeMetricFamily("fem_tasks", "Tasks in the journal by state.", labels=["state"])
             for state in State:
                 if state in (State.REJECTED, State.UNKNOWN):
                     continue  # never journalled as tasks
@@ -356,36 +355,28 @@ class _ServiceCollector:
             for state, n in counts.items():
                 tasks.add_metric([_label(state)], n)
             yield tasks
-        except Exception:
-            log.debug("fem_tasks not collected", exc_info=True)
-        try:
-            depth = GaugeMetricFamily("fem_outbox_depth", "Messages waiting in the outbox for the broker.")
-            depth.add_metric([], service.journal.outbox_depth())
-            yield depth
-        except Exception:
-            log.debug("fem_outbox_depth not collected", exc_info=True)
+        depth = _read("fem_outbox_depth", src.outbox_depth, None)
+        if depth is not None:
+            gauge = GaugeMetricFamily("fem_outbox_depth", "Messages waiting in the outbox for the broker.")
+            gauge.add_metric([], depth)
+            yield gauge
         connected = GaugeMetricFamily("fem_broker_connected", "1 while connected to the broker.",
                                       labels=["connection"])
-        for name, part in (("consumer", getattr(service, "consumer", None)),
-                           ("publisher", getattr(service, "publisher", None))):
-            if part is not None:
-                connected.add_metric([name], 1 if part.connected.is_set() else 0)
+        for name, up in _read("fem_broker_connected", src.connected, {}).items():
+            connected.add_metric([name], 1 if up else 0)
         yield connected
-        publisher = getattr(service, "publisher", None)
-        if publisher is not None:
-            published = CounterMetricFamily("fem_outbox_published", "Outbox messages the broker confirmed.")
-            published.add_metric([], getattr(publisher, "published", 0))
-            yield published
+        published = CounterMetricFamily("fem_outbox_published", "Outbox messages the broker confirmed.")
+        published.add_metric([], _read("fem_outbox_published", src.published, 0))
+        yield published
         tracked = GaugeMetricFamily("fem_tracked_jobs", "Jobs a tracker follows.", labels=["executor"])
         stale = GaugeMetricFamily("fem_tracker_stale", "1 while the executor's last poll failed.",
                                   labels=["executor"])
-        try:
-            trackers = service.agent.trackers
-        except Exception:
-            trackers = {}
-        for name in service.site.executors:
-            tracker = trackers.get(name)
-            tracked.add_metric([_label(name)], len(tracker) if tracker is not None else 0)
-            stale.add_metric([_label(name)], 1 if tracker is not None and tracker.stale else 0)
+        trackers = _read("fem_tracked_jobs", src.trackers, {})
+        for name in self.metrics.executors:
+            gauge = trackers.get(name)
+            tracked.add_metric([_label(name)], gauge.tracked if gauge is not None else 0)
+            stale.add_metric([_label(name)], 1 if gauge is not None and gauge.stale else 0)
         yield tracked
         yield stale
+        for more in src.extra:
+            yield from _read("extra metrics", more, [])

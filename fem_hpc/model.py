@@ -222,13 +222,17 @@ class FieldError(BaseModel):
     message: str
 
 
-def errors_from_validation(exc: ValidationError, prefix: str = "task") -> list[FieldError]:
+def errors_from_validation(exc: ValidationError, prefix: str = "task", *,
+                           unknown: str = "unknown field") -> list[FieldError]:
+    """pydantic's errors as 'dotted.key.path: message', the one formatter of the wire model, the
+    config and the executor settings (`unknown` names an extra key: "field" on the wire, "key"
+    in a config file)."""
     out = []
     for err in exc.errors():
         path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = unknown
         elif err["type"] == "string_pattern_mismatch":
             msg = f"value {err.get('input')!r} does not match {err['ctx']['pattern']}"
         out.append(FieldError(field=path, message=msg.removeprefix("Value error, ")))

@@ -7,6 +7,8 @@ from fnmatch import fnmatchcase
 from .config import SiteConfig
 from .model import FieldError, Task, memory_mib, walltime_seconds
 
+CONTAINER_TYPES = ("docker", "apptainer")  # executors that run a task only inside its image
+
 
 def executor_for(task: Task, site: SiteConfig) -> str:
     return task.executor or site.default_executor
@@ -23,9 +25,9 @@ def check_policy(task: Task, site: SiteConfig) -> list[FieldError]:
         err("executor", f"executor {executor!r} is not configured on this node (configured: {sorted(site.executors)})")
     elif site.policy.executors is not None and executor not in site.policy.executors:
         err("executor", f"executor {executor!r} is not allowed by site policy")
-    if executor in ("docker", "apptainer") and site.executor_type(executor) in ("docker", "apptainer") \
-            and not task.image:
-        err("image", f"executor {executor!r} needs an image")
+    # The executor's *type* decides, whatever name the site gave it (`containers: {type: docker}`).
+    elif site.executor_type(executor) in CONTAINER_TYPES and not task.image:
+        err("image", f"executor {executor!r} (type {site.executor_type(executor)}) needs an image")
 
     if task.image and not any(fnmatchcase(task.image, g) for g in site.policy.images):
         err("image", f"image {task.image!r} is not allowed by site policy (policy.images)")

@@ -1,28 +1,37 @@
-"""`fem-hpc serve`: the broker consumer and publisher around the agent."""
+"""`fem-hpc serve`: wiring only. The broker consumer and publisher, the journal, the lifecycle, the
+protocol frontends and dispatchers, the health report and the metrics are put together here."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import signal
 import sqlite3
 import threading
 import time
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from . import __version__
 from . import metrics as metrics_hooks
-from .agent import Agent
 from .broker.connection import BrokerAuthError
 from .broker.consumer import Consumer, Delivery
-from .broker.protocol import Invalid, Request, decode, is_v1
 from .broker.publisher import Publisher
 from .config import SiteConfig
-from .events import JSON
-from .journal import Journal, Message
+from .journal import Journal
+from .lifecycle.agent import Agent
+from .lifecycle.ports import Frontend
+from .logs import register_secret
+from .metrics import Metrics, Sources, TrackerGauge
 from .model import FieldError
+from .ops.health import ServiceState, health_reply
+from .protocols.legacy.frontend import PROTOCOL as LEGACY
+from .protocols.legacy.frontend import LegacyFrontend
+from .protocols.legacy.handler import LegacyHandler
+from .protocols.v1.dispatch import V1Dispatch, dead_letter
+from .protocols.v1.frontend import PROTOCOL as V1
+from .protocols.v1.frontend import V1Frontend
+from .protocols.v1.requests import is_v1
+from .staging.git import stage_source
 
 log = logging.getLogger("fem_hpc.service")
 
@@ -30,10 +39,6 @@ log = logging.getLogger("fem_hpc.service")
 def register_site_secrets(site: SiteConfig) -> None:
     """Mask every secret of the config in the logs from the start, before anything can log one:
     the broker password, git tokens and registry passwords."""
-    from urllib.parse import unquote, urlsplit
-
-    from .logs import register_secret
-
     password = urlsplit(site.broker.url).password
     if password:
         register_secret(password)
@@ -47,24 +52,23 @@ def register_site_secrets(site: SiteConfig) -> None:
 
 class Service:
     JOURNAL_RETRY_SECONDS = 2.0
+
     def __init__(self, site: SiteConfig):
         self.site = site
         register_site_secrets(site)
         self.journal = Journal(site.journal_path)
-        self.agent = Agent(site, self.journal)
-        self.reconnects = 0
-        from .staging.git import install as install_git
-
-        install_git(self.agent)
-        self.legacy = None
+        exchange = site.broker.events_exchange
+        frontends: dict[str, Frontend] = {V1: V1Frontend(site.node, exchange)}
         if site.legacy.enabled:
-            from .broker.legacy_handler import LegacyHandler
-
-            self.legacy = LegacyHandler(self)
+            frontends[LEGACY] = LegacyFrontend(site.node, exchange, site.legacy)
+        self.agent = Agent(site, self.journal, frontends=frontends, steps=[stage_source])
+        self.v1 = V1Dispatch(site, self.journal, self.agent, self.health, legacy_enabled=site.legacy.enabled)
+        self.legacy = LegacyHandler(site, self.journal, self.agent, self.health) if site.legacy.enabled else None
+        self.reconnects = 0
         self.publisher = Publisher(site.broker, self.journal, on_reconnect=self._reconnected)
         self.consumer = Consumer(site.broker, site.queue, self.handle, workers=min(8, site.workers),
                                  on_reconnect=self._reconnected)
-        self.metrics = None
+        self.metrics: Metrics | None = None
         self._stop = threading.Event()
 
     def _reconnected(self, who: str) -> None:
@@ -75,10 +79,10 @@ class Service:
     # -- messages ------------------------------------------------------------------------
     def handle(self, d: Delivery) -> None:
         try:
-            if is_v1(d.body) or self.legacy is None:
-                self._handle_v1(d)
-            else:
+            if self.legacy is not None and not is_v1(d.body):
                 self.legacy.handle(d)
+            else:
+                self.v1.handle(d)
         except (sqlite3.Error, OSError) as exc:
             # The journal cannot take it (disk full, I/O error): the message must not be acked,
             # or it would be lost. It goes back to the queue; the pause keeps this from spinning.
@@ -89,71 +93,33 @@ class Service:
         except Exception as exc:
             log.exception("could not handle a message; dead-lettering it")
             try:
-                self.dead_letter(d, "internal error",
-                                 [FieldError(field="body", message=f"internal error: {exc}")])
+                body = None if self.legacy is None or is_v1(d.body) else b"(legacy request withheld: it holds a token)"
+                dead_letter(self.journal, self.site.queue, d, "internal error",
+                            [FieldError(field="body", message=f"internal error: {exc}")], body=body)
             except (sqlite3.Error, OSError):
                 d.nack()
                 return
         d.ack()
 
-    def _handle_v1(self, d: Delivery) -> None:
-        req = decode(d.body, self.site.broker.max_body_bytes)
-        if isinstance(req, Invalid):
-            if not is_v1(d.body) and len(d.body) <= self.site.broker.max_body_bytes:
-                req.errors.insert(0, FieldError(field="body", message="not a protocol v1 JSON object, and the "
-                                                "legacy FEM protocol is not enabled on this node"))
-            self.agent.reject(req.task_id, req.errors, reply_to=d.reply_to, correlation_id=d.correlation_id,
-                              labels=req.labels)
-            self.dead_letter(d, req.reason, req.errors)
-            return
-        self.dispatch(req, d)
+    # -- health and metrics ----------------------------------------------------------------
+    def state(self) -> ServiceState:
+        return ServiceState(consumer_connected=self.consumer.connected.is_set(),
+                            publisher_connected=self.publisher.connected.is_set(),
+                            outbox_depth=self.journal.outbox_depth(), reconnects=self.reconnects,
+                            tasks=self.journal.counts_by_state())
 
-    def dispatch(self, req: Request, d: Delivery) -> None:
-        if req.op == "submit":
-            result = self.agent.intake(req.task, reply_to=d.reply_to, correlation_id=d.correlation_id)
-            if result.errors:
-                self.dead_letter(d, "rejected task", result.errors)
-        elif req.op == "cancel":
-            self.agent.cancel(req.task_id or "", reply_to=d.reply_to, correlation_id=d.correlation_id)
-        elif req.op == "status":
-            self.agent.status(req.task_id or "", reply_to=d.reply_to, correlation_id=d.correlation_id)
-        elif req.op == "health":
-            if d.reply_to:
-                body = json.dumps(self.health()).encode()
-                props = {"content_type": JSON, "type": "health", "correlation_id": d.correlation_id}
-                self.journal.put(Message([("", d.reply_to)], props, body=body))
-
-    def dead_letter(self, d: Delivery, reason: str, errors: list[FieldError]) -> None:
-        """Keep a copy of a refused message, with why, in `<queue>.rejected`."""
-        headers = {**{k: v for k, v in d.headers.items() if isinstance(v, (str, int, float, bool))},
-                   "x-fem-reason": reason,
-                   "x-fem-errors": json.dumps([e.model_dump() for e in errors])[:4000]}
-        props: dict[str, Any] = {"headers": headers, "correlation_id": d.correlation_id,
-                                 "message_id": d.message_id, "type": "rejected"}
-        self.journal.put(Message([("", f"{self.site.queue}.rejected")], props, body=d.body))
-
-    # -- health --------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        disk = {}
-        for name, path in (("state_dir", self.site.state_dir), ("work_root", self.site.work_root)):
-            try:
-                usage = shutil.disk_usage(path)
-                disk[name] = {"path": str(path), "free_bytes": usage.free, "total_bytes": usage.total}
-            except OSError as exc:
-                disk[name] = {"path": str(path), "error": exc.strerror}
-        from .doctor import health_checks
+        return health_reply(self.site, self.state(), self.agent.executors_health())
 
-        executors = self.agent.executors_health()
-        return {
-            "fem": 1, "type": "health", "node": self.site.node, "version": __version__, "time": time.time(),
-            "executors": executors,
-            "broker": {"consumer_connected": self.consumer.connected.is_set(),
-                       "publisher_connected": self.publisher.connected.is_set(),
-                       "outbox_depth": self.journal.outbox_depth(), "reconnects": self.reconnects},
-            "disk": disk, "load": list(os.getloadavg()),
-            "tasks": self.journal.counts_by_state(),
-            "checks": [c.model_dump() for c in health_checks(self, executors)],
-        }
+    def metrics_sources(self) -> Sources:
+        return Sources(
+            tasks_by_state=self.journal.counts_by_state,
+            outbox_depth=self.journal.outbox_depth,
+            connected=lambda: {"consumer": self.consumer.connected.is_set(),
+                               "publisher": self.publisher.connected.is_set()},
+            published=lambda: self.publisher.published,
+            trackers=lambda: {name: TrackerGauge(len(t), t.stale)
+                              for name, t in self.agent.executors.trackers().items()})
 
     # -- lifecycle -----------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
@@ -165,9 +131,7 @@ class Service:
             signal.signal(signal.SIGINT, self.request_stop)
         self.site.work_root.mkdir(parents=True, exist_ok=True)
         if self.site.metrics.listen:
-            from .metrics import Metrics
-
-            self.metrics = Metrics(self)
+            self.metrics = Metrics(self.site.node, tuple(self.site.executors), self.metrics_sources())
             try:
                 self.metrics.start(self.site.metrics.listen)
             except OSError as exc:  # metrics are optional: serve on, and say why they are missing

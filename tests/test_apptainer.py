@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from fem_hpc.agent import Agent
 from fem_hpc.config import config_from_dict
 from fem_hpc.executors import registry
 from fem_hpc.executors.apptainer import ApptainerExecutor
 from fem_hpc.executors.base import Job
 from fem_hpc.journal import Journal
+from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.model import State, Task
 from fem_hpc.staging.containers import container_launch, docker_cleanup_argv
 from fem_hpc.staging.images import ImageError, ensure_sif, parse_image_ref, sif_path
@@ -83,7 +83,7 @@ def run_tasks(site, tasks: list[dict[str, Any]], timeout: float = 30) -> dict[st
     agent = Agent(site, Journal(site.journal_path, outbox=False))
     try:
         for t in tasks:
-            res = agent.intake(t, protocol="cli")
+            res = agent.intake(t)
             assert res.record is not None, res.errors
         out = {}
         for t in tasks:
@@ -246,7 +246,7 @@ def test_exit_code_and_cancel(tmp_path: Path, fake_bin: Path, data_dir: Path):
     assert (rec.state, rec.reason, rec.exit_code) == (State.FAILED, "EXIT_CODE", 3)
     agent = Agent(site, Journal(site.journal_path, outbox=False))
     try:
-        agent.intake(task("sleepy", ["sleep", "60"]), protocol="cli")
+        agent.intake(task("sleepy", ["sleep", "60"]))
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and agent.journal.get("sleepy").state != State.RUNNING:
             time.sleep(0.1)

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from fem_hpc.config import ConfigError, SiteConfig, config_from_dict, load_config
+from fem_hpc.config import ConfigError, SiteConfig
+from fem_hpc.executors import load_site, site_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "etc" / "fem-hpc.example.yaml"
@@ -17,7 +18,7 @@ EXAMPLE = REPO / "etc" / "fem-hpc.example.yaml"
 
 def problems_of(raw: Any, **kwargs: Any) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        config_from_dict(raw, **kwargs)
+        site_from_dict(raw, **kwargs)
     return info.value.problems
 
 
@@ -35,7 +36,7 @@ def test_valid_yaml_loads(tmp_path: Path, write_config) -> None:
         "policy": {"images": ["127.0.0.1:5000/*"], "git": ["file://*"],
                    "max_resources": {"cpus": 16, "memory": "64G", "walltime": "24:00:00", "gpus": 0}},
     })
-    cfg = load_config(path)
+    cfg = load_site(path)
     assert cfg.node == "n1"
     assert cfg.queue == "n1"  # defaults to the node
     assert cfg.broker.prefetch == 4
@@ -49,7 +50,7 @@ def test_valid_yaml_loads(tmp_path: Path, write_config) -> None:
 
 def test_minimal_config_defaults(site: dict[str, Any]) -> None:
     del site["executors"]
-    cfg = config_from_dict(site)
+    cfg = site_from_dict(site)
     assert cfg.default_executor == "local" and "local" in cfg.executors
     assert cfg.broker.url.startswith("amqp://")
     assert cfg.policy.images == [] and cfg.policy.git == []  # nothing allowed unless the site says so
@@ -117,12 +118,12 @@ def test_templates_dir_must_exist(tmp_path: Path, site: dict[str, Any]) -> None:
     site["templates_dir"] = str(tmp_path / "no-templates")
     assert problems_of(site) == [f"templates_dir: {str(tmp_path / 'no-templates')!r} is not a directory"]
     (tmp_path / "no-templates").mkdir()
-    assert config_from_dict(site).templates_dir == tmp_path / "no-templates"
+    assert site_from_dict(site).templates_dir == tmp_path / "no-templates"
 
 
 def test_volume_paths_may_be_skipped(tmp_path: Path, site: dict[str, Any]) -> None:
     site["volumes"] = {"later": {"path": str(tmp_path / "not-yet")}}
-    cfg = config_from_dict(site, check_paths=False)
+    cfg = site_from_dict(site, check_paths=False)
     assert "later" in cfg.volumes
 
 
@@ -132,7 +133,7 @@ def test_env_expansion(monkeypatch: pytest.MonkeyPatch, site: dict[str, Any]) ->
     monkeypatch.setenv("FEMTEST_NODE", "node-from-env")
     site["node"] = "${FEMTEST_NODE}"
     site["broker"] = {"url": "amqp://fem:${FEMTEST_PASSWORD}@127.0.0.1:5672/%2F"}
-    cfg = config_from_dict(site)
+    cfg = site_from_dict(site)
     assert cfg.node == "node-from-env"
     assert cfg.broker.url == "amqp://fem:s3cret@127.0.0.1:5672/%2F"
 
@@ -149,21 +150,21 @@ def test_missing_env_var_is_a_problem(monkeypatch: pytest.MonkeyPatch, site: dic
 def test_broker_url_override(monkeypatch: pytest.MonkeyPatch, site: dict[str, Any]) -> None:
     monkeypatch.setenv("FEM_HPC_BROKER_URL", "amqps://node:pw@broker.example:5671/fem")
     site["broker"] = {"url": "amqp://guest:guest@127.0.0.1:5672/%2F", "prefetch": 3}
-    cfg = config_from_dict(site)
+    cfg = site_from_dict(site)
     assert cfg.broker.url == "amqps://node:pw@broker.example:5671/fem"
     assert cfg.broker.prefetch == 3
     del site["broker"]
-    assert config_from_dict(site).broker.url == "amqps://node:pw@broker.example:5671/fem"
+    assert site_from_dict(site).broker.url == "amqps://node:pw@broker.example:5671/fem"
 
 
 def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(tmp_path / "nope.yaml")
+        load_site(tmp_path / "nope.yaml")
     assert "cannot read the file" in info.value.problems[0]
     bad = tmp_path / "bad.yaml"
     bad.write_text("node: [unclosed\n")
     with pytest.raises(ConfigError) as info:
-        load_config(bad)
+        load_site(bad)
     assert "not valid YAML" in info.value.problems[0]
     assert str(bad) in info.value.render()
 
@@ -196,7 +197,7 @@ def test_cli_missing_config_file(tmp_path: Path, write_task, cli) -> None:
 
 # -- the documented example --------------------------------------------------------------------
 def test_example_config_loads() -> None:
-    cfg = load_config(EXAMPLE)
+    cfg = load_site(EXAMPLE)
     assert cfg.default_executor in cfg.executors
     assert set(cfg.executors) == {"local"}
     for vol in cfg.volumes.values():

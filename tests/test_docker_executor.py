@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import services
 
-from fem_hpc.agent import Agent
 from fem_hpc.config import config_from_dict
 from fem_hpc.executors import registry
 from fem_hpc.executors.base import Job
 from fem_hpc.executors.docker import DockerExecutor
 from fem_hpc.journal import Journal
+from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.model import Reason, State, Task
 
 pytestmark = pytest.mark.docker
@@ -188,7 +188,7 @@ def test_cancel_leaves_no_container(tmp_path, node, data_dir):
     agent = new_agent(site_dict(tmp_path, node, data_dir))
     try:
         agent.intake(task("can1", ["sleep", "300"], volumes=[{"name": "data", "target": "/data"}],
-                          resources={"cpus": 1, "memory": "64M"}), protocol="cli")
+                          resources={"cpus": 1, "memory": "64M"}))
         wait_state(agent, "can1", State.RUNNING)
         (cid,) = containers(f"fem.node={node}", "fem.task_id=can1")
         info = json.loads(subprocess.run(["docker", "inspect", cid], capture_output=True, text=True,
@@ -215,7 +215,7 @@ def test_cancel_leaves_no_container(tmp_path, node, data_dir):
 def test_cancel_of_a_command_ignoring_sigterm_is_killed_after_grace(tmp_path, node, data_dir):
     agent = new_agent(site_dict(tmp_path, node, data_dir, stop_grace_seconds=1))
     try:
-        agent.intake(task("can2", ["sh", "-c", "trap '' TERM; while true; do sleep 1; done"]), protocol="cli")
+        agent.intake(task("can2", ["sh", "-c", "trap '' TERM; while true; do sleep 1; done"]))
         wait_state(agent, "can2", State.RUNNING)
         agent.cancel("can2")
         rec = agent.wait("can2", 30)
@@ -228,7 +228,7 @@ def test_cancel_of_a_command_ignoring_sigterm_is_killed_after_grace(tmp_path, no
 def test_walltime_timeout(tmp_path, node, data_dir):
     agent = new_agent(site_dict(tmp_path, node, data_dir))
     try:
-        agent.intake(task("wall1", ["sleep", "300"], resources={"walltime": "00:00:02"}), protocol="cli")
+        agent.intake(task("wall1", ["sleep", "300"], resources={"walltime": "00:00:02"}))
         rec = agent.wait("wall1", 40)
         assert rec is not None and rec.final
         assert (rec.state, rec.reason) == (State.FAILED, Reason.TIMEOUT.value), rec.message
@@ -241,7 +241,7 @@ def test_walltime_timeout(tmp_path, node, data_dir):
 def test_readopted_by_label_after_restart(tmp_path, node, data_dir):
     cfg = site_dict(tmp_path, node, data_dir)
     first = new_agent(cfg)
-    first.intake(task("re1", ["sh", "-c", "sleep 3; echo survived > done.txt"]), protocol="cli")
+    first.intake(task("re1", ["sh", "-c", "sleep 3; echo survived > done.txt"]))
     wait_state(first, "re1", State.RUNNING)
     native = first.journal.get("re1").native_id
     first.close()  # the service stops; the container keeps running
@@ -267,7 +267,7 @@ def test_intent_without_native_id_readopts_by_label(tmp_path, node, data_dir):
     the container by its labels instead of starting a second one."""
     cfg = site_dict(tmp_path, node, data_dir)
     first = new_agent(cfg)
-    first.intake(task("int1", ["sh", "-c", "sleep 3; echo once >> runs.txt"]), protocol="cli")
+    first.intake(task("int1", ["sh", "-c", "sleep 3; echo once >> runs.txt"]))
     wait_state(first, "int1", State.RUNNING)
     first.close()
     first.journal.update("int1", native_id=None, intent=1, state=State.STAGING_IN.value)
@@ -305,7 +305,7 @@ def test_explicit_user_owns_the_work_dir(tmp_path, node, data_dir):
         pytest.skip("handing the work dir to another uid needs a root service")
     agent = new_agent(site_dict(tmp_path, node, data_dir, user="4321:4322"))
     try:
-        agent.intake(task("usr1", ["sh", "-c", "id -u; id -g; echo x > mine.txt"]), protocol="cli")
+        agent.intake(task("usr1", ["sh", "-c", "id -u; id -g; echo x > mine.txt"]))
         rec = agent.wait("usr1", 30)
         assert rec is not None and rec.state == State.COMPLETED, rec.message
         wd = Path(rec.workdir)
@@ -319,7 +319,7 @@ def test_explicit_user_owns_the_work_dir(tmp_path, node, data_dir):
 def test_gpus_refused_when_disabled(tmp_path, node, data_dir):
     agent = new_agent(site_dict(tmp_path, node, data_dir, gpus=False))
     try:
-        agent.intake(task("gpu1", ["true"], resources={"gpus": 1}), protocol="cli")
+        agent.intake(task("gpu1", ["true"], resources={"gpus": 1}))
         rec = agent.wait("gpu1", 30)
         assert (rec.state, rec.reason) == (State.FAILED, "STAGE_IN")
         assert "does not pass GPUs" in rec.message
@@ -330,7 +330,7 @@ def test_gpus_refused_when_disabled(tmp_path, node, data_dir):
 def test_volume_target_over_the_work_mount_fails_stage_in(tmp_path, node, data_dir):
     agent = new_agent(site_dict(tmp_path, node, data_dir))
     try:
-        agent.intake(task("hide1", ["true"], volumes=[{"name": "data", "target": "/fem"}]), protocol="cli")
+        agent.intake(task("hide1", ["true"], volumes=[{"name": "data", "target": "/fem"}]))
         rec = agent.wait("hide1", 30)
         assert (rec.state, rec.reason) == (State.FAILED, "STAGE_IN")
         assert "would hide the work dir mounted at /fem/work" in rec.message

@@ -17,8 +17,8 @@ import pytest
 import services
 from brokerkit import BROKER_URL, ServeProcess, rabbitmqctl, unique_node
 
-from fem_hpc import doctor
 from fem_hpc.client import Client
+from fem_hpc.ops import doctor, health
 
 
 def _doctor(cli, path: Path, timeout: float = 180) -> tuple[int, dict[str, Any]]:
@@ -165,13 +165,13 @@ def test_work_root_not_writable_by_the_service_account(tmp_path):
     if os.geteuid() != 0:
         target = tmp_path / "ro"
         target.mkdir(mode=0o555)
-        checks = [c.model_dump() for c in doctor.check_directory("work_root", target)]
+        checks = [c.model_dump() for c in health.check_directory("work_root", target)]
     else:
         # root writes anywhere: run the check as nobody, the way an unprivileged service would.
         target = Path(tempfile.mkdtemp(prefix="fem-doctor-root-only-", dir="/tmp"))
         target.chmod(0o755)
         try:
-            checks = _as_nobody(lambda: [c.model_dump() for c in doctor.check_directory("work_root", target)])
+            checks = _as_nobody(lambda: [c.model_dump() for c in health.check_directory("work_root", target)])
         finally:
             shutil.rmtree(target)
     assert checks[0]["status"] == "error" and "not writable" in checks[0]["detail"], checks
@@ -204,9 +204,9 @@ def _as_nobody(fn: Any) -> Any:
 
 def test_free_space_thresholds(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    for free, status in ((100 * doctor.GiB, "ok"), (4 * doctor.GiB, "warning"), (400 * doctor.MiB, "error")):
-        monkeypatch.setattr(doctor.shutil, "disk_usage", lambda _p, f=free: usage(1000 * doctor.GiB, 0, f))
-        space = doctor.check_directory("state_dir", tmp_path)[1]
+    for free, status in ((100 * health.GiB, "ok"), (4 * health.GiB, "warning"), (400 * health.MiB, "error")):
+        monkeypatch.setattr(health.shutil, "disk_usage", lambda _p, f=free: usage(1000 * health.GiB, 0, f))
+        space = health.check_directory("state_dir", tmp_path)[1]
         assert space.status == status, (free, space)
         assert space.name == "state_dir free space"
 

@@ -11,11 +11,11 @@ from gitkit import Repo, git
 from gitkit import git_daemon as serve_git
 from sshkit import SSHD
 
-from fem_hpc.agent import Agent
 from fem_hpc.config import config_from_dict
 from fem_hpc.journal import Journal
+from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.model import State
-from fem_hpc.staging.git import install
+from fem_hpc.staging.git import stage_source
 
 
 def make_repo(path: Path, files: dict[str, str]) -> Path:
@@ -26,8 +26,7 @@ def make_repo(path: Path, files: dict[str, str]) -> Path:
 def run_task(tmp: Path, git_cfg: dict, policy_git: list[str], source: dict) -> tuple[Agent, object]:
     site = config_from_dict({"node": "gt", "state_dir": str(tmp / "state"), "work_root": str(tmp / "work"),
                              "executors": {"local": {}}, "git": git_cfg, "policy": {"git": policy_git}})
-    agent = Agent(site, Journal(site.journal_path, outbox=False))
-    install(agent)
+    agent = Agent(site, Journal(site.journal_path, outbox=False), steps=[stage_source])
     agent.intake({"id": "g1", "source": source, "command": ["sh", "-c", "find . -name '*.txt' | sort"]})
     rec = agent.wait("g1", 60)
     agent.close()

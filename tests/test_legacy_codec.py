@@ -13,21 +13,17 @@ from typing import Any
 
 import pytest
 
-from fem_hpc.broker.legacy import (
+from fem_hpc.model import parse_task
+from fem_hpc.protocols.legacy.codec import (
     LEGACY_ACTIONS,
     LegacyError,
     LegacyRequest,
     decode_reply,
     decode_request,
     encode_reply,
-    error_reply,
-    legacy_task_id,
-    legacy_time,
-    sanitize_id,
-    submit_reply,
-    to_task,
 )
-from fem_hpc.model import parse_task
+from fem_hpc.protocols.legacy.mapping import legacy_task_id, sanitize_id, to_task
+from fem_hpc.protocols.legacy.replies import error_reply, legacy_time, submit_reply
 
 MAX = 1024 * 1024
 TOKEN = "secret-token-5f1d"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from fem_hpc.broker.literal import MAX_INT_DIGITS, LiteralError, parse_literal, parse_literal_prefix
+from fem_hpc.protocols.legacy.literal import MAX_INT_DIGITS, LiteralError, parse_literal, parse_literal_prefix
 
 
 def _lists(value: Any) -> Any:

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from fem_hpc.agent import Agent
 from fem_hpc.config import SiteConfig, config_from_dict
 from fem_hpc.journal import Journal
+from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.model import State
 
 PROGRESS = re.compile(r"^\[\s*[0-9.]+s\] (\S+) ([A-Z_]+)(.*)$")
@@ -400,7 +400,7 @@ def test_killed_job_is_lost_after_restart(sleep_arg, make_agent) -> None:
     assert wait_until(lambda: not processes_running("sleep", s), 3)
 
     _, agent2, journal2 = make_agent()
-    agent2.tracker("local").lost_grace = 1.0  # the default waits a minute before giving up on a job
+    agent2.executors.start("local")[1].lost_grace = 1.0  # the default waits a minute before giving up on a job
     assert agent2.recover() == 1
     record = agent2.wait("lost", 15)
     assert record is not None and record.state == State.FAILED, record

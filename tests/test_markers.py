@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-from fem_hpc.markers import MarkerWatcher
+from fem_hpc.lifecycle.markers import MarkerWatcher
 
 
 def test_rename_into_a_watched_dir_wakes_at_once(tmp_path: Path):

@@ -79,7 +79,9 @@ def test_bad_listen_is_a_config_error(site: dict[str, Any], listen: str) -> None
 def test_hooks_are_free_without_metrics() -> None:
     """With metrics off, nothing imports prometheus_client and every hook is a no-op."""
     code = ("import sys\n"
-            "from fem_hpc import metrics, service, agent, tracker, cli, doctor\n"
+            "from fem_hpc import metrics, service, cli\n"
+            "from fem_hpc.lifecycle import agent, tracker\n"
+            "from fem_hpc.ops import doctor\n"
             "metrics.observe_command('squeue', 0.1, True); metrics.intake('local', 'accepted')\n"
             "metrics.completion('local', 'COMPLETED', None); metrics.poll_cycle('local', 0.1, False)\n"
             "metrics.broker_reconnect('consumer'); metrics.stage_in('local', 1.0, None); "

@@ -13,10 +13,10 @@ import pytest
 import services
 from brokerkit import BROKER_URL, EventTap, ServeProcess, unique_node
 
-from fem_hpc.agent import Agent
 from fem_hpc.client import Client
 from fem_hpc.config import config_from_dict
 from fem_hpc.journal import Journal
+from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.model import State
 
 pytestmark = pytest.mark.slurm
@@ -180,7 +180,7 @@ def test_slurmctld_down_for_20s_is_no_false_failure(agent, tmp_path, cli, write_
         rec = a.wait(f"down{i}", 120)
         assert rec.state == State.COMPLETED, (rec.id, rec.state, rec.message)
     assert a.executor("slurm").calls.get("squeue", 0) > 0
-    assert a.tracker("slurm").poll_errors > 0  # it did see the outage, and failed nothing
+    assert a.executors.start("slurm")[1].poll_errors > 0  # it did see the outage, and failed nothing
 
 
 def test_restart_mid_run_readopts_every_job_and_submits_none_twice(tmp_path):

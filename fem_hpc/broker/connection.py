@@ -1,9 +1,8 @@
-"""Connection parameters (URL, heartbeat, mutual TLS) and the reconnect backoff."""
+"""Connection parameters (URL, heartbeat, mutual TLS) and the reconnect loop."""
 
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 import threading
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from urllib.parse import urlsplit
 
 import pika
 
+from ..backoff import Backoff
 from ..config import BrokerConfig
 from ..logs import register_secret
 
@@ -43,23 +43,6 @@ def is_auth_error(exc: BaseException) -> bool:
     return isinstance(exc, (pika.exceptions.ProbableAuthenticationError,
                             pika.exceptions.AuthenticationError,
                             pika.exceptions.ProbableAccessDeniedError))
-
-
-class Backoff:
-    """Jittered exponential backoff: 0.5 s, 1 s, 2 s ... capped, each scaled by a random 50-100%."""
-
-    def __init__(self, cap: float = 30.0, base: float = 0.5):
-        self.cap = cap
-        self.base = base
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * (2 ** self.attempt))
-        self.attempt += 1
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingConnection], None],

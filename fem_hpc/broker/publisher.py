@@ -35,11 +35,10 @@ def properties(row: OutboxRow) -> pika.BasicProperties:
 
 
 class Publisher:
-    def __init__(self, cfg: BrokerConfig, journal: Journal, *, on_reconnect=None, on_published=None):
+    def __init__(self, cfg: BrokerConfig, journal: Journal, *, on_reconnect=None):
         self.cfg = cfg
         self.journal = journal
         self.on_reconnect = on_reconnect
-        self.on_published = on_published
         self.connected = threading.Event()
         self.fatal: BaseException | None = None
         self.published = 0
@@ -99,5 +98,3 @@ class Publisher:
                 channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body, properties=props)
             done.append(row.id)
             self.published += 1
-            if self.on_published:
-                self.on_published(row)

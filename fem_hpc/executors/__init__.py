@@ -11,13 +11,13 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
-if TYPE_CHECKING:
-    from ..config import SiteConfig
-    from .base import Executor
+from ..config import ConfigError, SiteConfig, config_from_dict, format_errors, load_config
+from .base import Executor
 
 GROUP = "fem_hpc.executors"
 
@@ -91,12 +91,7 @@ class Registry:
         try:
             cls.Settings.model_validate({k: v for k, v in settings.items() if k != "type"})
         except ValidationError as exc:
-            out = []
-            for err in exc.errors():
-                loc = ".".join(str(p) for p in err["loc"])
-                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-                out.append(f"{loc}: {msg.removeprefix('Value error, ')}")
-            return out
+            return format_errors(exc)
         return []
 
     def create(self, name: str, site: SiteConfig) -> Executor:
@@ -107,3 +102,16 @@ class Registry:
 
 
 registry = Registry()
+
+
+def site_from_dict(raw: Any, source: str = "<config>", check_paths: bool = True) -> SiteConfig:
+    """The site config with every executor section checked by its executor's own settings model."""
+    return config_from_dict(raw, source, check_paths, executor_check=registry.validate_settings)
+
+
+def load_site(path: str | Path) -> SiteConfig:
+    """`load_config` with the executor sections checked (what the CLI and doctor load)."""
+    return load_config(path, executor_check=registry.validate_settings)
+
+
+__all__ = ["ConfigError", "PluginInfo", "Registry", "load_site", "registry", "site_from_dict"]

@@ -27,6 +27,7 @@ import paramiko
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import metrics
+from ..backoff import Backoff
 
 log = logging.getLogger("fem_hpc.executors.runners")
 _T = TypeVar("_T")
@@ -146,7 +147,7 @@ class SSHRunner(Runner):
         self._lock = threading.Lock()
         self._channels = threading.BoundedSemaphore(settings.max_channels)
         self._next_attempt = 0.0
-        self._backoff = 1.0
+        self._backoff = Backoff(cap=60.0, base=1.0, jitter=False)
         self.connects = 0
 
     def describe(self) -> str:
@@ -167,10 +168,9 @@ class SSHRunner(Runner):
             try:
                 client = self._connect()
             except (OSError, EOFError, paramiko.SSHException) as exc:
-                self._next_attempt = time.monotonic() + self._backoff
-                self._backoff = min(self._backoff * 2, 60)
+                self._next_attempt = time.monotonic() + self._backoff.next()
                 raise RunnerError(f"cannot connect to {self.describe()}: {exc}") from None
-            self._backoff = 1.0
+            self._backoff.reset()
             self._client = client
             self.connects += 1
             transport = client.get_transport()

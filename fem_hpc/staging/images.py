@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..logs import redact, register_secret
+from .errors import StageError
 from .locks import exclusive
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
-class ImageError(Exception):
+class ImageError(StageError):
     """An image that cannot be resolved, pulled or cached; the message says why."""
 
 
@@ -259,3 +260,21 @@ def _last_lines(raw: bytes | str | None, n: int = 5) -> str:
     text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return " | ".join(lines[-n:]) or "(no output)"
+
+
+def local_images(site: SiteConfig) -> dict[str, Any]:
+    """The images this node has at hand: the Docker engine's tags (when a docker executor is
+    configured) and the SIF cache. A runtime that does not answer is an error entry, not a failure."""
+    out: dict[str, Any] = {}
+    if any(site.executor_type(name) == "docker" for name in site.executors):
+        try:
+            import docker  # optional: only a docker node needs the SDK
+
+            client = docker.from_env(timeout=10)
+            out["docker"] = sorted(t for img in client.images.list() for t in img.tags)
+        except Exception as exc:
+            out["docker"] = {"error": str(exc)}
+    sif_dir = site.state_dir / "sif"
+    if sif_dir.is_dir():
+        out["sif"] = sorted(p.name for p in sif_dir.glob("*.sif"))
+    return out

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import StageError
+
 if TYPE_CHECKING:
     from ..config import SiteConfig
     from ..model import Task
 
 
-class VolumeError(Exception):
+class VolumeError(StageError):
     """A volume that cannot be mounted; the message says which and why."""
 
 

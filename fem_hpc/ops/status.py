@@ -4,12 +4,12 @@ Opens the journal read-only, so it is safe while `serve` runs."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 import time
 
-from .config import SiteConfig
-from .model import FINAL_STATES
+from ..config import SiteConfig
+from ..journal import JournalReader
+from ..model import FINAL_STATES
 
 
 def _age(seconds: float) -> str:
@@ -22,18 +22,8 @@ def _age(seconds: float) -> str:
 def load_rows(site: SiteConfig, all_tasks: bool = False, task_id: str | None = None) -> list[dict]:
     if not site.journal_path.exists():
         return []
-    db = sqlite3.connect(f"file:{site.journal_path}?mode=ro", uri=True, timeout=10)
-    db.row_factory = sqlite3.Row
-    try:
-        query = ("SELECT id, user_id, executor, native_id, state, created, updated, message, exit_code, reason "
-                 "FROM tasks")
-        args: tuple = ()
-        if task_id:
-            query += " WHERE id=?"
-            args = (task_id,)
-        rows = [dict(r) for r in db.execute(query + " ORDER BY created DESC", args)]
-    finally:
-        db.close()
+    with JournalReader(site.journal_path) as journal:
+        rows = journal.task_rows(task_id)
     finals = {s.value for s in FINAL_STATES}
     if not all_tasks and not task_id:
         rows = [r for r in rows if r["state"] not in finals]

@@ -16,27 +16,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Protocol
 
-from . import metrics
-from .executors.base import Executor, Job, NativeStatus
-from .layout import Marker, read_marker
+from .. import metrics
+from ..backoff import Backoff
+from ..executors.base import Executor, Job, NativeStatus
+from ..layout import Marker, read_marker
+from ..model import Reason, State
 from .markers import MarkerWatcher
-from .model import Reason, State
+from .outcome import Outcome, decide
 
 log = logging.getLogger("fem_hpc.tracker")
-
-
-@dataclass
-class Outcome:
-    state: State
-    reason: Reason | None
-    exit_code: int | None
-    message: str | None
-    started: str | None = None
-    finished: str | None = None
 
 
 class Listener(Protocol):
@@ -45,51 +37,6 @@ class Listener(Protocol):
     def on_pending(self, job: Job, status: NativeStatus) -> None: ...
 
     def on_final(self, job: Job, outcome: Outcome) -> None: ...
-
-
-def _over_walltime(marker: Marker, job: Job | None) -> bool:
-    """Whether a job stopped by a signal had run its full walltime when it ended: the reason a
-    runtime that enforces walltime itself (local, docker) would give, derived from the marker's
-    own start and end times, so it survives a restart of the service between the kill and the end."""
-    limit = job.task.resources.walltime_seconds if job is not None else None
-    if not marker.signal or limit is None or not marker.started or not marker.finished:
-        return False
-    try:
-        started, finished = (datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-                             for t in (marker.started, marker.finished))
-    except ValueError:
-        return False
-    return finished - started >= limit - 1  # the marker has whole seconds
-
-
-def decide(marker: Marker | None, status: NativeStatus | None, cancel_requested: bool,
-           job: Job | None = None) -> Outcome:
-    """The final word on a job from its marker and the scheduler's last status."""
-    started = marker.started if marker else None
-    finished = marker.finished if marker else None
-    exit_code = marker.exit_code if marker else (status.exit_code if status else None)
-    if cancel_requested or (status is not None and status.state == State.CANCELLED):
-        return Outcome(State.CANCELLED, None, exit_code, "cancelled", started, finished)
-    if status is not None and status.state == State.FAILED and status.reason not in (None, Reason.EXIT_CODE):
-        return Outcome(State.FAILED, status.reason, exit_code, status.message or status.reason.value,
-                       started, finished)
-    if marker is not None:
-        if marker.exit_code == 0:
-            return Outcome(State.COMPLETED, None, 0, None, started, finished)
-        if _over_walltime(marker, job):
-            assert job is not None
-            return Outcome(State.FAILED, Reason.TIMEOUT, marker.exit_code,
-                           f"walltime {job.task.resources.walltime} exceeded", started, finished)
-        why = f"command exited with code {marker.exit_code}"
-        if marker.signal:
-            why += f" after SIG{marker.signal} was sent to it"
-        return Outcome(State.FAILED, Reason.EXIT_CODE, marker.exit_code, why, started, finished)
-    assert status is not None
-    if status.state == State.COMPLETED:
-        # The scheduler says it ended but the wrapper left no marker: the exit code is unknown.
-        return Outcome(State.FAILED, Reason.LOST, status.exit_code,
-                       "the scheduler reports the job completed, but it left no exit-code marker")
-    return Outcome(State.FAILED, status.reason or Reason.EXIT_CODE, status.exit_code, status.message)
 
 
 @dataclass
@@ -109,7 +56,8 @@ class _Tracked:
 
 class Tracker:
     def __init__(self, executor: Executor, listener: Listener, *, marker_interval: float = 0.2,
-                 lost_grace: float = 60.0, marker_grace: float = 3.0, signal_wait: float = 10.0):
+                 lost_grace: float = 60.0, marker_grace: float = 3.0, signal_wait: float = 10.0,
+                 clock: Callable[[], float] = time.time, watch_markers: bool = True):
         self.executor = executor
         self.listener = listener
         self.marker_interval = marker_interval
@@ -117,18 +65,18 @@ class Tracker:
         self.marker_grace = marker_grace  # a job the scheduler says ended may write its marker late (NFS)
         self.signal_wait = signal_wait  # how long a stopped job waits for the scheduler's reason
         self.stale = False
-        self.poll_count = 0
+        self.clock = clock  # injected so tests drive grace periods without sleeping
         self.poll_errors = 0
-        self.last_poll_seconds = 0.0
         self._jobs: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._next_poll = 0.0
         self._last_poll_at = 0.0
-        self._backoff = 1.0
+        self._backoff = Backoff(cap=60.0, base=1.0, jitter=False)
         self._thread = threading.Thread(target=self._run, name=f"tracker-{executor.name}", daemon=True)
-        self._watcher = MarkerWatcher(self._wake.set)  # markers seen at once where inotify works
+        # Markers are seen at once where inotify works; the stat loop is the fallback.
+        self._watcher = MarkerWatcher(self._wake.set) if watch_markers else None
 
     def start(self) -> None:
         self._thread.start()
@@ -138,19 +86,17 @@ class Tracker:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        self._watcher.close()
+        if self._watcher is not None:
+            self._watcher.close()
 
     def track(self, job: Job) -> None:
-        self._watcher.add(job.fem_dir)
+        if self._watcher is not None:
+            self._watcher.add(job.fem_dir)
         with self._lock:
             self._jobs[job.task.id] = _Tracked(job)
             # See a new job's state soon, but a burst of submissions still shares one poll.
-            self._next_poll = min(self._next_poll, time.time() + self.executor.poll_interval(0.0))
+            self._next_poll = min(self._next_poll, self.clock() + self.executor.poll_interval(0.0))
         self._wake.set()
-
-    def tracking(self, task_id: str) -> bool:
-        with self._lock:
-            return task_id in self._jobs
 
     def cancel(self, task_id: str) -> bool:
         with self._lock:
@@ -176,18 +122,20 @@ class Tracker:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._cycle()
+                self.step()
             except Exception:  # a bug in one cycle must not stop tracking
                 log.exception("tracker %s cycle failed", self.executor.name)
             self._wake.wait(self.marker_interval)
             self._wake.clear()
 
-    def _cycle(self) -> None:
+    def step(self) -> None:
+        """One cycle: read markers, poll if due, decide. The thread calls it; tests call it directly
+        with a fake clock."""
         with self._lock:
             tracked = list(self._jobs.values())
         if not tracked:
             return
-        now = time.time()
+        now = self.clock()
         for t in tracked:
             if t.marker is None:
                 t.marker = read_marker(t.job.marker_path)
@@ -212,21 +160,19 @@ class Tracker:
             ok = True
         except Exception as exc:
             self.poll_errors += 1
-            self._next_poll = now + self._backoff
+            delay = self._backoff.next()
+            self._next_poll = now + delay
             if not self.stale:
                 log.warning("poll of %s failed (%s); jobs keep their state, retrying in %.0fs",
-                            self.executor.name, exc, self._backoff)
+                            self.executor.name, exc, delay)
             self.stale = True
-            self._backoff = min(self._backoff * 2, 60.0)
             return False
         finally:
-            self.last_poll_seconds = time.monotonic() - start
-            metrics.poll_cycle(self.executor.name, self.last_poll_seconds, ok)
-        self.poll_count += 1
+            metrics.poll_cycle(self.executor.name, time.monotonic() - start, ok)
         if self.stale:
             log.info("poll of %s works again", self.executor.name)
         self.stale = False
-        self._backoff = 1.0
+        self._backoff.reset()
         youngest = min(now - t.job.submitted_at for t in tracked)
         self._next_poll = now + self.executor.poll_interval(youngest)
         for t in tracked:
@@ -293,7 +239,8 @@ class Tracker:
     def _finish(self, t: _Tracked, outcome: Outcome) -> None:
         with self._lock:
             self._jobs.pop(t.job.task.id, None)
-        self._watcher.remove(t.job.fem_dir)
+        if self._watcher is not None:
+            self._watcher.remove(t.job.fem_dir)
         try:
             self.executor.after_final(t.job)
         except Exception as exc:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..model import ID_PATTERN, PROTOCOL_VERSION, FieldError
+from ...model import ID_PATTERN, PROTOCOL_VERSION, FieldError
 
 OPS = ("submit", "cancel", "status", "health")
 _ALLOWED = {"submit": {"fem", "op", "task"}, "cancel": {"fem", "op", "task_id"},

@@ -1,0 +1,1 @@
+"""The task lifecycle, split by concern; it knows no protocol (frontends supply the messages)."""

@@ -1,0 +1,134 @@
+"""From a job's end to its result: stage-out, the chunks, the final transition. Also the tracker's
+listener (RUNNING, pending reasons, the end) and the early end of a task that never ran."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor as Pool
+from pathlib import Path
+
+from .. import metrics
+from ..backoff import Backoff
+from ..config import SiteConfig
+from ..executors.base import Job, NativeStatus
+from ..journal import Journal
+from ..layout import FEM_DIR
+from ..model import OutputsInfo, Reason, ResultEvent, State, utcnow
+from ..staging.outputs import StageOutError, build_archive, tail
+from .outcome import Outcome
+from .tasks import TaskRegistry
+from .transitions import Transitions
+
+log = logging.getLogger("fem_hpc.lifecycle")
+
+
+class Results:
+    def __init__(self, site: SiteConfig, journal: Journal, registry: TaskRegistry, transitions: Transitions,
+                 out_pool: Pool, closing: Callable[[], bool]):
+        self.site = site
+        self.journal = journal
+        self.registry = registry
+        self.transitions = transitions
+        self.out_pool = out_pool
+        self.closing = closing
+        self._stop = threading.Event()
+
+    # -- the tracker's listener ---------------------------------------------------------------
+    def on_running(self, job: Job, status: NativeStatus) -> None:
+        self.transitions.change(job.task.id, State.RUNNING, message=status.message)
+
+    def on_pending(self, job: Job, status: NativeStatus) -> None:
+        # Why the scheduler holds the job (Priority, Resources, ...): shown by `status` and in the
+        # reply to a status request; not an event of its own, the state has not changed.
+        self.journal.update(job.task.id, message=f"pending: {status.message}" if status.message else None)
+
+    def on_final(self, job: Job, outcome: Outcome) -> None:
+        self.out_pool.submit(self.stage_out_guarded, job, outcome)
+
+    # -- stage-out ------------------------------------------------------------------------------
+    def stage_out_guarded(self, job: Job, outcome: Outcome) -> None:
+        try:
+            self.stage_out(job, outcome)
+        except Exception as exc:
+            log.exception("%s: stage-out failed unexpectedly", job.task.id, extra={"task_id": job.task.id})
+            self.finish_early(job.task.id, Reason.STAGE_OUT, f"internal error in stage-out: {exc}")
+
+    def stage_out(self, job: Job, outcome: Outcome) -> None:
+        task_id = job.task.id
+        record = self.journal.get(task_id)
+        if record is None or record.final:
+            return
+        if record.state == State.SUBMITTED and outcome.started:
+            self.transitions.change(task_id, State.RUNNING)  # it ran, only too briefly for a poll to see
+        if record.state != State.STAGING_OUT:
+            self.transitions.change(task_id, State.STAGING_OUT, message=outcome.message,
+                                    exit_code=outcome.exit_code,
+                                    reason=outcome.reason.value if outcome.reason else None,
+                                    started=outcome.started, finished=outcome.finished,
+                                    outcome=outcome.state.value)
+        cfg = self.site.stage_out
+        note = outcome.message
+        started = time.monotonic()
+        try:
+            archive = build_archive(job.workdir, job.task.outputs, max_bytes=cfg.max_bytes,
+                                    compress_level=cfg.compress_level)
+        except (StageOutError, OSError) as exc:
+            outcome = Outcome(State.FAILED, Reason.STAGE_OUT, outcome.exit_code, str(exc), outcome.started,
+                              outcome.finished)
+            note = str(exc)
+            archive = build_archive(job.workdir, [], max_bytes=cfg.max_bytes)  # the logs still go back
+        if archive.skipped:
+            note = "; ".join(filter(None, [note, *archive.skipped]))
+        info = OutputsInfo(size=archive.size, sha256=archive.sha256, chunks=archive.chunks(cfg.chunk_bytes))
+        self.transitions.chunks(self.registry.view(task_id), archive.path, info, cfg.chunk_bytes)
+        result = ResultEvent(
+            node=self.site.node, task_id=task_id, seq=0, state=outcome.state, exit_code=outcome.exit_code,
+            reason=outcome.reason, started=outcome.started, finished=outcome.finished or utcnow(),
+            outputs=info,
+            stdout_tail=tail(job.fem_dir / "stdout", cfg.tail_bytes),
+            stderr_tail=tail(job.fem_dir / "stderr", cfg.tail_bytes),
+            labels=job.task.labels, native_id=job.native_id)
+        metrics.stage_out(record.executor, time.monotonic() - started, archive.size)
+        self.final(task_id, result, note, executor=record.executor)
+
+    # -- the end ---------------------------------------------------------------------------------
+    def final(self, task_id: str, result: ResultEvent, message: str | None, *, executor: str | None) -> None:
+        """Commit the final transition, retrying while the journal cannot be written (disk full):
+        the task stays where it was until then, so its result (and any reply the frontend sends
+        with it) is never lost; a restart in the meantime redoes the stage-out."""
+        backoff = Backoff(cap=30.0, base=1.0)
+        while True:
+            try:
+                self.transitions.final(task_id, result, message)
+                break
+            except (sqlite3.Error, OSError) as exc:
+                if self.closing():
+                    log.error("%s: cannot write its final state (%s); it is finished at the next start",
+                              task_id, exc, extra={"task_id": task_id})
+                    return
+                delay = backoff.next()
+                log.error("%s: cannot write its final state (%s); retrying in %.0fs", task_id, exc, delay,
+                          extra={"task_id": task_id})
+                self._stop.wait(delay)
+        metrics.completion(executor, result.state.value, result.reason.value if result.reason else None)
+        self.registry.finished(task_id)
+
+    def finish_early(self, task_id: str, reason: Reason | None, message: str, state: State = State.FAILED) -> None:
+        """End a task that never ran (stage-in, submit or cancel before submit)."""
+        record = self.journal.get(task_id)
+        if record is None or record.final:
+            return
+        workdir = Path(record.workdir or "")
+        result = ResultEvent(node=self.site.node, task_id=task_id, seq=0, state=state, reason=reason,
+                             finished=utcnow(),
+                             stdout_tail=tail(workdir / FEM_DIR / "stdout", self.site.stage_out.tail_bytes),
+                             stderr_tail=tail(workdir / FEM_DIR / "stderr", self.site.stage_out.tail_bytes),
+                             labels=record.task.labels, native_id=record.native_id)
+        self.final(task_id, result, message, executor=record.executor)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,219 @@
+"""The legacy FEM-client actions on the node queue, on top of the same lifecycle as protocol v1.
+
+A legacy `submit_run` is journalled and acked like any task; its reply is written by the legacy
+frontend in the transaction of the transition it reports, so a long task never holds the queue
+and neither a crash nor a failed write can lose it. The request's token is kept in memory only
+(never logged, journalled, dead-lettered or written to disk).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ... import __version__
+from ...broker.consumer import Delivery
+from ...config import SiteConfig
+from ...journal import Journal, Route, TaskRecord
+from ...lifecycle.agent import Agent
+from ...lifecycle.ports import TaskView
+from ...model import FINAL_STATES, FieldError, ResultEvent, State
+from ...staging.images import local_images
+from ...staging.outputs import collect
+from ..v1.dispatch import dead_letter
+from .codec import LegacyError, LegacyRequest, decode_request
+from .frontend import PROTOCOL, reply_messages, submit_payload
+from .literal import LiteralError
+from .mapping import legacy_task_id, sanitize_id, to_task
+from .replies import error_reply, legacy_time
+
+log = logging.getLogger("fem_hpc.protocols.legacy")
+
+TOKEN_REDACTED = b"<token redacted>"
+
+
+def redact_token(body: bytes) -> tuple[bytes, str | None]:
+    """The body with its token field (the last of the nine '|'-separated fields) replaced, and the
+    token text, so neither a dead-lettered copy nor an error message keeps it."""
+    head, sep, token = body.rpartition(b"|")
+    if not sep or not token.strip():
+        return body, None
+    return head + sep + TOKEN_REDACTED, token.decode("utf-8", "replace").strip()
+
+
+class LegacyHandler:
+    def __init__(self, site: SiteConfig, journal: Journal, agent: Agent, health: Callable[[], dict[str, Any]]):
+        self.site = site
+        self.journal = journal
+        self.agent = agent
+        self.health = health
+        self.cfg = site.legacy
+        self.sandbox = (self.cfg.sandbox_path or self.site.work_root).resolve()
+        self.actions: dict[str, Callable[[LegacyRequest, Route], None]] = {
+            "submit_run": self.submit_run, "run_status": self.run_status, "cancel_run": self.cancel_run,
+            "run_report": self.run_report, "health-check": self.health_check, "send_files": self.send_files,
+            "print_images": self.print_images}
+
+    def reply(self, to: Route, payload: dict[str, Any]) -> None:
+        self.journal.put(*reply_messages(to, payload, self.cfg.reply_chunk_size))
+
+    def handle(self, d: Delivery) -> None:
+        to = Route(PROTOCOL, d.reply_to, d.correlation_id)
+        try:
+            req = decode_request(d.body, self.site.broker.max_body_bytes)
+        except (LegacyError, LiteralError) as exc:
+            message = exc.message if isinstance(exc, LegacyError) else str(exc)
+            ids = exc.ids if isinstance(exc, LegacyError) else {}
+            body, token = redact_token(d.body)
+            if token:
+                message = message.replace(token, TOKEN_REDACTED.decode())
+            log.warning("refused a legacy request: %s", message)
+            self.reply(to, error_reply(ids.get("action", "unknown"), message, node=self.site.node, **ids))
+            dead_letter(self.journal, self.site.queue, d, "invalid legacy request",
+                        [FieldError(field="body", message=message)], body=body)
+            return
+        action = self.actions.get(req.action)
+        if action is None:
+            self.reply(to, error_reply(req.action, f"unknown action {req.action!r}", node=self.site.node,
+                                       **req.ids()))
+            return
+        action(req, to)
+
+    # -- lookups ---------------------------------------------------------------------------
+    def workdir(self, req: LegacyRequest) -> Path:
+        """The legacy protocol gives one work dir per execution: <sandbox>/<user>/<execution>."""
+        return self.sandbox / sanitize_id(req.user_id) / sanitize_id(req.execution_id or "none")
+
+    def _find(self, req: LegacyRequest) -> TaskRecord | None:
+        """The task a status/cancel/report request is about: by its exact id, else the latest
+        task of that tool in that execution, else the latest task of the execution."""
+        if req.execution_id is None:
+            return None
+        legacy_id = req.task_info.get("_id")
+        if legacy_id is not None:
+            rec = self.journal.get(legacy_task_id(legacy_id, req.execution_id, req.parametric_args))
+            if rec is not None:
+                return rec
+        execution = sanitize_id(req.execution_id)
+        candidates = [r for r in self.journal.by_execution(execution) if r.protocol == PROTOCOL]
+        if legacy_id is not None:
+            prefix = legacy_task_id(legacy_id, req.execution_id, {}).rsplit(".", 1)[0] + "."
+            same_tool = [r for r in candidates if r.id.startswith(prefix)]
+            candidates = same_tool or candidates
+        return candidates[0] if candidates else None
+
+    def _ids(self, req: LegacyRequest, rec: TaskRecord | None) -> dict[str, Any]:
+        return {"node": self.site.node, "task_id": rec.id if rec else None, **req.ids()}
+
+    def _not_found(self, req: LegacyRequest, to: Route) -> None:
+        self.reply(to, error_reply(req.action, "no such task on this node", **self._ids(req, None)))
+
+    # -- actions -----------------------------------------------------------------------------
+    def submit_run(self, req: LegacyRequest, to: Route) -> None:
+        volumes = {name: str(v.path) for name, v in self.site.volumes.items()}
+        task, errors = to_task(req, site_volumes=volumes, default_executor=self.cfg.executor)
+        if not errors:
+            workdir = self.workdir(req)
+            busy = [r for r in self.journal.by_execution(task["execution_id"])
+                    if r.workdir == str(workdir) and r.id != task["id"] and r.state not in FINAL_STATES]
+            if busy:
+                self.reply(to, error_reply(
+                    req.action, f"task {busy[0].id} of this execution is still running in {workdir}; "
+                    "the legacy protocol gives one work dir per execution", **self._ids(req, None)))
+                return
+            secret = {}
+            if self.cfg.token_env and req.token.get_secret_value():
+                secret[self.cfg.token_env] = req.token.get_secret_value()
+            # A duplicate is answered by the lifecycle through this protocol's frontend: the
+            # final reply if it has one, never a v1 frame.
+            errors = self.agent.intake(task, to, workdir=workdir, secret_env=secret).errors
+        if errors:
+            message = "; ".join(f"{e.field}: {e.message}" for e in errors)
+            self.reply(to, {**error_reply(req.action, message, **self._ids(req, None)),
+                            "errors": [e.model_dump() for e in errors]})
+
+    def run_status(self, req: LegacyRequest, to: Route) -> None:
+        rec = self._find(req)
+        if rec is None:
+            return self._not_found(req, to)
+        self.reply(to, {**self._ids(req, rec), "action": req.action, "status": "success", "state": rec.state.value,
+                        "native_id": rec.native_id, "return_code": rec.exit_code, "message": rec.message})
+
+    def cancel_run(self, req: LegacyRequest, to: Route) -> None:
+        rec = self._find(req)
+        if rec is None:
+            return self._not_found(req, to)
+        state = self.agent.cancel(rec.id)
+        already = rec.state in FINAL_STATES
+        self.reply(to, {**self._ids(req, rec), "action": req.action, "status": "error" if already else "success",
+                        "state": state.value,
+                        "message": f"already {rec.state.value.lower()}" if already else "cancel requested"})
+
+    def run_report(self, req: LegacyRequest, to: Route) -> None:
+        rec = self._find(req)
+        if rec is None:
+            return self._not_found(req, to)
+        self.reply(to, {**self._ids(req, rec), **self._report(rec), "action": req.action, "status": "success"})
+
+    @staticmethod
+    def _report(rec: TaskRecord) -> dict[str, Any]:
+        elapsed = None
+        if rec.started and rec.finished:
+            fmt = "%Y-%m-%dT%H:%M:%S"
+            elapsed = (datetime.strptime(rec.finished[:19], fmt) - datetime.strptime(rec.started[:19], fmt)).seconds
+        error = None if rec.state == State.COMPLETED or not rec.final else (rec.message or rec.reason)
+        return {"state": rec.state.value, "exit_code": rec.exit_code, "start_time": legacy_time(rec.started),
+                "stop_time": legacy_time(rec.finished), "elapsed_time_sec": elapsed, "error": error}
+
+    def health_check(self, req: LegacyRequest, to: Route) -> None:
+        health = self.health()
+        paths = {}
+        for name, path in (("sandbox", self.sandbox), ("state_dir", self.site.state_dir)):
+            paths[name] = {"path": str(path), "exists": path.exists(), "writable": os.access(path, os.W_OK)}
+        executors = health["executors"]
+        installation = {"fem_hpc": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+                        "executors": {k: v.get("works", False) for k, v in executors.items()}}
+        usage = shutil.disk_usage(self.sandbox if self.sandbox.exists() else self.site.state_dir)
+        resources = {"cpus": os.cpu_count(), "load": health["load"], "disk_free_bytes": usage.free,
+                     "memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+        images = local_images(self.site)
+        ok = all(p["writable"] for p in paths.values()) and any(installation["executors"].values())
+        self.reply(to, {**self._ids(req, None), "action": req.action, "status": "success" if ok else "error",
+                        "checks": {"installation": installation, "paths": paths, "resources": resources,
+                                   "images": images}})
+
+    def print_images(self, req: LegacyRequest, to: Route) -> None:
+        self.reply(to, {**self._ids(req, None), "action": req.action, "status": "success",
+                        "images": local_images(self.site)})
+
+    def send_files(self, req: LegacyRequest, to: Route) -> None:
+        workdir = self.workdir(req)
+        if not workdir.is_dir():
+            self.reply(to, error_reply(req.action, f"no staged files for execution {req.execution_id}",
+                                       **self._ids(req, None)))
+            return
+        files, skipped = collect(workdir, ["**"])
+        total = sum(f.stat().st_size for f in files)
+        if total > self.cfg.send_files_max_bytes:
+            self.reply(to, error_reply(
+                req.action, f"the execution's files are {total} bytes, over the limit of "
+                f"{self.cfg.send_files_max_bytes} (legacy.send_files_max_bytes)", **self._ids(req, None)))
+            return
+        entries = [{"path": str(f.relative_to(workdir)), "size": f.stat().st_size,
+                    "data": base64.b64encode(f.read_bytes()).decode()} for f in files]
+        self.reply(to, {**self._ids(req, None), "action": req.action, "status": "success", "files": entries,
+                        "skipped": skipped})
+
+
+def submit_answer(node: str, record: TaskRecord) -> dict[str, Any]:
+    """The submit_run reply of a journalled task as it stands (for tools that replay one)."""
+    result = ResultEvent.model_validate_json(record.result_json) if record.final and record.result_json else None
+    return submit_payload(node, TaskView.of(record), result, record.message)

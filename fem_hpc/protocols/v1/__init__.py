@@ -1,0 +1,1 @@
+"""Protocol v1 (PROTOCOL.md): requests, event routing, dispatch."""
