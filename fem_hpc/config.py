@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -19,13 +19,14 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from .model import ID_PATTERN, Resources, errors_from_validation, memory_mib, walltime_seconds
+from .model import ENV_NAME_PATTERN, ID_PATTERN, Resources, errors_from_validation, memory_mib, walltime_seconds
 
 
 class ConfigError(Exception):
@@ -182,6 +183,10 @@ class SiteConfig(_Section):
     volumes: dict[str, VolumeConfig] = Field(default_factory=dict)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     templates_dir: Path | None = None
+    # Names of the service's own environment variables that tasks may see (e.g. a site's
+    # proxy or license server). Everything else of the service's environment (the broker URL,
+    # credentials) stays out of every task, whatever the executor.
+    pass_env: list[Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)]] = Field(default_factory=list)
     stage_out: StageOutConfig = Field(default_factory=StageOutConfig)
     legacy: LegacyConfig = Field(default_factory=LegacyConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)

@@ -31,7 +31,6 @@ class Delivery:
     correlation_id: str | None
     message_id: str | None
     headers: dict[str, Any]
-    redelivered: bool
     ack: Callable[[], None]
     nack: Callable[[], None]  # give the message back to the queue (requeue)
 
@@ -101,7 +100,7 @@ class Consumer:
 
         delivery = Delivery(body=body, reply_to=props.reply_to, correlation_id=props.correlation_id,
                             message_id=props.message_id, headers=dict(props.headers or {}),
-                            redelivered=bool(method.redelivered), ack=ack, nack=nack)
+                            ack=ack, nack=nack)
         self._pool.submit(self._handle, delivery)
 
     def _handle(self, delivery: Delivery) -> None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..model import Check
 from .base import Executor, ExecutorError, ExecutorSettings, Job
-from .runners import CommandResult, Runner, RunnerError, SSHSettings, runner_for, scrubbed_env
+from .runners import CommandResult, Runner, RunnerError, SSHSettings, release, runner_for, scrubbed_env
 
 log = logging.getLogger("fem_hpc.executors.batch")
 
@@ -68,12 +68,16 @@ class BatchExecutor(Executor):
     def command(self, argv: list[str], *, extra_env: dict[str, str] | None = None) -> CommandResult:
         with self._calls_lock:
             self.calls[argv[0]] = self.calls.get(argv[0], 0) + 1
-        env = scrubbed_env({**self.settings.env, **(extra_env or {})}) if self.settings.ssh is None else \
+        env = scrubbed_env({**self.settings.env, **(extra_env or {})}, self.site.pass_env) \
+            if self.settings.ssh is None else \
             ({**self.settings.env, **(extra_env or {})} or None)
         try:
             return self.runner.run(argv, timeout=self.settings.command_timeout, env=env)
         except RunnerError as exc:
             raise ExecutorError(str(exc)) from None
+
+    def close(self) -> None:
+        release(self.runner)
 
     def submit_script(self, job: Job) -> None:
         """With SSH the script is (re)written through SFTP, so it exists where the scheduler reads it."""

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ..model import Reason, State
 from .base import Executor, ExecutorError, ExecutorSettings, Job, NativeStatus
+from .runners import scrubbed_env
 
 
 class LocalSettings(ExecutorSettings):
@@ -85,7 +86,7 @@ class LocalExecutor(Executor):
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: cancel reaches every descendant
                 close_fds=True,
-                env={**os.environ, **job.secret_env} if job.secret_env else None,
+                env=scrubbed_env(job.secret_env, self.site.pass_env),  # never the service's secrets
             )
         except OSError as exc:
             raise ExecutorError(f"cannot start {self.settings.shell}: {exc.strerror}") from None

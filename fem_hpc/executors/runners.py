@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -348,20 +348,42 @@ class SSHRunner(Runner):
         self._drop()
 
 
-_ssh_runners: dict[tuple[str, int, str | None], SSHRunner] = {}
+# One SSH connection per set of SSH settings, shared by every executor that names exactly those
+# settings (e.g. two partitions of one cluster), counted so the last release closes it. Keyed by
+# *all* the settings: an executor with another key file or channel limit gets its own runner.
+_ssh_runners: dict[str, tuple[SSHRunner, int]] = {}
 _ssh_lock = threading.Lock()
 
 
 def runner_for(ssh: SSHSettings | None) -> Runner:
-    """The local runner, or the one shared SSH runner of that host."""
+    """The local runner, or the shared SSH runner of these settings; give it back with release()."""
     if ssh is None:
         return LocalRunner()
-    key = (ssh.host, ssh.port, ssh.user)
+    key = ssh.model_dump_json()
     with _ssh_lock:
-        runner = _ssh_runners.get(key)
+        runner, users = _ssh_runners.get(key, (None, 0))
         if runner is None:
-            runner = _ssh_runners[key] = SSHRunner(ssh)
+            runner = SSHRunner(ssh)
+        _ssh_runners[key] = (runner, users + 1)
         return runner
+
+
+def release(runner: Runner) -> None:
+    """One user of `runner` is done; the last one closes its connection."""
+    if not isinstance(runner, SSHRunner):
+        runner.close()
+        return
+    key = runner.settings.model_dump_json()
+    with _ssh_lock:
+        shared, users = _ssh_runners.get(key, (None, 0))
+        if shared is not runner:
+            runner.close()
+            return
+        if users > 1:
+            _ssh_runners[key] = (runner, users - 1)
+            return
+        del _ssh_runners[key]
+    runner.close()
 
 
 # Environment variables a scheduler command may inherit from the service. sbatch and qsub copy
@@ -370,7 +392,10 @@ def runner_for(ssh: SSHSettings | None) -> Runner:
 SAFE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "SLURM_CONF", "MUNGE_SOCKET")
 
 
-def scrubbed_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in SAFE_ENV or k.startswith("LC_")}
+def scrubbed_env(extra: dict[str, str] | None = None, passthrough: Sequence[str] = ()) -> dict[str, str]:
+    """The environment of every process fem-hpc starts for a task (a local job, sbatch/qsub, which
+    copy it into the job): the few variables any program needs, the site's explicit pass-through
+    list (`pass_env`), then `extra`. Nothing else of the service's own environment."""
+    env = {k: v for k, v in os.environ.items() if k in SAFE_ENV or k.startswith("LC_") or k in passthrough}
     env.update(extra or {})
     return env

@@ -13,7 +13,8 @@ import os
 import tarfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
 
 from ..layout import ARCHIVE_NAME, FEM_DIR
 
@@ -90,9 +91,31 @@ def collect(workdir: Path, patterns: list[str]) -> tuple[list[Path], list[str]]:
                     consider(Path(dirpath) / name)
 
     for pattern in patterns:
-        for match in sorted(workdir.glob(pattern)):
+        for match in _glob(workdir, pattern):
             consider(match)
     return [found[k] for k in sorted(found)], skipped
+
+
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Glob matching by path segment: `**` is any number of segments, other segments are fnmatch."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
+
+
+def _glob(workdir: Path, pattern: str) -> list[Path]:
+    """The entries of the work dir matching `pattern`, found by a walk that never descends through
+    a symlinked directory (Path.glob does, and would list the names behind a link to /etc)."""
+    wanted = PurePosixPath(pattern).parts
+    out = []
+    for dirpath, dirnames, filenames in os.walk(workdir, followlinks=False):
+        base = Path(dirpath).relative_to(workdir).parts
+        for name in dirnames + filenames:
+            if _matches((*base, name), wanted):
+                out.append(Path(dirpath) / name)
+    return sorted(out)
 
 
 def looks_compressible(files: list[Path], sample: int = 64 * 1024, max_files: int = 64) -> bool:
