@@ -32,9 +32,17 @@ def test_rename_into_a_watched_dir_wakes_at_once(tmp_path: Path):
 
 
 def test_a_directory_that_cannot_be_watched_is_left_to_the_stat_loop(tmp_path: Path):
-    watcher = MarkerWatcher(lambda: None)
+    woke = threading.Event()
+    watcher = MarkerWatcher(woke.set)
     try:
         watcher.add(tmp_path / "missing")  # no error: the tracker's stat loop still finds markers
-        watcher.remove(tmp_path / "missing")
+        assert str(tmp_path / "missing") not in watcher._watches  # nothing half-registered
+        watcher.remove(tmp_path / "missing")  # removing what was never watched is harmless too
+        watched = tmp_path / "fem"
+        watched.mkdir()
+        watcher.add(watched)  # and the watcher still works for the next directory
+        (watched / "exit_code.tmp").write_text("{}")
+        os.replace(watched / "exit_code.tmp", watched / "exit_code")
+        assert woke.wait(5) or not watcher.active
     finally:
         watcher.close()

@@ -28,15 +28,10 @@ class Archive:
     path: Path
     size: int
     sha256: str
-    files: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # human notes on matches that were refused
 
     def chunks(self, chunk_bytes: int) -> int:
         return max(1, -(-self.size // chunk_bytes))
-
-    def ranges(self, chunk_bytes: int) -> list[tuple[int, int]]:
-        n = self.chunks(chunk_bytes)
-        return [(i * chunk_bytes, min(chunk_bytes, self.size - i * chunk_bytes)) for i in range(n)]
 
 
 class _HashingWriter(io.RawIOBase):
@@ -171,7 +166,7 @@ def build_archive(workdir: Path, patterns: list[str], *, max_bytes: int, dest: P
                     tar.addfile(info, io.BytesIO(b""))
                 names.append(f"logs/{stream}")
     os.replace(tmp, dest)
-    return Archive(path=dest, size=writer.size, sha256=writer.sha.hexdigest(), files=names, skipped=skipped)
+    return Archive(path=dest, size=writer.size, sha256=writer.sha.hexdigest(), skipped=skipped)
 
 
 def tail(path: Path, limit: int) -> str:
