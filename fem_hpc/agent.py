@@ -42,6 +42,7 @@ from .model import (
 )
 from .policy import check_policy, effective_task, executor_for
 from .render import render_job
+from .staging.errors import StageError
 from .staging.outputs import StageOutError, build_archive, tail
 from .tracker import Outcome, Tracker, decide
 
@@ -354,7 +355,7 @@ class Agent:
                 hook(job, self.site, progress)
             job.fem_dir.mkdir(parents=True, exist_ok=True)
             executor.stage_in(job, progress)
-        except (StageInError, ExecutorError, OSError) as exc:
+        except (StageError, StageInError, ExecutorError, OSError) as exc:
             self._finish_early(task_id, Reason.STAGE_IN, str(exc))
             return
         log.debug("%s staged in %.2fs", task_id, time.monotonic() - started, extra={"task_id": task_id})

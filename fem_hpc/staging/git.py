@@ -15,24 +15,20 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import git
 
 from ..logs import redact, register_secret
+from .errors import GitStageError
 from .locks import exclusive
 
 if TYPE_CHECKING:
-    from ..agent import Agent
     from ..config import SiteConfig
-    from ..executors.base import Job
+    from ..model import Task
 
 log = logging.getLogger("fem_hpc.staging.git")
-
-
-class GitStageError(Exception):
-    pass
 
 
 def _host(url: str) -> str:
@@ -140,26 +136,23 @@ def checkout(site: SiteConfig, url: str, ref: str | None, commit: str | None, de
     return sha
 
 
-def stage_source(job: Job, site: SiteConfig, progress: Callable[[str], None] | None = None) -> None:
-    """Stage-in hook: check out the task's source into its work dir."""
-    from ..agent import StageInError
-
-    src = job.task.source
+def stage_source(task: Task, workdir: Path, site: SiteConfig, progress: Callable[[str], None] | None = None) -> None:
+    """Check the task's source (if any) out into its work dir. Raises GitStageError (a StageError)
+    with a message for the user."""
+    src = task.source
     if src is None:
         return
     if progress is not None:
         action = "fetching" if (mirror_path(site, src.git) / "HEAD").exists() else "cloning"
         progress(f"{action} {redact(src.git)}")
-    try:
-        sha = checkout(site, src.git, src.ref, src.commit, job.workdir)
-    except GitStageError as exc:
-        raise StageInError(str(exc)) from None
-    if src.path and not (job.workdir / src.path).is_dir():
-        raise StageInError(f"source path {src.path!r} is not a directory at commit {sha[:12]}")
-    log.info("%s: %s checked out at %s", job.task.id, redact(src.git), sha[:12], extra={"task_id": job.task.id})
+    sha = checkout(site, src.git, src.ref, src.commit, workdir)
+    if src.path and not (workdir / src.path).is_dir():
+        raise GitStageError(f"source path {src.path!r} is not a directory at commit {sha[:12]}")
+    log.info("%s: %s checked out at %s", task.id, redact(src.git), sha[:12], extra={"task_id": task.id})
     if progress is not None:
         progress(f"checked out {sha[:12]}")
 
 
-def install(agent: Agent) -> None:
-    agent.stage_in_hooks.append(stage_source)
+def install(agent: Any) -> None:
+    """Add git stage-in to an agent's stage-in hooks, which are called as hook(job, site, progress)."""
+    agent.stage_in_hooks.append(lambda job, site, progress: stage_source(job.task, job.workdir, site, progress))

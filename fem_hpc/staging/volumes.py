@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import VolumeError
+
 if TYPE_CHECKING:
     from ..config import SiteConfig
     from ..model import Task
 
-
-class VolumeError(Exception):
-    """A volume that cannot be mounted; the message says which and why."""
 
 
 @dataclass(frozen=True)
