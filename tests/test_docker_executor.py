@@ -411,8 +411,8 @@ def test_poll_maps_oom_and_exit_codes_in_one_list_call(tmp_path, node, data_dir)
 def test_batch_job_launch_line_runs_in_docker(tmp_path, node, data_dir):
     """What a Slurm/PBS job script does with docker as the site runtime: the common wrapper execs
     `docker run ... image argv` (here the script is run by sh directly, as a batch job would)."""
-    from fem_hpc.render import base_context, environment
     from fem_hpc.executors.containers import container_launch, docker_cleanup_argv
+    from fem_hpc.render import base_context, environment
     from fem_hpc.staging.images import stage_image
     from fem_hpc.staging.volumes import resolve_volumes
 
