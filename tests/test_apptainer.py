@@ -17,39 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apptainerkit import IMAGE, calls, install_fake
 
 from fem_hpc.config import config_from_dict
 from fem_hpc.executors import registry
 from fem_hpc.executors.apptainer import ApptainerExecutor
 from fem_hpc.executors.base import Job
+from fem_hpc.executors.containers import container_launch, docker_cleanup_argv
 from fem_hpc.journal import Journal
 from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.model import State, Task
-from fem_hpc.staging.containers import container_launch, docker_cleanup_argv
 from fem_hpc.staging.images import ImageError, ensure_sif, parse_image_ref, sif_path
 from fem_hpc.staging.volumes import Mount
 
-FAKE = Path(__file__).parent / "fakes" / "apptainer"
-IMAGE = "127.0.0.1:5000/fem/busybox:1"
 DIGEST = "sha256:" + "ab" * 32
-
-
-# -- helpers ----------------------------------------------------------------------------------------
-def install_fake(bindir: Path, name: str = "apptainer") -> Path:
-    """A copy of the FAKE binary under `name`; it logs its calls to bindir/argv.jsonl."""
-    bindir.mkdir(parents=True, exist_ok=True)
-    target = bindir / name
-    shutil.copy(FAKE, target)
-    target.chmod(0o755)
-    return target
-
-
-def calls(bindir: Path, command: str | None = None) -> list[dict[str, Any]]:
-    log = bindir / "argv.jsonl"
-    if not log.exists():
-        return []
-    out = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [c for c in out if command is None or (c["argv"] and c["argv"][0] == command)]
 
 
 @pytest.fixture
@@ -423,14 +404,15 @@ def test_volume_target_over_the_work_dir_fails_stage_in(tmp_path: Path, fake_bin
 
 def test_stage_image_for_batch_jobs(tmp_path: Path, fake_bin: Path, data_dir: Path):
     """The login-node stage-in the Slurm/PBS executors use before submitting a containerized task."""
-    from fem_hpc.staging.containers import stage_image
+    from fem_hpc.staging.images import stage_image
 
     binary = install_fake(fake_bin)
     site = make_site(tmp_path, data_dir, {"binary": str(binary)})
     with pytest.raises(ImageError, match="pull_policy is 'never'"):
-        stage_image("apptainer", site, IMAGE, binary=str(binary), pull_policy="never")
-    first = stage_image("apptainer", site, IMAGE, binary=str(binary), insecure_registries=["127.0.0.1:5000"])
+        stage_image("apptainer", site, IMAGE, "never", binary=str(binary))
+    first = stage_image("apptainer", site, IMAGE, binary=str(binary))
     assert first == str(sif_path(site.state_dir / "sif", IMAGE))
     assert stage_image("apptainer", site, IMAGE, binary=str(binary)) == first
+    assert stage_image("apptainer", site, IMAGE, "never", binary=str(binary)) == first
     (pull,) = calls(fake_bin, "pull")
-    assert pull["argv"][:2] == ["pull", "--no-https"]
+    assert pull["argv"] == ["pull", pull["argv"][1], f"docker://{IMAGE}"]

@@ -407,12 +407,13 @@ def test_poll_maps_oom_and_exit_codes_in_one_list_call(tmp_path, node, data_dir)
         ex.close()
 
 
-# -- containers inside batch jobs: the launch line of staging.containers, run for real ------------
+# -- containers inside batch jobs: the launch line of executors.containers, run for real -----------
 def test_batch_job_launch_line_runs_in_docker(tmp_path, node, data_dir):
     """What a Slurm/PBS job script does with docker as the site runtime: the common wrapper execs
     `docker run ... image argv` (here the script is run by sh directly, as a batch job would)."""
+    from fem_hpc.executors.containers import container_launch, docker_cleanup_argv
     from fem_hpc.render import base_context, environment
-    from fem_hpc.staging.containers import container_launch, docker_cleanup_argv, stage_image
+    from fem_hpc.staging.images import stage_image
     from fem_hpc.staging.volumes import resolve_volumes
 
     site = config_from_dict(site_dict(tmp_path, node, data_dir))
@@ -442,8 +443,7 @@ def test_batch_job_launch_line_runs_in_docker(tmp_path, node, data_dir):
 
 
 def test_stage_image_docker_missing_image(tmp_path, node, data_dir):
-    from fem_hpc.staging.containers import stage_image
-    from fem_hpc.staging.images import ImageError
+    from fem_hpc.staging.images import ImageError, stage_image
 
     site = config_from_dict(site_dict(tmp_path, node, data_dir))
     with pytest.raises(ImageError, match="cannot pull image 127.0.0.1:5000/fem/nonexistent:2"):

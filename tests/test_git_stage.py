@@ -18,7 +18,9 @@ from gitkit import git_daemon as serve_git
 from sshkit import free_port
 
 from fem_hpc.config import config_from_dict
-from fem_hpc.staging.git import mirror_path
+from fem_hpc.model import Task
+from fem_hpc.staging.errors import GitStageError, StageError
+from fem_hpc.staging.git import mirror_path, stage_source
 
 
 @pytest.fixture
@@ -117,6 +119,22 @@ def test_unknown_ref_fails_stage_in(tmp_path, repo, git_site, cli, write_config,
     assert "reason: STAGE_IN" in proc.stderr and words in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (workdir(git_site, "badref") / "ran").exists()
+
+
+def test_stage_source_takes_plain_values(tmp_path, repo, git_site) -> None:
+    """The stage-in step without an agent or a job: task, work dir, site, progress."""
+    site = config_from_dict(git_site)
+    notes: list[str] = []
+    task = Task.model_validate(show_version_task("plain", {"git": repo.url, "ref": "stable", "path": "sub"}))
+    stage_source(task, tmp_path / "wd", site, notes.append)
+    assert (tmp_path / "wd" / "version.txt").read_text() == "v1\n"
+    assert notes == [f"cloning {repo.url}", f"checked out {repo.first[:12]}"]
+    stage_source(Task.model_validate({"id": "nosrc", "command": ["true"]}), tmp_path / "empty", site)
+    assert not (tmp_path / "empty").exists()  # no source: nothing to do
+    bad = Task.model_validate(show_version_task("bad", {"git": repo.url, "ref": "no-such-ref"}))
+    with pytest.raises(GitStageError, match="ref 'no-such-ref' not found") as info:
+        stage_source(bad, tmp_path / "wd2", site)
+    assert isinstance(info.value, StageError)  # what the agent turns into FAILED / STAGE_IN
 
 
 def test_url_not_allowed_is_rejected(tmp_path, repo, site, cli, write_config, write_task) -> None:

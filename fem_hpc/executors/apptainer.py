@@ -3,33 +3,35 @@ walltime, re-adoption by /proc) with the task's command run inside the image by
 `apptainer exec --containall --cleanenv --pwd <rundir> --bind <workdir>:<workdir>:rw ... <sif>`.
 
 The binary is the configured one, else `apptainer`, else `singularity` on PATH. Images are pulled
-at stage-in on this (login) host into the SIF cache under `state_dir/sif` (staging.images.ensure_sif:
-one download per image however many tasks ask at once). The task env reaches the container as
-APPTAINERENV_<NAME> (SINGULARITYENV_<NAME> for singularity), the only variables `--cleanenv` lets
-through; the work dir is bound read-write at its own path, named volumes at their targets.
+at stage-in on this (login) host, under `pull_policy`, into the SIF cache under `state_dir/sif`
+(staging.images.ensure_image: one download per image however many tasks ask at once). The task
+env reaches the container as APPTAINERENV_<NAME> (SINGULARITYENV_<NAME> for singularity), the only
+variables `--cleanenv` lets through; the work dir is bound read-write at its own path, named
+volumes at their targets.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from ..model import Check
-from ..staging.containers import container_launch
+from ..staging.errors import StageError
 from ..staging.images import (
-    ImageError,
-    apptainer_env_credentials,
+    PullPolicy,
     credentials_for,
-    ensure_sif,
+    default_sif_cache,
+    ensure_image,
+    find_runtime_binary,
     parse_image_ref,
     sif_path,
 )
-from ..staging.volumes import VolumeError, check_targets, resolve_volumes
+from ..staging.volumes import check_targets, resolve_volumes
 from .base import ExecutorError, Job
+from .containers import container_launch
 from .local import LocalExecutor, LocalSettings
 
 CANDIDATES = ("apptainer", "singularity")
@@ -38,7 +40,7 @@ CANDIDATES = ("apptainer", "singularity")
 class ApptainerSettings(LocalSettings):
     binary: str | None = None  # a path or a name on PATH; default: apptainer, else singularity
     cache_dir: Path | None = None  # the SIF cache; default state_dir/sif
-    pull_policy: Literal["if-not-present", "always", "never"] = "if-not-present"
+    pull_policy: PullPolicy = "if-not-present"
     pull_timeout_seconds: float = Field(default=3600.0, gt=0)
     insecure_registries: list[str] = Field(default_factory=list)  # host[:port] pulled over plain HTTP
     pull_args: list[str] = Field(default_factory=list)  # extra `pull` options
@@ -55,15 +57,12 @@ class ApptainerExecutor(LocalExecutor):
     # -- the runtime ------------------------------------------------------------------------------
     def binary(self) -> str:
         """Absolute path of the runtime binary; ExecutorError when there is none."""
-        wanted = [self.settings.binary] if self.settings.binary else list(CANDIDATES)
-        for name in wanted:
-            found = shutil.which(name)
-            if found:
-                return found
-        if self.settings.binary:
-            raise ExecutorError(f"executors.{self.name}.binary {self.settings.binary!r} is not an executable")
-        raise ExecutorError("neither apptainer nor singularity is on PATH; install one or set "
-                            f"executors.{self.name}.binary")
+        try:
+            return find_runtime_binary("apptainer", self.settings.binary)
+        except StageError as exc:
+            key = f"executors.{self.name}.binary"
+            raise ExecutorError(f"{key}: {exc}" if self.settings.binary else f"{exc}; install one or set {key}") \
+                from None
 
     def _binary_for_render(self) -> str:
         try:
@@ -71,12 +70,9 @@ class ApptainerExecutor(LocalExecutor):
         except ExecutorError:  # `fem-hpc render` on a machine without the runtime still shows the script
             return self.settings.binary or CANDIDATES[0]
 
-    def flavor(self, binary: str) -> Literal["apptainer", "singularity"]:
-        return "singularity" if "singularity" in Path(binary).name else "apptainer"
-
     @property
     def cache_dir(self) -> Path:
-        return self.settings.cache_dir or self.site.state_dir / "sif"
+        return self.settings.cache_dir or default_sif_cache(self.site)
 
     def sif_for(self, job: Job) -> Path:
         return sif_path(self.cache_dir, parse_image_ref(job.task.image or ""))
@@ -87,9 +83,10 @@ class ApptainerExecutor(LocalExecutor):
         try:
             mounts = resolve_volumes(job.task, self.site)
             sif = self.sif_for(job)
-        except (VolumeError, ImageError) as exc:
+        except StageError as exc:
             raise ExecutorError(str(exc)) from None
-        launch, env = container_launch(self.flavor(binary), job, str(sif), mounts, binary=binary,
+        # The binary's name tells apptainer from singularity (their env prefixes differ).
+        launch, env = container_launch("apptainer", job, str(sif), mounts, binary=binary,
                                        extra_args=self.settings.exec_args)
         return {"launch": launch, "env_exports": env}
 
@@ -101,23 +98,11 @@ class ApptainerExecutor(LocalExecutor):
         try:
             ref = parse_image_ref(job.task.image)
             check_targets(resolve_volumes(job.task, self.site), str(job.workdir))
-        except (ImageError, VolumeError) as exc:
-            raise ExecutorError(str(exc)) from None
-        target = sif_path(self.cache_dir, ref)
-        if self.settings.pull_policy == "never":
-            if not target.exists():
-                raise ExecutorError(f"image {ref} is not in the SIF cache ({target}) and pull_policy is 'never'")
-            return
-        pull_args = list(self.settings.pull_args)
-        if ref.registry in self.settings.insecure_registries:
-            pull_args.append("--nohttps" if self.flavor(binary) == "singularity" else "--no-https")
-        if progress is not None and not target.exists():
-            progress(f"pulling image {ref} into the SIF cache")
-        try:
-            ensure_sif(binary, ref, self.cache_dir, pull_args=pull_args,
-                       env=apptainer_env_credentials(binary, credentials_for(self.site, ref)),
-                       force=self.settings.pull_policy == "always", timeout=self.settings.pull_timeout_seconds)
-        except ImageError as exc:
+            ensure_image("apptainer", ref, self.settings.pull_policy, credentials=credentials_for(self.site, ref),
+                         progress=progress, binary=binary, cache_dir=self.cache_dir,
+                         pull_args=self.settings.pull_args, insecure_registries=self.settings.insecure_registries,
+                         timeout=self.settings.pull_timeout_seconds)
+        except StageError as exc:
             raise ExecutorError(str(exc)) from None
 
     # -- doctor -----------------------------------------------------------------------------------

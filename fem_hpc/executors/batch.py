@@ -14,7 +14,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..model import Check
+from ..staging.errors import StageError
+from ..staging.images import PullPolicy, default_sif_cache, parse_image_ref, sif_path, stage_image
+from ..staging.volumes import resolve_volumes
 from .base import Executor, ExecutorError, ExecutorSettings, Job
+from .containers import container_launch, docker_cleanup_argv
 from .runners import CommandResult, Runner, RunnerError, SSHSettings, release, runner_for, scrubbed_env
 
 log = logging.getLogger("fem_hpc.executors.batch")
@@ -44,6 +48,9 @@ class ContainerSettings(BaseModel):
     runtime: Literal["apptainer", "docker"] = "apptainer"
     binary: str | None = None  # apptainer/singularity/docker path on the compute nodes
     docker_user: str | None = None  # uid:gid for `docker run --user`; default: the service's own
+    # Whether the login node pulls the image before submit: if-not-present, always (a fresh pull of
+    # a moving tag), never (only what is already in the SIF cache / the local daemon).
+    pull_policy: PullPolicy = "if-not-present"
 
 
 class BatchSettings(ExecutorSettings):
@@ -99,26 +106,21 @@ class BatchExecutor(Executor):
     # no internet. The launch line is derived from the task alone (the SIF path is a function of
     # the image reference), so a re-render after a restart gives the same script.
     def _image_argument(self, job: Job) -> str:
-        from ..staging.images import parse_image_ref, sif_path
-
         assert job.task.image
         ref = parse_image_ref(job.task.image)
         if self.settings.container.runtime == "docker":
             return ref.pull_ref
-        return str(sif_path(self.site.state_dir / "sif", ref))
+        return str(sif_path(default_sif_cache(self.site), ref))
 
     def template_context(self, job: Job) -> dict[str, Any]:
         ctx: dict[str, Any] = {"directives": self.directives(job)}
         if job.task.image:
-            from ..staging.containers import container_launch
-            from ..staging.volumes import VolumeError, resolve_volumes
-
             c = self.settings.container
             try:
                 launch, env_exports = container_launch(
                     c.runtime, job, self._image_argument(job), resolve_volumes(job.task, self.site),
                     binary=c.binary, user=c.docker_user or "auto", node=self.site.node)
-            except (VolumeError, ValueError) as exc:
+            except (StageError, ValueError) as exc:
                 raise ExecutorError(str(exc)) from None
             ctx.update(launch=launch, env_exports=env_exports)
         return ctx
@@ -126,21 +128,16 @@ class BatchExecutor(Executor):
     def stage_in(self, job: Job, progress: Any = None) -> None:
         if not job.task.image:
             return
-        from ..staging.containers import stage_image
-        from ..staging.images import ImageError
-
         c = self.settings.container
         try:
-            stage_image(c.runtime, self.site, job.task.image, binary=c.binary, progress=progress)
-        except ImageError as exc:
+            stage_image(c.runtime, self.site, job.task.image, c.pull_policy, binary=c.binary, progress=progress)
+        except StageError as exc:
             raise ExecutorError(str(exc)) from None
 
     def after_final(self, job: Job) -> None:
         # A `docker run` client killed with its job (scancel, walltime) can leave its container
         # behind; removing it by name is harmless when it is already gone.
         if job.task.image and self.settings.container.runtime == "docker":
-            from ..staging.containers import docker_cleanup_argv
-
             try:
                 self.command(docker_cleanup_argv(job.task.id, self.site.node, self.settings.container.binary
                                                  or "docker"))

@@ -9,12 +9,14 @@ docker SDK (the daemon's API; no `docker` CLI needed).
 - One sparse `containers.list` per poll cycle for every tracked job (plus one inspect per container
   seen ended, for its exit code and OOM flag). Exit code and logs come from the wrapper's markers
   like every executor; the container's own state is the safety net.
-- Walltime is enforced here (like the local executor): the container is stopped, verdict TIMEOUT.
-  Cancel and walltime send SIGTERM to the wrapper (which forwards it to the command and still
-  writes its marker), then SIGKILL after `stop_grace_seconds`: `docker stop`, without blocking
-  the caller for the grace period.
-- Security: never privileged, all capabilities dropped, no-new-privileges, network `none` unless
-  configured, `host` only with `allow_host_network`.
+- The image is made present at stage-in under `pull_policy` (staging.images.ensure_image).
+- Walltime is enforced here (like the local executor, with the same timers.Stopper): the
+  container is stopped, verdict TIMEOUT. Cancel and walltime send SIGTERM to the wrapper (which
+  forwards it to the command and still writes its marker), then SIGKILL after
+  `stop_grace_seconds`: `docker stop`, without blocking the caller for the grace period.
+- Security (the container spec is containers.docker_create_args): never privileged, all
+  capabilities dropped, no-new-privileges, network `none` unless configured, `host` only with
+  `allow_host_network`.
 
 Work dir permissions: the container runs as a non-root user. `user: auto` (the default) is the
 service's own uid:gid, so the work dir the service created is already the container's; when the
@@ -30,21 +32,22 @@ import logging
 import os
 import re
 import threading
-import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from ..layout import FEM_DIR, SCRIPT_NAME, read_marker
-from ..model import Check, Reason, State, memory_mib
-from ..staging.images import ImageError, credentials_for, docker_pull, parse_image_ref
-from ..staging.volumes import VolumeError, check_targets, resolve_volumes
+from ..layout import FEM_DIR, read_marker
+from ..model import Check, Reason, State
+from ..staging.errors import StageError
+from ..staging.images import PullPolicy, credentials_for, docker_explanation, ensure_image, parse_image_ref
+from ..staging.volumes import check_targets, resolve_volumes
 from .base import Executor, ExecutorError, ExecutorSettings, Job, NativeStatus
+from .containers import WORK_MOUNT, container_name, docker_create_args, in_container
+from .timers import Stopper
 
 log = logging.getLogger("fem_hpc.executors.docker")
 
-WORK_MOUNT = "/fem/work"  # the work dir inside every container
 NOBODY = (65534, 65534)  # the container user of `user: auto` when the service runs as root
 _USER = re.compile(r"^(auto|[0-9]{1,10}(:[0-9]{1,10})?)$")
 
@@ -55,7 +58,7 @@ class DockerSettings(ExecutorSettings):
     user: str = "auto"  # "auto" | "UID" | "UID:GID", numeric (see the module docstring)
     network: str = "none"  # "none", "bridge", a named network; "host" needs allow_host_network
     allow_host_network: bool = False
-    pull_policy: Literal["if-not-present", "always", "never"] = "if-not-present"
+    pull_policy: PullPolicy = "if-not-present"
     stop_grace_seconds: float = Field(default=10.0, ge=0)  # SIGTERM ... SIGKILL on cancel and walltime
     lost_grace_seconds: float = Field(default=60.0, gt=0)  # a container gone without a marker -> LOST
     gpus: bool = True  # pass GPU requests (device_requests) to the daemon; False: such tasks fail
@@ -85,11 +88,6 @@ class DockerSettings(ExecutorSettings):
         return self
 
 
-def _in_container(job: Job, path: Path) -> str:
-    rel = path.relative_to(job.workdir)
-    return WORK_MOUNT if str(rel) == "." else f"{WORK_MOUNT}/{rel.as_posix()}"
-
-
 class DockerExecutor(Executor):
     kind = "docker"
     runtimes = ("docker",)  # the daemon, reached through its API; the CLI is what doctor can look for
@@ -102,7 +100,7 @@ class DockerExecutor(Executor):
         self._client_obj: Any = None
         self._client_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._verdicts: dict[str, NativeStatus] = {}  # container id -> why we stopped it
+        self._stopper = Stopper(self.settings.stop_grace_seconds)  # why we stopped a container, its SIGKILL
         self._ended: dict[str, dict[str, Any]] = {}  # container id -> its State, inspected once
         self._leftovers: set[str] = set()  # containers whose removal failed; retried at each poll
 
@@ -126,6 +124,7 @@ class DockerExecutor(Executor):
         return f" at {self.settings.base_url}" if self.settings.base_url else ""
 
     def close(self) -> None:
+        self._stopper.close()  # pending SIGKILLs first: they need the client
         with self._client_lock:
             if self._client_obj is not None:
                 try:
@@ -143,9 +142,6 @@ class DockerExecutor(Executor):
         uid = int(uid_s)
         return uid, int(gid_s) if gid_s else uid
 
-    def container_name(self, job: Job) -> str:
-        return f"fem-{self.site.node}-{job.task.id}"
-
     def labels(self, job: Job) -> dict[str, str]:
         return {**self.settings.extra_labels, "fem.task_id": job.task.id, "fem.node": self.site.node,
                 "fem.execution_id": job.task.execution, "fem.user_id": job.task.user_id,
@@ -153,7 +149,7 @@ class DockerExecutor(Executor):
 
     # -- job script -------------------------------------------------------------------------------
     def template_context(self, job: Job) -> dict[str, Any]:
-        return {"workdir": WORK_MOUNT, "rundir": _in_container(job, job.rundir),
+        return {"workdir": WORK_MOUNT, "rundir": in_container(job, job.rundir),
                 "fem_dir": f"{WORK_MOUNT}/{FEM_DIR}"}
 
     # -- stage-in ---------------------------------------------------------------------------------
@@ -161,38 +157,17 @@ class DockerExecutor(Executor):
         task = job.task
         if not task.image:
             raise ExecutorError("the docker executor needs the task's image")
-        try:
-            ref = parse_image_ref(task.image)
-            check_targets(resolve_volumes(task, self.site), WORK_MOUNT)
-        except (ImageError, VolumeError) as exc:
-            raise ExecutorError(str(exc)) from None
         if task.resources.gpus and not self.settings.gpus:
             raise ExecutorError(f"the task asks for {task.resources.gpus} GPU(s) but executor {self.name!r} "
                                 "does not pass GPUs to containers (gpus: false)")
-        self._ensure_image(ref, progress)
-        self._hand_over_workdir(job)
-
-    def _ensure_image(self, ref: Any, progress: Any) -> None:
-        import docker.errors
-
-        client = self._client()
-        present = True
-        if self.settings.pull_policy != "always":
-            try:
-                client.images.get(ref.pull_ref)
-            except docker.errors.ImageNotFound:
-                present = False
-            except Exception as exc:
-                raise ExecutorError(f"cannot ask the docker daemon{self._where()} about image {ref}: {exc}") \
-                    from None
-        if present and self.settings.pull_policy != "always":
-            return
-        if self.settings.pull_policy == "never":
-            raise ExecutorError(f"image {ref} is not present on this host and pull_policy is 'never'")
         try:
-            docker_pull(client, ref, credentials_for(self.site, ref), progress=progress)
-        except ImageError as exc:
+            ref = parse_image_ref(task.image)
+            check_targets(resolve_volumes(task, self.site), WORK_MOUNT)
+            ensure_image("docker", ref, self.settings.pull_policy, credentials=credentials_for(self.site, ref),
+                         progress=progress, docker_client=self._client())
+        except StageError as exc:
             raise ExecutorError(str(exc)) from None
+        self._hand_over_workdir(job)
 
     def _hand_over_workdir(self, job: Job) -> None:
         """Make the work dir the container user's (see the module docstring)."""
@@ -207,44 +182,11 @@ class DockerExecutor(Executor):
 
     # -- submit -----------------------------------------------------------------------------------
     def _create_args(self, job: Job) -> dict[str, Any]:
-        import docker.types
-
-        task = job.task
-        mounts = [docker.types.Mount(target=WORK_MOUNT, source=str(job.workdir), type="bind", read_only=False)]
-        for m in resolve_volumes(task, self.site):
-            mounts.append(docker.types.Mount(target=m.target, source=str(m.source), type="bind",
-                                             read_only=m.read_only))
-        uid, gid = self.container_user()
-        args: dict[str, Any] = {
-            "image": parse_image_ref(task.image or "").pull_ref,
-            "entrypoint": ["/bin/sh"],
-            "command": [f"{WORK_MOUNT}/{FEM_DIR}/{SCRIPT_NAME}"],
-            "name": self.container_name(job),
-            "labels": self.labels(job),
-            "user": f"{uid}:{gid}",
-            "working_dir": WORK_MOUNT,
-            "mounts": mounts,
-            "network_mode": self.settings.network,
-            "privileged": False,
-            "cap_drop": ["ALL"],
-            "security_opt": ["no-new-privileges"],
-            "init": self.settings.init,
-            "auto_remove": False,  # removed in after_final, once its exit code has been read
-            "detach": True,
-            "stdin_open": False,
-        }
-        if self.settings.cap_add:
-            args["cap_add"] = list(self.settings.cap_add)
-        res = task.resources
-        if res.cpus:
-            args["nano_cpus"] = int(res.cpus * 1_000_000_000)
-        if res.memory:
-            mib = memory_mib(res.memory)
-            args["mem_limit"] = f"{mib}m"
-            args["memswap_limit"] = f"{mib}m"  # no swap on top of the limit
-        if res.gpus:
-            args["device_requests"] = [docker.types.DeviceRequest(count=res.gpus, capabilities=[["gpu"]])]
-        return args
+        image = parse_image_ref(job.task.image or "").pull_ref
+        return docker_create_args(job, image, resolve_volumes(job.task, self.site),
+                                  name=container_name(job.task.id, self.site.node), labels=self.labels(job),
+                                  user=self.container_user(), network=self.settings.network,
+                                  init=self.settings.init, cap_add=self.settings.cap_add)
 
     def submit(self, job: Job) -> str:
         import docker.errors
@@ -257,7 +199,7 @@ class DockerExecutor(Executor):
                 os.lchown(path, uid, gid)
         try:
             args = self._create_args(job)
-        except (VolumeError, ImageError) as exc:
+        except StageError as exc:
             raise ExecutorError(str(exc)) from None
         try:
             container = self._create(client, job, args)
@@ -266,7 +208,7 @@ class DockerExecutor(Executor):
             container.start()
         except docker.errors.APIError as exc:
             self._remove_quietly(client, args["name"])
-            raise ExecutorError(f"docker could not start the container: {_explain(exc)}") from None
+            raise ExecutorError(f"docker could not start the container: {docker_explanation(exc)}") from None
         except ExecutorError:
             raise
         except Exception as exc:  # connection errors
@@ -325,11 +267,9 @@ class DockerExecutor(Executor):
             return {}
         by_id = {c["Id"]: c for c in self._list([f"fem.node={self.site.node}"])}
         out: dict[str, NativeStatus] = {}
-        now = time.time()
         for job in tracked:
             nid = job.native_id or ""
-            with self._lock:
-                verdict = self._verdicts.get(nid)
+            verdict = self._stopper.verdict(nid)
             info = by_id.get(nid)
             if info is None or (info.get("Labels") or {}).get("fem.task_id") != job.task.id:
                 if verdict is not None:
@@ -337,11 +277,8 @@ class DockerExecutor(Executor):
                 continue
             state = info.get("State")
             if state in ("created", "running", "restarting", "paused"):
-                limit = job.task.resources.walltime_seconds
-                if verdict is None and limit is not None and now - job.submitted_at > limit:
-                    self._stop(job, NativeStatus(native_id=nid, state=State.FAILED, reason=Reason.TIMEOUT,
-                                                 message=f"walltime {job.task.resources.walltime} exceeded",
-                                                 job_name=job.job_name))
+                if (timeout := self._stopper.walltime_verdict(job)) is not None:
+                    self._stop(job, timeout)
                 native = State.SUBMITTED if state == "created" else State.RUNNING
                 out[nid] = NativeStatus(native_id=nid, state=native, job_name=job.job_name)
                 continue
@@ -351,21 +288,7 @@ class DockerExecutor(Executor):
             except Exception as exc:
                 log.debug("inspect of ended container %s failed: %s", nid[:12], exc)
                 continue  # the next cycle asks again; the marker usually decides first
-            code = st.get("ExitCode")
-            if verdict is not None:
-                out[nid] = verdict.model_copy(update={"exit_code": code})
-            elif st.get("OOMKilled"):
-                out[nid] = NativeStatus(native_id=nid, state=State.FAILED, reason=Reason.OUT_OF_MEMORY,
-                                        exit_code=code, job_name=job.job_name,
-                                        message=f"out of memory (limit {job.task.resources.memory or 'none'})")
-            elif code == 0:
-                out[nid] = NativeStatus(native_id=nid, state=State.COMPLETED, exit_code=0, job_name=job.job_name)
-            else:
-                why = f"container exited with code {code}"
-                if st.get("Error"):
-                    why += f": {st['Error']}"
-                out[nid] = NativeStatus(native_id=nid, state=State.FAILED, reason=Reason.EXIT_CODE,
-                                        exit_code=code, message=why, job_name=job.job_name)
+            out[nid] = ended_status(job, st, verdict)
         return out
 
     def poll_interval(self, youngest_age: float) -> float:
@@ -375,40 +298,9 @@ class DockerExecutor(Executor):
     def _stop(self, job: Job, verdict: NativeStatus) -> None:
         """SIGTERM now, SIGKILL after the grace period if it still runs (what `docker stop` does,
         without holding the caller for the grace period)."""
-        import docker.errors
-
         nid = job.native_id or ""
-        with self._lock:
-            self._verdicts[nid] = verdict
-        client = self._client()
-        try:
-            client.api.kill(nid, signal="SIGTERM")
-        except docker.errors.NotFound:
-            return
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # 409: not running (created, or already ended)
-                raise ExecutorError(f"cannot stop container {nid[:12]}: {_explain(exc)}") from None
-            try:
-                if client.api.inspect_container(nid).get("State", {}).get("Status") == "created":
-                    client.api.remove_container(nid, force=True, v=True)  # never started: nothing to wait for
-            except docker.errors.APIError:
-                pass
-            return
-        except Exception as exc:
-            raise ExecutorError(f"cannot reach the docker daemon{self._where()}: {exc}") from None
-        timer = threading.Timer(self.settings.stop_grace_seconds, self._kill_if_running, args=(nid,))
-        timer.daemon = True
-        timer.start()
-
-    def _kill_if_running(self, nid: str) -> None:
-        try:
-            client = self._client()
-            if client.api.inspect_container(nid).get("State", {}).get("Running"):
-                log.info("container %s still runs %.0fs after SIGTERM: SIGKILL", nid[:12],
-                         self.settings.stop_grace_seconds)
-                client.api.kill(nid, signal="SIGKILL")
-        except Exception:
-            pass  # gone already, or the daemon is away: the tracker's next poll tells
+        self._stopper.stop(nid, verdict, lambda: _terminate(self._client(), nid, self._where()),
+                           lambda: _kill_if_running(self._client(), nid))
 
     def cancel(self, job: Job) -> None:
         if job.native_id is None:
@@ -436,34 +328,20 @@ class DockerExecutor(Executor):
         nid = job.native_id
         if not nid:
             return
+        self._stopper.forget(nid)
         with self._lock:
-            self._verdicts.pop(nid, None)
             self._ended.pop(nid, None)
         client = self._client()
         if read_marker(job.marker_path) is None:
-            self._keep_container_output(client, job)
+            _keep_container_output(client, job)
         try:
             client.api.remove_container(nid, force=True, v=True)
         except Exception as exc:
-            if getattr(exc, "status_code", None) == 404:
-                return
-            with self._lock:
-                self._leftovers.add(nid)
-            raise ExecutorError(f"cannot remove container {nid[:12]} (retried later): {exc}") from None
-
-    def _keep_container_output(self, client: Any, job: Job) -> None:
-        """No marker: whatever the container printed before the wrapper took over (e.g. `sh: can't
-        open ...`) goes to the task's stderr, so the result says why."""
-        try:
-            raw = client.api.logs(job.native_id, stdout=True, stderr=True, tail=50)
-        except Exception:
-            return
-        if raw:
-            try:
-                with open(job.fem_dir / "stderr", "ab") as f:
-                    f.write(b"--- fem-hpc: output of the container before the wrapper ran ---\n" + raw)
-            except OSError:
-                pass
+            if getattr(exc, "status_code", None) != 404:
+                with self._lock:
+                    self._leftovers.add(nid)
+                raise ExecutorError(f"cannot remove container {nid[:12]} (retried later): {exc}") from None
+        self._stopper.forget(nid, cancel_kill=True)  # force-removed: no SIGKILL left to send
 
     def _retry_leftovers(self) -> None:
         with self._lock:
@@ -498,9 +376,69 @@ class DockerExecutor(Executor):
         return checks
 
 
-def _explain(exc: Any) -> str:
-    text = getattr(exc, "explanation", None) or str(exc)
-    return text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+def ended_status(job: Job, state: dict[str, Any], verdict: NativeStatus | None) -> NativeStatus:
+    """The runtime's word on an ended container from its inspected State: our own verdict (cancel,
+    walltime) with the exit code, else OOM, else the exit code."""
+    nid = job.native_id or ""
+    code = state.get("ExitCode")
+    if verdict is not None:
+        return verdict.model_copy(update={"exit_code": code})
+    if state.get("OOMKilled"):
+        return NativeStatus(native_id=nid, state=State.FAILED, reason=Reason.OUT_OF_MEMORY, exit_code=code,
+                            job_name=job.job_name,
+                            message=f"out of memory (limit {job.task.resources.memory or 'none'})")
+    if code == 0:
+        return NativeStatus(native_id=nid, state=State.COMPLETED, exit_code=0, job_name=job.job_name)
+    why = f"container exited with code {code}"
+    if state.get("Error"):
+        why += f": {state['Error']}"
+    return NativeStatus(native_id=nid, state=State.FAILED, reason=Reason.EXIT_CODE, exit_code=code, message=why,
+                        job_name=job.job_name)
+
+
+def _terminate(client: Any, nid: str, where: str) -> bool:
+    """SIGTERM to the container; False when there is nothing to stop (gone, or never started: a
+    created container is removed on the spot)."""
+    import docker.errors
+
+    try:
+        client.api.kill(nid, signal="SIGTERM")
+    except docker.errors.NotFound:
+        return False
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # 409: not running (created, or already ended)
+            raise ExecutorError(f"cannot stop container {nid[:12]}: {docker_explanation(exc)}") from None
+        try:
+            if client.api.inspect_container(nid).get("State", {}).get("Status") == "created":
+                client.api.remove_container(nid, force=True, v=True)  # never started: nothing to wait for
+        except docker.errors.APIError:
+            pass
+        return False
+    except Exception as exc:
+        raise ExecutorError(f"cannot reach the docker daemon{where}: {exc}") from None
+    return True
+
+
+def _kill_if_running(client: Any, nid: str) -> None:
+    if client.api.inspect_container(nid).get("State", {}).get("Running"):
+        log.info("container %s still runs after the grace period since SIGTERM: SIGKILL", nid[:12])
+        client.api.kill(nid, signal="SIGKILL")
+
+
+def _keep_container_output(client: Any, job: Job) -> None:
+    """No marker: whatever the container printed before the wrapper took over (e.g. `sh: can't
+    open ...`) goes to the task's stderr, so the result says why."""
+    try:
+        raw = client.api.logs(job.native_id, stdout=True, stderr=True, tail=50)
+    except Exception:
+        return
+    if raw:
+        try:
+            with open(job.fem_dir / "stderr", "ab") as f:
+                f.write(b"--- fem-hpc: output of the container before the wrapper ran ---\n" + raw)
+        except OSError:
+            pass
+
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:

@@ -10,14 +10,14 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 from pydantic import Field
 
-from ..model import Reason, State
+from ..model import State
 from .base import Executor, ExecutorError, ExecutorSettings, Job, NativeStatus
 from .runners import scrubbed_env
+from .timers import Stopper
 
 
 class LocalSettings(ExecutorSettings):
@@ -71,8 +71,7 @@ class LocalExecutor(Executor):
     def __init__(self, name, settings, site):
         super().__init__(name, settings, site)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
-        self._verdicts: dict[str, NativeStatus] = {}
-        self._kill_timers: list[threading.Timer] = []
+        self._stopper = Stopper(self.settings.kill_grace_seconds)
         self._lock = threading.Lock()
 
     def submit(self, job: Job) -> str:
@@ -111,64 +110,50 @@ class LocalExecutor(Executor):
 
     def poll(self, jobs: list[Job]) -> dict[str, NativeStatus]:
         out: dict[str, NativeStatus] = {}
-        now = time.time()
         for job in jobs:
             if job.native_id is None:
                 continue
-            alive = self._alive(job)
-            with self._lock:
-                verdict = self._verdicts.get(job.native_id)
-            if alive:
-                limit = job.task.resources.walltime_seconds
-                if verdict is None and limit is not None and now - job.submitted_at > limit:
-                    self._stop(job, NativeStatus(
-                        native_id=job.native_id, state=State.FAILED, reason=Reason.TIMEOUT,
-                        message=f"walltime {job.task.resources.walltime} exceeded"))
+            if self._alive(job):
+                if (timeout := self._stopper.walltime_verdict(job)) is not None:
+                    self._stop(job, timeout)
                 out[job.native_id] = NativeStatus(native_id=job.native_id, state=State.RUNNING,
                                                   job_name=job.job_name)
-            elif verdict is not None:
+            elif (verdict := self._stopper.verdict(job.native_id)) is not None:
                 out[job.native_id] = verdict
         return out
 
     def _stop(self, job: Job, verdict: NativeStatus) -> None:
         assert job.native_id is not None
-        pid = int(job.native_id)
-        with self._lock:
-            self._verdicts[job.native_id] = verdict
-        if not self._alive(job):
-            return
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        timer = threading.Timer(self.settings.kill_grace_seconds, self._kill_if_alive, args=(job,))
-        timer.daemon = True
-        with self._lock:
-            self._kill_timers = [t for t in self._kill_timers if t.is_alive()] + [timer]
-        timer.start()
+        pgid = int(job.native_id)
 
-    def _kill_if_alive(self, job: Job) -> None:
-        pgid = int(job.native_id or 0)
-        # The whole group, not only the wrapper: a descendant that ignores SIGTERM outlives a
-        # wrapper that has already written its marker and exited.
-        if pgid and (self._alive(job) or _group_members(pgid)):
+        def terminate() -> bool:
+            if not self._alive(job):
+                return False
             try:
-                os.killpg(pgid, signal.SIGKILL)
+                os.killpg(pgid, signal.SIGTERM)
             except ProcessLookupError:
-                pass
+                return False
+            return True
+
+        def kill() -> None:
+            # The whole group, not only the wrapper: a descendant that ignores SIGTERM outlives a
+            # wrapper that has already written its marker and exited.
+            if self._alive(job) or _group_members(pgid):
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        self._stopper.stop(job.native_id, verdict, terminate, kill)
 
     def close(self) -> None:
-        # A job being stopped still gets its SIGKILL when the grace period ends, even when the
-        # service (or `fem-hpc run`) stops first: the timers are daemon threads.
-        with self._lock:
-            timers, self._kill_timers = self._kill_timers, []
-        for timer in timers:
-            timer.join()
+        self._stopper.close()
 
     def cancel(self, job: Job) -> None:
         if job.native_id is None:
             return
-        self._stop(job, NativeStatus(native_id=job.native_id, state=State.CANCELLED, message="cancelled"))
+        self._stop(job, NativeStatus(native_id=job.native_id, state=State.CANCELLED, message="cancelled",
+                                     job_name=job.job_name))
 
     def find_by_name(self, job: Job) -> str | None:
         for entry in Path("/proc").iterdir():
@@ -182,10 +167,11 @@ class LocalExecutor(Executor):
         return None
 
     def after_final(self, job: Job) -> None:
+        if not job.native_id:
+            return
+        self._stopper.forget(job.native_id)  # a pending SIGKILL still reaches stragglers of the group
         with self._lock:
-            if job.native_id:
-                self._verdicts.pop(job.native_id, None)
-                proc = self._children.pop(job.native_id, None)
+            proc = self._children.pop(job.native_id, None)
         if proc is not None:
             proc.poll()
 

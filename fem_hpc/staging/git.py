@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import git
 
 from ..logs import redact, register_secret
-from .errors import StageError
+from .errors import GitStageError
 from .locks import exclusive
 
 if TYPE_CHECKING:
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
     from ..model import Task
 
 log = logging.getLogger("fem_hpc.staging.git")
-
-
-class GitStageError(StageError):
-    pass
 
 
 def _host(url: str) -> str:
@@ -141,7 +137,8 @@ def checkout(site: SiteConfig, url: str, ref: str | None, commit: str | None, de
 
 
 def stage_source(task: Task, workdir: Path, site: SiteConfig, progress: Callable[[str], None] | None = None) -> None:
-    """Stage-in step: check out the task's source into its work dir."""
+    """Check the task's source (if any) out into its work dir. Raises GitStageError (a StageError)
+    with a message for the user."""
     src = task.source
     if src is None:
         return

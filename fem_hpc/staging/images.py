@@ -10,6 +10,10 @@ reference pins one (`...@sha256:<hex>`), else after the sha256 of the normalized
 mutable tag is then cached until `pull_policy: always` refreshes it). A per-image fcntl lock, a
 temporary file in the cache dir and an atomic `os.replace` make concurrent callers, threads and
 processes alike, download one image once, and no reader ever sees half a SIF.
+
+`ensure_image(runtime, ref, pull_policy)` is the one place that decides, per pull policy, whether
+an image is pulled: the docker executor, the apptainer executor and containers inside batch jobs
+(`stage_image`) all go through it.
 """
 
 from __future__ import annotations
@@ -20,16 +24,17 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..logs import redact, register_secret
-from .errors import StageError
+from .errors import ImageError
 from .locks import exclusive
 
 if TYPE_CHECKING:
@@ -43,9 +48,10 @@ _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
+PullPolicy = Literal["if-not-present", "always", "never"]
+Runtime = Literal["apptainer", "singularity", "docker"]
+Flavor = Literal["apptainer", "singularity"]
 
-class ImageError(StageError):
-    """An image that cannot be resolved, pulled or cached; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +172,7 @@ def docker_pull(client: Any, ref: ImageRef | str, credentials: RegistryCredentia
                 if status:
                     progress(status)
     except docker.errors.APIError as exc:
-        raise ImageError(f"cannot pull image {ref}: {_docker_explanation(exc)}") from None
+        raise ImageError(f"cannot pull image {ref}: {docker_explanation(exc)}") from None
     except docker.errors.DockerException as exc:
         raise ImageError(f"cannot pull image {ref}: {redact(str(exc))}") from None
     log.info("pulled %s in %.1fs", ref, time.monotonic() - started)
@@ -174,14 +180,43 @@ def docker_pull(client: Any, ref: ImageRef | str, credentials: RegistryCredentia
         progress(f"pulled image {ref} in {time.monotonic() - started:.1f}s")
 
 
-def _docker_explanation(exc: Any) -> str:
+def docker_explanation(exc: BaseException) -> str:
+    """What the daemon said (an APIError's `explanation`), redacted; str(exc) for anything else."""
     text = getattr(exc, "explanation", None) or str(exc)
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
     return redact(str(text))
 
 
+# -- the Apptainer/Singularity runtime ------------------------------------------------------------
+def flavor(binary: str | None, runtime: str = "apptainer") -> Flavor:
+    """Which of the two a binary is (by its name; singularity still spells its options and its
+    environment prefixes the old way): the one place that tells them apart."""
+    return "singularity" if "singularity" in Path(binary or runtime).name else "apptainer"
+
+
+def find_runtime_binary(runtime: Runtime, configured: str | None = None) -> str:
+    """Absolute path of the runtime's binary: the configured one (a path or a name on PATH), else
+    apptainer then singularity (docker: docker) on PATH. Raises ImageError naming what is missing."""
+    if configured:
+        found = shutil.which(configured)
+        if found:
+            return found
+        raise ImageError(f"{configured!r} is not an executable")
+    candidates = ("docker",) if runtime == "docker" else ("apptainer", "singularity")
+    for name in candidates:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise ImageError("docker is not on PATH" if runtime == "docker" else "neither apptainer nor singularity is on PATH")
+
+
 # -- the Apptainer SIF cache -----------------------------------------------------------------------
+def default_sif_cache(site: SiteConfig) -> Path:
+    """The SIF cache when none is configured: the batch executors always use this one."""
+    return site.state_dir / "sif"
+
+
 def cache_key(ref: ImageRef | str, digest: str | None = None) -> str:
     """File stem of an image's SIF: its digest when known, else the hash of the normalized ref."""
     if isinstance(ref, str):
@@ -204,7 +239,7 @@ def apptainer_env_credentials(binary: str, credentials: RegistryCredential | Non
         return {}
     password = credentials.password.get_secret_value()
     register_secret(password)
-    prefix = "SINGULARITY" if "singularity" in Path(binary).name else "APPTAINER"
+    prefix = flavor(binary).upper()
     return {f"{prefix}_DOCKER_USERNAME": credentials.username, f"{prefix}_DOCKER_PASSWORD": password}
 
 
@@ -260,6 +295,94 @@ def _last_lines(raw: bytes | str | None, n: int = 5) -> str:
     text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return " | ".join(lines[-n:]) or "(no output)"
+
+
+# -- the one pull-policy decision ------------------------------------------------------------------
+def pull_needed(pull_policy: PullPolicy, present: Callable[[], bool], missing: str) -> bool:
+    """Whether to pull: `always` pulls without asking `present`; `if-not-present` pulls what is
+    missing; `never` never pulls and raises ImageError("<missing> and pull_policy is 'never'")
+    for a missing image."""
+    if pull_policy == "always":
+        return True
+    if present():
+        return False
+    if pull_policy == "never":
+        raise ImageError(f"{missing} and pull_policy is 'never'")
+    return True
+
+
+def ensure_image(runtime: Runtime, ref: ImageRef | str, pull_policy: PullPolicy, *,
+                 credentials: RegistryCredential | None = None, progress: Progress | None = None,
+                 docker_client: Any = None, binary: str | None = None, cache_dir: Path | None = None,
+                 pull_args: Sequence[str] = (), insecure_registries: Sequence[str] = (),
+                 timeout: float | None = 3600.0) -> str:
+    """Make the image present on this host under `pull_policy` and return what the runtime runs.
+
+    docker: `docker_client` (a docker.DockerClient) is asked and pulls; returns the reference the
+    daemon now holds. apptainer/singularity: the SIF in `cache_dir`, pulled by `binary` (found on
+    PATH when None) with `pull_args`, over plain HTTP for a registry in `insecure_registries`;
+    returns the SIF path. Raises ImageError with a message for the user."""
+    if isinstance(ref, str):
+        ref = parse_image_ref(ref)
+    if runtime == "docker":
+        if docker_client is None:
+            raise ValueError("ensure_image('docker', ...) needs a docker_client")
+        missing = f"image {ref} is not present on this host"
+        if pull_needed(pull_policy, lambda: _docker_has(docker_client, ref), missing):
+            docker_pull(docker_client, ref, credentials, progress=progress)
+        return ref.pull_ref
+    if cache_dir is None:
+        raise ValueError(f"ensure_image({runtime!r}, ...) needs the SIF cache_dir")
+    exe = find_runtime_binary(runtime, binary)
+    target = sif_path(cache_dir, ref)
+    cached = target.exists()
+    if not pull_needed(pull_policy, lambda: cached, f"image {ref} is not in the SIF cache ({target})"):
+        return str(target)
+    args = list(pull_args)
+    if ref.registry in insecure_registries:
+        args.append("--nohttps" if flavor(exe) == "singularity" else "--no-https")
+    if progress is not None:
+        progress(f"pulling image {ref} into the SIF cache")
+    # A pull over a cached SIF (`always`) is forced; a missing one is pulled by whichever caller
+    # takes the cache lock first, and the others find it there (ensure_sif looks again).
+    return str(ensure_sif(exe, ref, cache_dir, pull_args=args, env=apptainer_env_credentials(exe, credentials),
+                          force=cached, timeout=timeout))
+
+
+def _docker_has(client: Any, ref: ImageRef) -> bool:
+    import docker.errors
+
+    try:
+        client.images.get(ref.pull_ref)
+    except docker.errors.ImageNotFound:
+        return False
+    except Exception as exc:  # APIError, or requests' connection errors
+        raise ImageError(f"cannot ask the docker daemon about image {ref}: {docker_explanation(exc)}") from None
+    return True
+
+
+def stage_image(runtime: Runtime, site: SiteConfig, image: str, pull_policy: PullPolicy = "if-not-present", *,
+                binary: str | None = None, progress: Progress | None = None) -> str:
+    """Stage a batch job's image on this (login) host before submit (compute nodes often have no
+    internet) and return the image argument of its launch line: the SIF path in the site's SIF
+    cache, or the reference the local daemon now holds. Credentials from `site.registries`."""
+    ref = parse_image_ref(image)
+    credentials = credentials_for(site, ref)
+    if runtime != "docker":
+        return ensure_image(runtime, ref, pull_policy, credentials=credentials, progress=progress, binary=binary,
+                            cache_dir=default_sif_cache(site))
+    import docker
+    import docker.errors
+
+    try:
+        client = docker.from_env()
+    except docker.errors.DockerException as exc:
+        raise ImageError(f"cannot reach the docker daemon: {docker_explanation(exc)}") from None
+    try:
+        return ensure_image("docker", ref, pull_policy, credentials=credentials, progress=progress,
+                            docker_client=client)
+    finally:
+        client.close()
 
 
 def local_images(site: SiteConfig) -> dict[str, Any]:

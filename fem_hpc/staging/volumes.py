@@ -8,15 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import StageError
+from .errors import VolumeError
 
 if TYPE_CHECKING:
     from ..config import SiteConfig
     from ..model import Task
 
-
-class VolumeError(StageError):
-    """A volume that cannot be mounted; the message says which and why."""
 
 
 @dataclass(frozen=True)
