@@ -13,7 +13,8 @@ import pytest
 import services
 from apptainerkit import IMAGE, calls, install_fake
 
-from fem_hpc.config import ConfigError, config_from_dict
+from fem_hpc.config import ConfigError
+from fem_hpc.executors import site_from_dict
 from fem_hpc.executors import registry
 from fem_hpc.executors.base import ExecutorError, Job
 from fem_hpc.model import Task
@@ -146,7 +147,7 @@ def test_docker_per_policy(unique_ref):
 def test_docker_executor_pull_policy_never(tmp_path: Path, unique_ref):
     """The docker executor's stage-in goes through ensure_image with its own pull_policy."""
     _client, ref = unique_ref
-    site = config_from_dict({"node": f"pp{uuid.uuid4().hex[:8]}", "state_dir": str(tmp_path / "state"),
+    site = site_from_dict({"node": f"pp{uuid.uuid4().hex[:8]}", "state_dir": str(tmp_path / "state"),
                              "work_root": str(tmp_path / "work"), "default_executor": "docker",
                              "executors": {"docker": {"pull_policy": "never"}},
                              "policy": {"images": ["127.0.0.1:*"]}})
@@ -163,7 +164,7 @@ def test_docker_executor_pull_policy_never(tmp_path: Path, unique_ref):
 
 # -- batch jobs: container.pull_policy --------------------------------------------------------------------
 def batch_site(tmp_path: Path, kind: str, container: dict[str, Any]):
-    return config_from_dict({
+    return site_from_dict({
         "node": "bn", "state_dir": str(tmp_path / "state"), "work_root": str(tmp_path / "work"),
         "default_executor": kind, "executors": {kind: {"container": container}},
         "policy": {"images": ["127.0.0.1:*"]}})
