@@ -14,8 +14,7 @@ import services
 from apptainerkit import IMAGE, calls, install_fake
 
 from fem_hpc.config import ConfigError
-from fem_hpc.executors import site_from_dict
-from fem_hpc.executors import registry
+from fem_hpc.executors import registry, site_from_dict
 from fem_hpc.executors.base import ExecutorError, Job
 from fem_hpc.model import Task
 from fem_hpc.render import render_job
