@@ -209,8 +209,8 @@ def test_refused_targets(site: Site, target: str, reason: str) -> None:
 
 def test_map_volumes_reports_every_problem(site: Site) -> None:
     volumes = [{"host_path": str(site.data), "container_path": "/d"}, "not a dict",
-               {"host_path": "/etc", "container_path": "/e"}, {"host_path": str(site.data / "x"), "container_path": "/d"},
-               {"container_path": "/n"}]
+               {"host_path": "/etc", "container_path": "/e"},
+               {"host_path": str(site.data / "x"), "container_path": "/d"}, {"container_path": "/n"}]
     mounts, errors = map_volumes(volumes, site.rules())
     assert [m.target for m in mounts] == ["/d"]
     assert [(e.field, e.message.split(" ")[0]) for e in errors] == [
