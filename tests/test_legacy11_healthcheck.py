@@ -26,6 +26,7 @@ from fem_hpc.protocols.legacy.healthcheck import (
     Probes,
     docker_api_images,
     docker_image_rows,
+    docker_probe,
     health_report,
     inputs_from_site,
     pem_expiry,
@@ -120,7 +121,7 @@ def inputs(tmp: Path, **over: Any) -> HealthInputs:
     data.mkdir(exist_ok=True)
     for name in ("metadata.json", "kaggle_hf.csv"):
         (data / name).write_text("x")
-    base: dict[str, Any] = dict(node="UB2", sandbox=sandbox, data_path=data, pem_files=make_pki(tmp / "pki"),
+    base: dict[str, Any] = dict(sandbox=sandbox, data_path=data, pem_files=make_pki(tmp / "pki"),
                                 schedulers=["slurm", "pbs"])
     base.update(over)
     return HealthInputs(**base)
@@ -252,10 +253,15 @@ def test_inputs_from_the_site_config(tmp_path: Path) -> None:
         "node": "UB2", "state_dir": str(tmp_path / "s"), "work_root": str(tmp_path / "w"),
         "broker": {"url": "amqps://u:p@127.0.0.1:5671/%2F", "tls": {
             "ca_file": str(pki[0]), "cert_file": str(pki[1]), "key_file": str(pki[2])}},
-        "executors": {"local": {}, "hpc": {"type": "slurm"}}, "legacy": {"sandbox_path": str(tmp_path / "sb")}})
+        "executors": {"local": {}, "hpc": {"type": "slurm"},
+                      "containers": {"type": "docker", "base_url": f"unix://{tmp_path}/none.sock"}},
+        "legacy": {"sandbox_path": str(tmp_path / "sb")}})
     got = inputs_from_site(cfg, data_path=tmp_path / "data")
     assert got.sandbox == tmp_path / "sb" and got.data_path == tmp_path / "data"
     assert got.pem_files == pki[:3] and got.schedulers == ["slurm"]
+    # the docker probe asks the site's own daemon (here: a socket nobody listens on)
+    report = health_report(got, probes(docker_images=docker_probe(cfg)))
+    assert f"docker daemon at unix://{tmp_path}/none.sock: " in report["docker_images_installed"]["error"]
 
 
 @pytest.mark.docker
@@ -295,6 +301,6 @@ def test_on_this_machine_without_docker(tmp_path: Path) -> None:
     assert report["installation_check"]["docker_version"] is None
     assert "docker: command not found" in report["installation_check"]["docker_error"]
     assert report["docker_images_installed"]["docker_images"] == []
-    assert report["docker_images_installed"]["error"].startswith("cannot list docker images: ")
+    assert report["docker_images_installed"]["error"].startswith(f"cannot list docker images: docker daemon at {dead}")
     assert report["scheduler_check"]["slurm"]["reachable"]
     assert report["pem_certificates"]["rootCA_cert.pem"]["status"] == "Valid"

@@ -245,3 +245,44 @@ def test_the_real_paths_are_bound_not_the_symlinks(site: Site) -> None:
                                         sandbox=site.sandbox)
     rules = HostPathRules.build(sandbox=site.sandbox, workdir=site.workdir, variables=variables, site_volumes={})
     assert map_host_path(str(linked / "set"), "/d", "v", rules).source == real / "set"
+
+
+def _hostile(site: Site, case: str) -> dict:
+    """The real document with one hostile change (the list of issue 11)."""
+    doc = flcore_document()
+    if case == "$HOME":
+        doc["var_envs"]["FLOWER_SSL_CACERT"] = "$HOME/.ssh/id_rsa"
+    elif case == "$FEM_HPC_BROKER_URL":
+        doc["var_envs"]["NODE_NAME"] = "$FEM_HPC_BROKER_URL"
+    elif case == "%%../../etc%%":
+        doc["volumes"][2]["host_path"] = "$SANDBOX_PATH/%%../../etc%%"
+    elif case == "user_id ../x":
+        site.ctx = site.ctx.model_copy(update={"user_id": "../x"})
+    elif case == "/etc":
+        doc["volumes"][1]["host_path"] = "/etc"
+    elif case == "$SANDBOX_PATH/../..":
+        doc["volumes"][0]["host_path"] = "$SANDBOX_PATH/../.."
+    elif case == "symlink to /":
+        site.workdir.rmdir()
+        site.workdir.symlink_to("/")
+    return doc
+
+
+@pytest.mark.parametrize(("case", "field", "reason"), [
+    ("$HOME", "task_info.var_envs.FLOWER_SSL_CACERT", "$HOME is not a variable this site declares"),
+    ("$FEM_HPC_BROKER_URL", "task_info.var_envs.NODE_NAME", "$FEM_HPC_BROKER_URL is not a variable this site"),
+    ("%%../../etc%%", "task_info.volumes[2].host_path", "unknown placeholder '%%../../etc%%'"),
+    ("user_id ../x", "task_info.volumes[2].host_path", "%%user_id%% would be '../x'"),
+    ("/etc", "task_info.volumes[1].host_path", "'/etc' is not the task's work area"),
+    ("$SANDBOX_PATH/../..", "task_info.volumes[0].host_path", "contains '..'"),
+    ("symlink to /", "task_info.volumes[2].host_path", "goes through a symlink in the sandbox (it leads to '/')"),
+])
+def test_issue_11_hostile_list(site: Site, case: str, field: str, reason: str) -> None:
+    """Each hostile change to the real document is refused, naming the field; the rest still maps."""
+    doc = _hostile(site, case)
+    # the two stages as the mapping runs them: placeholders first; host paths only when they all resolved
+    info, _, found = resolve_document(doc, {}, site.ctx, site.variables)
+    if not found:
+        _, found = map_volumes(info["volumes"], site.rules())
+    assert [e.field for e in found] == [field], found
+    assert reason in found[0].message, found[0].message

@@ -43,9 +43,12 @@ from fem_hpc.executors.runners import CommandResult, LocalRunner, RunnerError
 __all__ = [
     "HealthInputs",
     "Probes",
+    "docker_api_images",
     "docker_image_rows",
+    "docker_probe",
     "health_report",
     "inputs_from_site",
+    "interface_addresses",
     "pem_expiry",
 ]
 
@@ -60,7 +63,6 @@ class HealthInputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    node: str
     sandbox: Path
     data_path: Path | None = None  # the DATA_PATH variable, when the site declares one
     pem_files: list[Path] = []
@@ -78,10 +80,16 @@ def docker_api_images(base_url: str | None, timeout: float = 10.0) -> list[dict[
     """The daemon's image list (``GET /images/json``) through the docker SDK; raises on any failure."""
     import docker  # a runtime dependency; imported here so the check runs (and reports) without a daemon
 
-    client = docker.DockerClient(base_url=base_url, timeout=int(timeout)) if base_url else \
-        docker.from_env(timeout=int(timeout))
+    where = base_url or "the default socket (DOCKER_HOST)"
+    try:
+        client = docker.DockerClient(base_url=base_url, timeout=int(timeout)) if base_url else \
+            docker.from_env(timeout=int(timeout))
+    except Exception as exc:  # DockerException, or requests' connection errors
+        raise ConnectionError(f"docker daemon at {where}: {exc}") from None
     try:
         return list(client.api.images())
+    except Exception as exc:
+        raise ConnectionError(f"docker daemon at {where}: {exc}") from None
     finally:
         client.close()
 
@@ -134,8 +142,8 @@ def inputs_from_site(site: SiteConfig, *, data_path: Path | None = None) -> Heal
     pem = [p for p in ((tls.ca_file, tls.cert_file, tls.key_file) if tls else ()) if p is not None]
     kinds = {site.executor_type(name) for name in site.executors}
     schedulers: list[Literal["slurm", "pbs"]] = [k for k in ("slurm", "pbs") if k in kinds]
-    return HealthInputs(node=site.node, sandbox=site.legacy.sandbox_path or site.work_root, data_path=data_path,
-                        pem_files=pem, schedulers=schedulers)
+    return HealthInputs(sandbox=site.legacy.sandbox_path or site.work_root, data_path=data_path, pem_files=pem,
+                        schedulers=schedulers)
 
 
 def docker_probe(site: SiteConfig) -> Callable[[], list[dict[str, Any]]]:
@@ -168,6 +176,7 @@ def _ip_info(probes: Probes) -> dict[str, Any]:
         addresses = probes.addresses()
     except OSError as exc:
         return {"ip": None, "error": f"cannot read the interface addresses: {exc}", "source": "local"}
+
     def usable(a: dict[str, str]) -> bool:
         ip = ipaddress.ip_address(a["address"])
         return not (ip.is_loopback or ip.is_link_local)

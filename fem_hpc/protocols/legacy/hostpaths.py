@@ -236,7 +236,8 @@ def map_volumes(volumes: Any, rules: HostPathRules, field: str = "task_info.volu
                 ) -> tuple[list[HostMount], list[FieldError]]:
     """Map a document's resolved ``volumes`` list (``[{'host_path', 'container_path'}]``; None or ``''`` =
     none). Returns the mounts and every problem (a target used twice included); use the mounts only when
-    the problem list is empty."""
+    the problem list is empty. Call it only when :func:`~.placeholders.resolve_document` found no problem
+    (an unresolved template would be reported a second time here, as not absolute)."""
     if volumes is None or volumes == "":
         return [], []
     if not isinstance(volumes, list):
