@@ -191,6 +191,12 @@ def test_a_variable_that_contains_the_sandbox(tmp_path: Path) -> None:
     assert map_host_path(str(workdir), "/sandbox", "v", rules).kind == MountKind.WORKDIR
 
 
+def test_the_work_area_must_be_in_the_sandbox(site: Site) -> None:
+    for workdir in (site.sandbox, site.data / "w"):
+        with pytest.raises(ValueError, match="must be inside the sandbox"):
+            HostPathRules.build(sandbox=site.sandbox, workdir=workdir, variables=site.variables, site_volumes={})
+
+
 def test_without_a_source_there_is_no_checkout(site: Site) -> None:
     with pytest.raises(DocumentError, match="only the task's own work area"):
         site.map("$SANDBOX_PATH/flcore", source_url=None)

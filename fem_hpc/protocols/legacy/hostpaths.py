@@ -116,6 +116,9 @@ class HostPathRules(BaseModel):
         allowed, e.g. ``... --branch production``); ``protected`` the directories no variable or site volume
         mount may expose (pass the state dir and the work root; the sandbox always is)."""
         sandbox = Path(os.path.normpath(os.path.abspath(sandbox)))
+        workdir = Path(os.path.normpath(os.path.abspath(workdir)))
+        if sandbox not in workdir.parents:
+            raise ValueError(f"the work area {workdir} must be inside the sandbox {sandbox}")
         roots = {
             name: _Root(path=Path(os.path.normpath(value)), mode="rw" if variables.modes[name] == "rw" else "ro")
             for name, value in variables.values.items()
@@ -124,7 +127,7 @@ class HostPathRules(BaseModel):
         volumes = {name: _Root(path=Path(os.path.normpath(v.path)), mode="ro") for name, v in site_volumes.items()}
         return cls(
             sandbox=sandbox,
-            workdir=Path(os.path.normpath(os.path.abspath(workdir))),
+            workdir=workdir,
             repository=repository_name(source_url) if source_url else None,
             variables=roots,
             site_volumes=volumes,
