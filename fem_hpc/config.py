@@ -109,6 +109,24 @@ class VolumeConfig(_Section):
     mode: Literal["ro", "rw"] = "ro"
 
 
+def parse_port_ranges(items: list[int | str]) -> list[tuple[int, int]]:
+    """`[4433, "8000-8010"]` -> `[(4433, 4433), (8000, 8010)]`. Raises ValueError naming the bad item."""
+    out = []
+    for item in items:
+        if isinstance(item, bool):  # True would otherwise be port 1
+            raise ValueError(f"{item!r} is not a port or a range 'a-b'")
+        text = str(item).strip()
+        low, sep, high = text.partition("-")
+        try:
+            a, b = int(low), int(high if sep else low)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a port or a range 'a-b'") from None
+        if not 1 <= a <= b <= 65535:
+            raise ValueError(f"{item!r}: ports are 1..65535 and a range is 'low-high'")
+        out.append((a, b))
+    return out
+
+
 class PolicyConfig(_Section):
     images: list[str] = Field(default_factory=list)  # fnmatch globs; empty = no image allowed
     git: list[str] = Field(default_factory=list)  # fnmatch globs on the URL; empty = no git source allowed
@@ -116,6 +134,15 @@ class PolicyConfig(_Section):
     max_resources: Resources = Field(default_factory=Resources)
     default_resources: Resources = Field(default_factory=lambda: Resources(cpus=1, walltime="01:00:00"))
     executors: list[str] | None = None  # executors a task may name; None = every configured one
+    # host ports a task may publish (a legacy document's port_mappings): ports or "a-b" ranges; empty = none
+    ports: list[int | str] = Field(default_factory=list)
+
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _ports(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            parse_port_ranges(v)
+        return v
 
 
 class StageOutConfig(_Section):
@@ -127,6 +154,30 @@ class StageOutConfig(_Section):
     compress_level: int | None = Field(default=None, ge=0, le=9)
 
 
+# $NAMEs a legacy document may not declare: fem-hpc derives them (node, legacy.sandbox_path).
+RESERVED_LEGACY_VARIABLES = ("NODE_NAME", "SANDBOX_PATH")
+
+
+class LegacyVariable(_Section):
+    """One `$NAME` a legacy task document may use. `mode` says what a host path under an absolute
+    `value` may be mounted as: ro (the default), rw, or none (a plain value, never a mount root).
+    A bare string in the YAML is the short form of `{value: ..., mode: ro}`."""
+
+    value: str
+    mode: Literal["ro", "rw", "none"] = "ro"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        return {"value": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _rw_is_a_path(self) -> LegacyVariable:
+        if self.mode == "rw" and not self.value.startswith("/"):
+            raise ValueError(f"mode rw needs an absolute path as value, not {self.value!r}")
+        return self
+
+
 class LegacyConfig(_Section):
     enabled: bool = False
     sandbox_path: Path | None = None  # defaults to work_root
@@ -135,6 +186,46 @@ class LegacyConfig(_Section):
     executor: str | None = None
     token_env: str | None = None  # pass the request's token to the task under this env name
     send_files_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # The `$NAME`s task documents may use (never the service's own environment); NODE_NAME and
+    # SANDBOX_PATH are always there and come from `node` and `sandbox_path`.
+    variables: dict[str, LegacyVariable] = Field(default_factory=dict)
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, v: dict[str, LegacyVariable]) -> dict[str, LegacyVariable]:
+        for name in v:
+            if not re.fullmatch(ENV_NAME_PATTERN, name):
+                raise ValueError(f"variable name {name!r} does not match {ENV_NAME_PATTERN}")
+            if name in RESERVED_LEGACY_VARIABLES:
+                raise ValueError(f"{name} is set by fem-hpc (NODE_NAME = node, SANDBOX_PATH = "
+                                 "legacy.sandbox_path) and cannot be declared")
+        return v
+
+
+_REGISTRY_PREFIX = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?(?:/[a-z0-9._-]+)*$")
+
+
+def check_registry_prefix(text: str) -> str:
+    """`host[:port][/path/prefix]` with no scheme, no tag and no trailing '/'."""
+    host = text.split("/", 1)[0]
+    # docker's own rule: the first component names a registry only with a '.' or ':' or as localhost
+    if not _REGISTRY_PREFIX.fullmatch(text) or not ("." in host or ":" in host or host == "localhost"):
+        raise ValueError(f"{text!r} is not a registry host[:port][/path] (e.g. 127.0.0.1:5000 or "
+                         "mirror.example.org/team; no scheme, no tag, no trailing '/')")
+    return text
+
+
+class ImageMirror(_Section):
+    """`image_mirrors: {<host[:port][/prefix]>: {mirror: <host[:port][/prefix]>}}`: an image whose
+    reference starts with the key is pulled from the mirror instead (the rest of the reference, tag
+    and digest are kept). The credentials used are those of the mirror host in `registries`."""
+
+    mirror: str
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror(cls, v: str) -> str:
+        return check_registry_prefix(v)
 
 
 class RegistryCredential(_Section):
@@ -193,6 +284,7 @@ class SiteConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     git: GitConfig = Field(default_factory=GitConfig)
     registries: dict[str, RegistryCredential] = Field(default_factory=dict)  # by registry host[:port]
+    image_mirrors: dict[str, ImageMirror] = Field(default_factory=dict)  # by registry host[:port][/prefix]
     workers: int = Field(default=8, ge=1, le=256)
 
     @field_validator("default_executor")
@@ -203,6 +295,13 @@ class SiteConfig(_Section):
         executors = info.data.get("executors")
         if executors is not None and v not in executors:
             raise ValueError(f"{v!r} is not configured under executors (configured: {sorted(executors)})")
+        return v
+
+    @field_validator("image_mirrors")
+    @classmethod
+    def _image_mirrors(cls, v: dict[str, ImageMirror]) -> dict[str, ImageMirror]:
+        for key in v:
+            check_registry_prefix(key)
         return v
 
     @property

@@ -28,10 +28,11 @@ AUTH_REGISTRY = "127.0.0.1:5001"
 AUTH_USER = "femuser"
 AUTH_PASSWORD = "fempass"
 AUTH_TEST_IMAGE = "127.0.0.1:5001/fem/busybox:1"
+FLCORE_IMAGE = "127.0.0.1:5000/fl/flcore:demo"  # busybox + python3, stand-in for the FL tool's image
 
 SLURM_PARTITION = "debug"
 
-SERVICES = ("rabbitmq", "slurm", "pbs", "docker", "registry", "registry-auth", "ssh")
+SERVICES = ("rabbitmq", "slurm", "pbs", "docker", "registry", "registry-auth", "ssh", "flcore-image")
 
 
 def in_ci() -> bool:
@@ -97,6 +98,13 @@ def _check_registry_auth() -> tuple[bool, str]:
     return True, ""
 
 
+def _check_flcore_image() -> tuple[bool, str]:
+    status = _http_status(f"http://{REGISTRY}/v2/fl/flcore/manifests/demo")
+    if status != 200:
+        return False, f"{FLCORE_IMAGE} is not in the registry (GET its manifest gave {status})"
+    return True, ""
+
+
 def _check_ssh() -> tuple[bool, str]:
     for path in ("/usr/sbin/sshd", shutil.which("sshd")):
         if path and os.access(path, os.X_OK):
@@ -112,6 +120,7 @@ _CHECKS = {
     "registry": _check_registry,
     "registry-auth": _check_registry_auth,
     "ssh": _check_ssh,
+    "flcore-image": _check_flcore_image,
 }
 
 
