@@ -250,7 +250,7 @@ def test_readopted_by_label_after_restart(tmp_path, node, data_dir):
 
     second = new_agent(cfg)
     try:
-        ex = second.executor("docker")
+        ex = second.executors.start("docker")[0]
         rec = second.journal.get("re1")
         assert ex.find_by_name(Job(task=rec.task, workdir=Path(rec.workdir))) == native
         assert second.recover() == 1

@@ -123,7 +123,7 @@ def test_fifty_concurrent_jobs_batched_polls(agent):
     recs = run_all(a, tasks, timeout=240)
     assert all(r.state == State.COMPLETED for r in recs.values())
     assert all(Path(r.workdir, ".fem/stdout").read_text() == f"{int(r.id[1:])}\n" for r in recs.values())
-    executor = a.executor("slurm")
+    executor = a.executors.start("slurm")[0]
     elapsed = time.monotonic() - start
     # One squeue per cycle for all jobs, never one per job.
     assert executor.calls.get("squeue", 0) <= elapsed / executor.settings.poll.min_seconds + 5
@@ -179,7 +179,7 @@ def test_slurmctld_down_for_20s_is_no_false_failure(agent, tmp_path, cli, write_
     for i in range(5):
         rec = a.wait(f"down{i}", 120)
         assert rec.state == State.COMPLETED, (rec.id, rec.state, rec.message)
-    assert a.executor("slurm").calls.get("squeue", 0) > 0
+    assert a.executors.start("slurm")[0].calls.get("squeue", 0) > 0
     assert a.executors.start("slurm")[1].poll_errors > 0  # it did see the outage, and failed nothing
 
 
@@ -233,7 +233,7 @@ def test_intent_without_native_id_is_found_by_name_not_resubmitted(agent, tmp_pa
     rec = b.wait(tid, 60)
     assert rec.state == State.COMPLETED
     assert squeue_names().split().count(f"fem-{tid}") == 1
-    assert b.executor("slurm").calls.get("sbatch", 0) == 0
+    assert b.executors.start("slurm")[0].calls.get("sbatch", 0) == 0
 
 
 @pytest.mark.pbs
@@ -251,7 +251,7 @@ def test_torque_path_on_slurm_wlm_torque(agent, tmp_path):
     assert recs["p-fail"].state == State.FAILED and recs["p-fail"].exit_code == 4
     script = (Path(recs["p-ok"].workdir) / ".fem/job.sh").read_text()
     assert "#PBS -N fem-p-ok" in script and "#PBS -l walltime=00:05:00" in script
-    executor = a.executor("pbs")
+    executor = a.executors.start("pbs")[0]
     assert set(executor.calls) <= {"qsub", "qstat"}
     # cancel through qdel
     a.intake({"id": "p-cancel", "command": ["sleep", "300"]})

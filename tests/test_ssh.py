@@ -20,7 +20,7 @@ from brokerkit import BROKER_URL, ServeProcess, unique_node
 from sshkit import SSHD, sshd_binary
 
 from fem_hpc.client import Client
-from fem_hpc.executors.runners import RunnerError, SSHRunner, runner_for
+from fem_hpc.executors.runners import RunnerError, SSHRunner, release, runner_for
 from fem_hpc.journal import Journal
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slurm]
@@ -299,11 +299,19 @@ def test_backs_off_while_sshd_is_down_then_reconnects(runner: SSHRunner, sshd: S
     assert sshd.accepted() == accepted + 1
 
 
-def test_runner_for_shares_one_runner_per_host(sshd: SSHD):
+def test_runner_for_shares_one_runner_per_set_of_settings(sshd: SSHD):
+    """One connection per host *and* settings: an executor asking for other settings (here
+    another channel limit) gets its own runner, never silently the first one's."""
     a = runner_for(sshd.settings())
-    b = runner_for(sshd.settings(max_channels=2))
-    assert a is b and isinstance(a, SSHRunner)
-    assert runner_for(sshd.settings(port=1)) is not a
+    same = runner_for(sshd.settings())
+    other = runner_for(sshd.settings(max_channels=2))
+    try:
+        assert a is same and isinstance(a, SSHRunner)
+        assert other is not a and other.settings.max_channels == 2
+        assert runner_for(sshd.settings(port=1)) is not a
+    finally:
+        for r in (a, same, other):
+            release(r)
 
 
 # --- fem-hpc serve over SSH -----------------------------------------------------------------------
