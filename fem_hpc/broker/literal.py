@@ -1,42 +1,36 @@
 """A restricted parser for Python literals, for the legacy FEM protocol.
 
 The legacy orchestrator sends its documents as ``repr()`` of Python dicts; the old client read them with
-``ast.literal_eval`` or even ``eval``. Here CPython's own parser reads them (``ast.parse(mode="eval")``
-builds a tree and runs nothing) and an iterative walk builds the value from a whitelist:
+``ast.literal_eval`` or even ``eval``. This module reads them with its own tokenizer and an iterative
+(non-recursive) parser that accepts only:
 
 * dict ``{k: v}`` (keys: str, int, float, True/False/None), list ``[...]``, tuple ``(...)`` (returned as a
   list; ``(x)`` is just ``x``),
 * str: single, double or triple quoted, with Python's escapes; prefixes ``u`` and ``r`` are accepted,
-  ``b``/``f`` (bytes, f-strings) are refused,
-* int (decimal, ``0x``/``0o``/``0b``, ``_`` separators, at most :data:`MAX_INT_DIGITS` digits), finite
-  float (``1.5``, ``.5``, ``1e-3``; ``1e309`` is refused), with an optional unary minus,
+  ``b``/``f``/``t`` (bytes, f-strings, template strings) are refused,
+* int (decimal, ``0x``/``0o``/``0b``, ``_`` separators, at most :data:`MAX_INT_DIGITS` digits), float
+  (``1.5``, ``.5``, ``1e-3``), with an optional unary minus,
 * ``True``, ``False``, ``None`` (and, with ``json_constants=True``, JSON's ``true``/``false``/``null``).
 
 Everything else (calls, attribute access, subscripts, other names, operators, lambdas, comprehensions,
-sets, complex numbers, comments, adjacent-string concatenation, NUL characters, ...) raises
-:class:`LiteralError` with a message naming what was found and the character offset where it was found.
-The tree loses what only the characters show (comments, a backslash outside a string, adjacent strings,
-where a literal followed by a stop character ends), so one regular-expression pass that steps over string
-literals finds those first. Limits: the input size is checked before anything else; CPython refuses more
-than 200 nested brackets and overlong operator chains itself (caught, never a crash); the walk bounds the
-nesting depth and the number of items and never recurses.
+sets, complex numbers, comments, adjacent-string concatenation, ...) raises :class:`LiteralError` with a
+message naming what was found and the character offset where it was found. Limits are enforced while
+reading: the input size before anything else, the nesting depth when a bracket opens, the number of items
+when one is added, so hostile input fails fast and never recurses.
 """
 
 from __future__ import annotations
 
-import ast
 import keyword
-import math
 import re
-import warnings
-from functools import lru_cache
+import unicodedata
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["MAX_INT_DIGITS", "LiteralError", "parse_literal", "parse_literal_prefix"]
 
 MAX_INT_DIGITS = 4300  # the same bound CPython puts on int <-> str conversions
 _MAX_NUMBER_CHARS = MAX_INT_DIGITS + 64
-_PARSER_MAX_DEPTH = 200  # CPython's tokenizer refuses deeper bracket nesting (MAXLEVEL)
 
 
 class LiteralError(ValueError):
@@ -48,357 +42,423 @@ class LiteralError(ValueError):
         self.position = position
 
 
-# One string literal as CPython's tokenizer delimits it (a prefix is left to the tree: b/f are refused there);
-# `'''` always opens a triple-quoted string, never an empty one and a quote.
-_STRING = r"""(?:'''(?:[^'\\]++|\\[\s\S]|'(?!''))*+'''|\"\"\"(?:[^"\\]++|\\[\s\S]|"(?!""))*+\"\"\"|'(?!'')(?:[^'\\\n\r]++|\\(?:\r\n|[\s\S]))*+'|"(?!"")(?:[^"\\\n\r]++|\\(?:\r\n|[\s\S]))*+")"""  # noqa: E501
-_STRING_RE = re.compile(_STRING)
-_NEXT_STRING = r"""[ \t\f\r\n]*+[rRuUbBfF]{0,2}['"]"""  # a string right after a string: Python joins them
-_STRING_OR_BRACKET = re.compile(_STRING + r"|[][(){}]")
-_STRING_OR_NUMBER = re.compile(_STRING + r"|(?<![\w.])[0-9][0-9_]*")
-_NEWLINE = re.compile(r"\r\n|\r|\n")  # what CPython counts as a line end (str.splitlines counts more)
-_WHITESPACE = " \t\n\r\f"
+@dataclass(frozen=True, slots=True)
+class _Tok:
+    kind: str  # "op", "str", "num", "name", "end"
+    text: str
+    start: int
+    value: Any = None
+
+
+_NO_KEY = object()
 _CLOSE = {"[": "]", "(": ")", "{": "}"}
+_CONSTANTS: dict[str, Any] = {"True": True, "False": False, "None": None}
 _JSON_CONSTANTS: dict[str, Any] = {"true": True, "false": False, "null": None}
+_WHITESPACE = " \t\n\r\f"
+_NAME_RE = re.compile(r"[^\W\d]\w*")
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_EXPONENT = rf"[eE][+-]?{_DIGITS}"
+_NUMBER_RE = re.compile(
+    rf"""
+      (?P<hex>0[xX](?:_?[0-9a-fA-F])+)
+    | (?P<oct>0[oO](?:_?[0-7])+)
+    | (?P<bin>0[bB](?:_?[01])+)
+    | (?P<float>(?:{_DIGITS})?\.{_DIGITS}(?:{_EXPONENT})?
+              | {_DIGITS}\.(?:{_EXPONENT})?
+              | {_DIGITS}{_EXPONENT})
+    | (?P<int>{_DIGITS})
+    """,
+    re.VERBOSE,
+)
+_OPS = sorted(
+    [
+        "...", "**=", "//=", ">>=", "<<=",
+        "**", "//", "<<", ">>", "<=", ">=", "==", "!=", "->", ":=",
+        "+=", "-=", "*=", "/=", "%=", "&=", "|=", "^=", "@=",
+        "{", "}", "[", "]", "(", ")", ",", ":", ".", "+", "-", "*", "/", "%", "@", "&", "|", "^", "~",
+        "<", ">", "=", "!",
+    ],
+    key=len,
+    reverse=True,
+)  # fmt: skip
+_PUNCTUATION = frozenset("{}[](),")
+_OPERATORS = frozenset(_OPS) - {"{", "}", "[", "]", "(", ")", ",", ":", ".", "..."}
 _WORD_OPERATORS = frozenset({"and", "or", "not", "in", "is"})
-_FIRST_OPERAND = {ast.BinOp: "left", ast.Compare: "left", ast.BoolOp: "values", ast.Call: "func",
-                  ast.Attribute: "value", ast.Subscript: "value", ast.IfExp: "body", ast.ListComp: "elt",
-                  ast.SetComp: "elt", ast.GeneratorExp: "elt", ast.DictComp: "key", ast.NamedExpr: "target",
-                  ast.Set: "elts"}  # fmt: skip
-_CONSTRUCT = {ast.Call: "call", ast.Attribute: "attribute access", ast.Subscript: "subscript",
-              ast.IfExp: "conditional expression", ast.ListComp: "comprehension", ast.SetComp: "comprehension",
-              ast.GeneratorExp: "comprehension", ast.DictComp: "comprehension"}  # fmt: skip
-_OPERATOR = {
-    ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.MatMult: "@", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%",
-    ast.Pow: "**", ast.LShift: "<<", ast.RShift: ">>", ast.BitOr: "|", ast.BitXor: "^", ast.BitAnd: "&",
-    ast.And: "and", ast.Or: "or", ast.Not: "not", ast.UAdd: "+", ast.Invert: "~", ast.Eq: "==", ast.NotEq: "!=",
-    ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Is: "is", ast.IsNot: "is not", ast.In: "in",
-    ast.NotIn: "not in",
+_SIMPLE_ESCAPES = {
+    "\\": "\\", "'": "'", '"': '"', "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t",
+    "v": "\v",
 }  # fmt: skip
-_FINISH, _KEY = object(), object()
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_OCTAL_RE = re.compile(r"[0-7]{1,3}")
+_HEX_RE = {n: re.compile(rf"[0-9a-fA-F]{{{n}}}") for n in _HEX_ESCAPES.values()}
+_NAMED_RE = re.compile(r"\{([^}\n]{1,100})\}")
+_STRING_END = {
+    ("'", False): re.compile(r"[\\'\n\r]"),
+    ('"', False): re.compile(r'[\\"\n\r]'),
+    ("'", True): re.compile(r"[\\']"),
+    ('"', True): re.compile(r'[\\"]'),
+}
 
 
-@lru_cache(maxsize=8)
-def _scanner(stop: str) -> re.Pattern[str]:
-    """Match up to the first stop character, comment, backslash or bad quote that is not inside a string."""
-    other = f"""[^'"#\\\\{re.escape(stop)}]*+"""
-    return re.compile(f"{other}(?:{_STRING}(?!{_NEXT_STRING}){other})*+")
+@dataclass(slots=True)
+class _Frame:
+    kind: str  # "[", "(", "{"
+    start: int
+    items: list[Any] = field(default_factory=list)
+    mapping: dict[Any, Any] = field(default_factory=dict)
+    key: Any = _NO_KEY
+    comma: bool = False
+
+    def result(self) -> Any:
+        if self.kind == "{":
+            return self.mapping
+        if self.kind == "(" and len(self.items) == 1 and not self.comma:
+            return self.items[0]  # a parenthesised value, not a tuple
+        return self.items
 
 
-def _first_operand(node: ast.AST) -> ast.AST | None:
-    """The leftmost sub-expression of a refused construct: what the text shows before the construct itself."""
-    attr = _FIRST_OPERAND.get(type(node))
-    first = getattr(node, attr) if attr else None
-    return first[0] if isinstance(first, list) else first
-
-
-class _Reader:
-    def __init__(self, text: str, base: int, end: int, stop: str, *, max_depth: int, max_items: int, json: bool):
-        self.text, self.base, self.end, self.stop = text, base, end, stop
-        self.max_depth, self.max_items, self.json = max_depth, max_items, json
+class _Parser:
+    def __init__(self, text: str, pos: int, *, max_depth: int, max_items: int, stop: str, json: bool):
+        self.text = text
+        self.pos = pos
+        self.max_depth = max_depth
+        self.max_items = max_items
+        self.stop = stop
+        self.json = json
         self.items = 0
-        self._lines: list[int] | None = None
+        self.peeked: _Tok | None = None
 
-    # -- positions: CPython gives (line, UTF-8 byte column) in the field; errors give character offsets
+    # -- lexer ---------------------------------------------------------------------------------------
 
-    def offset(self, lineno: int, col: int, *, chars: bool = False) -> int:
-        if self._lines is None:
-            field = self.text[self.base : self.end]
-            self._lines = [0] + [m.end() for m in _NEWLINE.finditer(field)]
-        start = self.base + self._lines[max(lineno, 1) - 1]
-        if chars:
-            return start + col
-        return start + len(self.text[start : start + col].encode()[:col].decode("utf-8", "ignore"))
+    def next(self) -> _Tok:
+        if self.peeked is not None:
+            tok, self.peeked = self.peeked, None
+            return tok
+        return self._lex()
 
-    def pos(self, node: ast.AST) -> int:
-        return self.offset(node.lineno, node.col_offset)  # type: ignore[attr-defined]
+    def peek(self) -> _Tok:
+        if self.peeked is None:
+            self.peeked = self._lex()
+        return self.peeked
 
-    def after(self, node: ast.AST) -> int:
-        """Where the token after ``node`` starts (past the closing parentheses of a grouped operand)."""
-        i = self.offset(node.end_lineno, node.end_col_offset)  # type: ignore[attr-defined]
-        while i < self.end and self.text[i] in _WHITESPACE + ")":
-            i += 1
-        return i
+    def skip_whitespace(self) -> int:
+        text, pos, n = self.text, self.pos, len(self.text)
+        while pos < n and text[pos] in _WHITESPACE:
+            pos += 1
+        self.pos = pos
+        return pos
 
-    # -- the walk ------------------------------------------------------------------------------------
-
-    def value(self, root: ast.AST, depth: int = 0) -> Any:
-        out: list[Any] = []
-        todo: list[tuple[Any, int, object | None]] = [(root, depth, None)]
-        while todo:
-            node, depth, job = todo.pop()
-            if job is _FINISH:
-                n = len(node.keys) * 2 if isinstance(node, ast.Dict) else len(node.elts)
-                values = out[len(out) - n :]
-                del out[len(out) - n :]
-                out.append(dict(zip(values[::2], values[1::2], strict=True)) if type(node) is ast.Dict else values)
-            elif job is _KEY:
-                if isinstance(out[-1], list | dict):
-                    raise LiteralError("dict key must be a string, number, True, False or None", self.pos(node))
-            elif type(node) is ast.Constant:
-                out.append(self.constant(node))
-            elif type(node) in (ast.List, ast.Tuple, ast.Dict):
-                if depth >= self.max_depth:
-                    raise LiteralError(f"nesting deeper than {self.max_depth} levels is not allowed", self.pos(node))
-                children = node.values if type(node) is ast.Dict else node.elts
-                self.items += len(children)
-                if self.items > self.max_items:
-                    over = children[len(children) - (self.items - self.max_items)]
-                    raise LiteralError(f"more than {self.max_items} items", self.pos(over))
-                todo.append((node, depth, _FINISH))
-                if type(node) is ast.Dict:
-                    for key, val in zip(reversed(node.keys), reversed(node.values), strict=True):
-                        if key is None:
-                            star = self.text.rfind("**", self.base, self.pos(val))
-                            raise LiteralError("unpacking ('**') is not allowed", star)
-                        todo += ((val, depth + 1, None), (key, depth + 1, _KEY), (key, depth + 1, None))
-                else:
-                    todo += ((elt, depth + 1, None) for elt in reversed(node.elts))
-            elif type(node) is ast.UnaryOp and type(node.op) is ast.USub:
-                operand = node.operand
-                if type(operand) is not ast.Constant or type(operand.value) not in (int, float):
-                    raise LiteralError("unary minus is only allowed before a number", self.pos(node))
-                out.append(-self.constant(operand))
-            elif type(node) is ast.Name and self.json and node.id in _JSON_CONSTANTS:
-                out.append(_JSON_CONSTANTS[node.id])
-            else:
-                raise self.refuse(node, depth)
-        return out[0]
-
-    def constant(self, node: ast.Constant) -> Any:
-        value = node.value
-        kind = type(value)
-        if kind is int and value.bit_length() > MAX_INT_DIGITS:  # cheap guard: only long ones are counted
-            literal = self.text[self.pos(node) : self.offset(node.end_lineno, node.end_col_offset)]  # type: ignore[arg-type]
-            digits = literal.replace("_", "")
-            digits = digits[2:] if digits[1:2].isalpha() else digits
-            if len(digits) > MAX_INT_DIGITS:
-                raise LiteralError(self._too_many_digits(len(digits)), self.pos(node))
-        elif kind is float:
-            if node.end_col_offset - node.col_offset > _MAX_NUMBER_CHARS:  # type: ignore[operator]
-                length = node.end_col_offset - node.col_offset  # type: ignore[operator]
-                raise LiteralError(f"number literal of {length} characters is too long", self.pos(node))
-            if not math.isfinite(value):
-                raise LiteralError("float literal out of range (it is not finite)", self.pos(node))
-        elif kind is bytes:
-            raise LiteralError("bytes literal is not allowed", self.pos(node))
-        elif kind is complex:
-            raise LiteralError("complex number is not allowed", self.pos(node))
-        elif value is Ellipsis:
-            raise LiteralError("Ellipsis is not allowed", self.pos(node))
-        return value
-
-    @staticmethod
-    def _too_many_digits(n: int) -> str:
-        return f"integer literal with {n} digits is too large (at most {MAX_INT_DIGITS})"
-
-    def refuse(self, node: ast.AST, depth: int) -> LiteralError:
-        """The error for a refused node: like a left-to-right reader, report its leftmost problem first."""
-        parent = None
-        while (first := _first_operand(node)) is not None:  # a loop: `x.x.x...` can be deep
-            parent, node = node, first
-        if type(node) is ast.Name and not (self.json and node.id in _JSON_CONSTANTS):
-            name, at = node.id, self.pos(node)
-            if type(parent) is ast.Call:
-                return LiteralError(f"call of {name!r} is not allowed", at)
-            if type(parent) is ast.Attribute:
-                return LiteralError(f"attribute access on {name!r} is not allowed", at)
-            if type(parent) is ast.Subscript:
-                return LiteralError(f"subscript of {name!r} is not allowed", at)
-            return LiteralError(f"name {name!r} is not allowed (only True, False and None)", at)
-        if parent is None:
-            return self._leaf(node)
-        self.value(node, depth)  # raises if the leftmost operand is refused itself
-        if isinstance(parent, ast.DictComp):
-            self.value(parent.value, depth)
-            node = parent.value
-        what = _CONSTRUCT.get(type(parent))
-        if type(parent) is ast.Set:
-            return LiteralError("set literal is not allowed", self.pos(parent))
-        if what is None:
-            op = parent.ops[0] if isinstance(parent, ast.Compare) else parent.op  # type: ignore[attr-defined]
-            what = f"operator {_OPERATOR.get(type(op), type(op).__name__)!r}"
-        return LiteralError(f"{what} is not allowed", self.after(node))
-
-    def _leaf(self, node: ast.AST) -> LiteralError:
-        at = self.pos(node)
-        if isinstance(node, ast.Lambda):
-            return LiteralError("lambda is not allowed", at)
-        if isinstance(node, ast.JoinedStr | ast.FormattedValue):
-            return LiteralError("f-string is not allowed", at)
-        if isinstance(node, ast.Starred):
-            return LiteralError("unpacking ('*') is not allowed", at)
-        if isinstance(node, ast.UnaryOp):
-            return LiteralError(f"operator {_OPERATOR[type(node.op)]!r} is not allowed", at)
-        if isinstance(node, ast.Yield | ast.YieldFrom | ast.Await):
-            return LiteralError(f"keyword {'await' if isinstance(node, ast.Await) else 'yield'!r} is not allowed", at)
-        return LiteralError(f"{type(node).__name__} expression is not allowed", at)
-
-    # -- what the tree cannot show ------------------------------------------------------------------
-
-    def expected_end(self) -> str:
-        return "the end of the input" + "".join(f" or {c!r}" for c in self.stop)
-
-    def check_bare_tuple(self, root: ast.AST) -> None:
-        """``1, 2`` is a tuple to Python but not one literal: parentheses before the first item must outnumber
-        those after it (``(1), 2`` has one each)."""
-        if type(root) is not ast.Tuple or not root.elts:
-            return
-        first, start = root.elts[0], self.pos(root)
-        comma = self.after(first)
-        closes = self.text.count(")", self.offset(first.end_lineno, first.end_col_offset), comma)  # type: ignore[arg-type]
-        if self.text.count("(", start, self.pos(first)) <= closes:
-            raise LiteralError(f"expected {self.expected_end()} but found ','", comma)
-
-    def describe(self, at: int) -> str:
-        if at >= self.end:
-            return "the end of the input"
-        ch = self.text[at]
-        if _STRING_RE.match(self.text, at) or re.match(r"""[rRuUbBfF]{1,2}['"]""", self.text[at : at + 3]):
-            return "a string"
-        if ch.isdigit() or (ch == "." and self.text[at + 1 : at + 2].isdigit()):
-            return "a number"
-        if m := re.compile(r"[^\W\d]\w*").match(self.text, at):
-            return f"name {m.group()!r}"
-        return repr(ch)
-
-    def syntax_error(self, exc: SyntaxError) -> LiteralError:
-        """Say what CPython refused the way a left-to-right reader would: what was expected, what was found."""
-        msg = exc.msg or ""
-        at = min(self.offset(exc.lineno or 1, (exc.offset or 1) - 1, chars=True), self.end)
-        if m := re.match(r"'(.)' was never closed", msg):
-            found = repr(self.text[self.end]) if self.end < len(self.text) else None
-            prefix = f"found {found} but" if found else "unexpected end of input:"
-            return LiteralError(f"{prefix} {m[1]!r} opened at offset {at} is not closed", self.end)
-        if m := re.match(r"closing parenthesis '(.)' does not match opening parenthesis '(.)'", msg):
-            return LiteralError(f"expected ',' or {_CLOSE[m[2]]!r} but found {m[1]!r}", at)
-        if "too many nested parentheses" in msg:
-            return self.too_deep()
-        if m := re.search(r"value has (\d+) digits", msg):
-            number = next((n for n in _STRING_OR_NUMBER.finditer(self.text, self.base, self.end)
-                           if n[0][0].isdigit() and len(n[0].replace("_", "")) > MAX_INT_DIGITS), None)  # fmt: skip
-            return LiteralError(self._too_many_digits(int(m[1])), number.start() if number else at)
-        if "leading zeros" in msg:
-            return LiteralError("leading zeros in a decimal integer are not allowed", at)
-        if re.match(r"invalid (decimal|hexadecimal|octal|binary) literal|invalid digit", msg):
-            start = at
-            while start > self.base and (self.text[start - 1].isalnum() or self.text[start - 1] in "_."):
-                start -= 1
-            literal = re.compile(r"[\w.]+").match(self.text, start)
-            return LiteralError(f"invalid number literal {literal[0] if literal else ''!r}", start)
-        if m := re.match(
-            r"\(unicode error\) 'unicodeescape' codec can't decode bytes in position (\d+)-\d+: (.*)", msg
-        ):
-            return self._escape_error(at, int(m[1]), m[2])
-        if msg.startswith("f-string"):  # a malformed f-string is still an f-string
-            string = next((s for s in _STRING_RE.finditer(self.text, self.base, self.end) if s.start() <= at), None)
-            return LiteralError("f-string is not allowed", self._prefix_start(string.start() if string else at))
-        if msg.startswith("invalid character"):
-            return LiteralError(f"unexpected character {self.text[at]!r}", at)
-        if not msg.startswith(("invalid syntax", "expression expected after", "unmatched")):
-            return LiteralError(f"invalid literal: {msg}", at)
-        if "forgot a comma" in msg:  # CPython points at the first of two values; the problem is the second
-            try:
-                ast.parse(self.text[at : self.offset(exc.end_lineno or 1, (exc.end_offset or 1) - 1, chars=True)],
-                          mode="eval")  # fmt: skip
-            except SyntaxError as inner:
-                at += (inner.offset or 1) - 1 if inner.lineno == 1 else 0
-        elif msg.startswith("expression expected after"):
-            at += 1
-        while at < self.end and self.text[at] in _WHITESPACE:
-            at += 1
-        return self._unexpected(at)
-
-    def _unexpected(self, at: int) -> LiteralError:
-        found = self.describe(at)
-        word = found[6:-1] if found.startswith("name ") else ""
-        if at < self.end and (self.text[at] in ";$?`" or found == "'!'" and not self.text.startswith("!=", at)):
-            return LiteralError(f"unexpected character {self.text[at]!r}", at)
-        if word in _WORD_OPERATORS:
-            return LiteralError(f"operator {word!r} is not allowed", at)
-        if keyword.iskeyword(word) and word not in ("True", "False", "None"):
-            return LiteralError("lambda is not allowed" if word == "lambda" else f"keyword {word!r} is not allowed", at)
-        try:  # a complete value before `at` (refused or not) comes first, as it does for a reader
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                head = ast.parse(self.text[self.base : at], mode="eval").body
-        except SyntaxError as exc:
-            m = re.match(r"'(.)' was never closed", exc.msg or "")
-            before = self.text[self.base : at].rstrip(_WHITESPACE)[-1:]
-            if self.text.startswith("*", at):
-                return LiteralError(
-                    f"unpacking ({'**' if self.text.startswith('**', at) else '*'!r}) is not allowed", at
-                )
-            if not before or before in "([{,:":
-                return LiteralError(f"expected a value but found {found}", at)
-            expected = f"',' or {_CLOSE[m[1]]!r}" if m else "',' or a closing bracket"
-            return LiteralError(f"expected {expected} but found {found}", at)
-        except (RecursionError, MemoryError):
-            return self.too_deep()
-        self.value(head)
-        return LiteralError(f"expected {self.expected_end()} but found {found}", at)
-
-    def _escape_error(self, at: int, unit: int, reason: str) -> LiteralError:
-        """Point at the escape CPython's decoder refused (its position counts a non-ASCII character as 10)."""
-        string = next((s for s in _STRING_RE.finditer(self.text, self.base, self.end) if s.start() <= at <= s.end()),
-                      None)  # fmt: skip
-        if string is None:
-            return LiteralError(f"invalid escape: {reason}", at)
-        body = string.start() + (3 if string[0][:3] in ("'''", '"""') else 1)
-        i = body
-        while unit > 0 and i < string.end():
-            unit -= 1 if ord(self.text[i]) < 128 else 10
-            i += 1
-        if m := re.match(r"truncated \\([xuU])", reason):
-            reason = f"truncated \\{m[1]} escape"
-        elif reason == "illegal Unicode character":
-            reason = "\\U escape out of the Unicode range"
-        elif reason.startswith("malformed"):
-            reason = "malformed \\N{...} escape"
-        elif reason.startswith("unknown Unicode character name") and (n := re.match(r"\\N\{([^}]*)\}", self.text[i:])):
-            reason = f"unknown Unicode character name {n[1]!r}"
-        return LiteralError(reason, i)
-
-    def too_deep(self) -> LiteralError:
-        depth = 0
-        for m in _STRING_OR_BRACKET.finditer(self.text, self.base, self.end):
-            if m[0] in "([{":
-                depth += 1
-                if depth > self.max_depth:
-                    return LiteralError(f"nesting deeper than {self.max_depth} levels is not allowed", m.start())
-            elif m[0] in ")]}":
-                depth -= 1
-        limit = min(self.max_depth, _PARSER_MAX_DEPTH)
-        return LiteralError(f"expression nested deeper than {limit} levels (brackets or operators) is not allowed",
-                            self.base)  # fmt: skip
-
-    def _prefix_start(self, quote: int) -> int:
-        while quote > self.base and self.text[quote - 1] in "rRuUbBfF":
-            quote -= 1
-        return quote
-
-    def lexical_error(self, at: int) -> LiteralError:
-        """The scan stopped at ``at``, inside the field: a comment, a backslash or a quote."""
-        ch = self.text[at]
+    def _lex(self) -> _Tok:
+        pos = self.skip_whitespace()
+        text = self.text
+        if pos >= len(text):
+            return _Tok("end", "", pos)
+        ch = text[pos]
+        if ch in "'\"":
+            return self._lex_string(pos, pos, raw=False)
+        if ch.isdigit() or (ch == "." and text[pos + 1 : pos + 2].isdigit()):
+            return self._lex_number(pos)
+        if ch in _PUNCTUATION:  # fast path: none of these starts a longer operator
+            self.pos = pos + 1
+            return _Tok("op", ch, pos)
+        m = _NAME_RE.match(text, pos)
+        if m:
+            name = m.group()
+            if m.end() < len(text) and text[m.end()] in "'\"":
+                return self._lex_prefixed_string(name, pos, m.end())
+            self.pos = m.end()
+            return _Tok("name", name, pos)
+        for op in _OPS:
+            if text.startswith(op, pos):
+                self.pos = pos + len(op)
+                return _Tok("op", op, pos)
         if ch == "#":
-            return LiteralError("comment is not allowed", at)
+            raise LiteralError("comment is not allowed", pos)
         if ch == "\\":
-            return LiteralError("backslash outside a string is not allowed", at)
-        string = _STRING_RE.match(self.text, at)
-        if string is not None:
-            nxt = re.compile(_NEXT_STRING).match(self.text, string.end())
-            start = nxt.end() - 1 if nxt else string.end()
-            while start > string.end() and self.text[start - 1] in "rRuUbBfF":
-                start -= 1
-            return LiteralError("implicit concatenation of adjacent strings is not allowed", start)
-        single_line = re.compile(rf"{ch}(?:[^\\{ch}\n\r]|\\[\s\S])*[\n\r]")
-        if not self.text.startswith(ch * 3, at) and single_line.match(self.text, at):
-            return LiteralError("unterminated string (newline in a single-quoted string)", self._prefix_start(at))
-        return LiteralError("unterminated string", self._prefix_start(at))
+            raise LiteralError("backslash outside a string is not allowed", pos)
+        raise LiteralError(f"unexpected character {ch!r}", pos)
+
+    def _lex_prefixed_string(self, prefix: str, pos: int, quote_pos: int) -> _Tok:
+        low = prefix.lower()
+        if low in ("u", "r"):
+            return self._lex_string(pos, quote_pos, raw=low == "r")
+        if "b" in low and len(low) <= 2:
+            raise LiteralError("bytes literal is not allowed", pos)
+        if "f" in low and len(low) <= 2:
+            raise LiteralError("f-string is not allowed", pos)
+        if "t" in low and len(low) <= 2:
+            raise LiteralError("template string is not allowed", pos)
+        raise LiteralError(f"string prefix {prefix!r} is not allowed", pos)
+
+    def _lex_string(self, start: int, quote_pos: int, *, raw: bool) -> _Tok:
+        text, n = self.text, len(self.text)
+        quote = text[quote_pos]
+        triple = text.startswith(quote * 3, quote_pos)
+        body_start = quote_pos + (3 if triple else 1)
+        special = _STRING_END[(quote, triple)]
+        i = body_start
+        while True:
+            m = special.search(text, i)
+            if m is None:
+                raise LiteralError("unterminated string", start)
+            j = m.start()
+            c = text[j]
+            if c == "\\":
+                if j + 1 >= n:
+                    raise LiteralError("unterminated string", start)
+                i = j + 3 if text.startswith("\r\n", j + 1) else j + 2
+                continue
+            if c in "\n\r":
+                raise LiteralError("unterminated string (newline in a single-quoted string)", start)
+            if triple:
+                if text.startswith(quote * 3, j):
+                    body_end, end = j, j + 3
+                    break
+                i = j + 1
+                continue
+            body_end, end = j, j + 1
+            break
+        body = text[body_start:body_end]
+        self.pos = end
+        value = body if raw else _unescape(body, body_start)
+        return _Tok("str", text[start:end], start, value)
+
+    def _lex_number(self, pos: int) -> _Tok:
+        text = self.text
+        m = _NUMBER_RE.match(text, pos)
+        if m is None:  # pragma: no cover - the caller saw a digit or ".digit"
+            raise LiteralError("invalid number", pos)
+        end = m.end()
+        token = m.group()
+        following = text[end : end + 1]
+        if following in ("j", "J"):
+            raise LiteralError("complex number is not allowed", pos)
+        if following and (following.isalnum() or following == "_"):
+            raise LiteralError(f"invalid number literal {text[pos : end + 1]!r}", pos)
+        digits = token.replace("_", "")
+        kind = m.lastgroup
+        if kind == "float":
+            if len(token) > _MAX_NUMBER_CHARS:
+                raise LiteralError(f"number literal of {len(token)} characters is too long", pos)
+            value: Any = float(digits)
+        else:
+            body = digits if kind == "int" else digits[2:]
+            if len(body) > MAX_INT_DIGITS:
+                raise LiteralError(
+                    f"integer literal with {len(body)} digits is too large (at most {MAX_INT_DIGITS})", pos
+                )
+            if kind == "int" and len(body) > 1 and body[0] == "0" and body.strip("0"):
+                raise LiteralError("leading zeros in a decimal integer are not allowed", pos)
+            value = int(body, {"int": 10, "hex": 16, "oct": 8, "bin": 2}[kind or "int"])
+        self.pos = end
+        return _Tok("num", token, pos, value)
+
+    # -- parser --------------------------------------------------------------------------------------
+
+    def parse(self) -> Any:
+        stack: list[_Frame] = []
+        while True:
+            tok = self.next()
+            start = tok.start
+            if tok.kind == "op" and tok.text in _CLOSE:
+                if len(stack) >= self.max_depth:
+                    raise LiteralError(f"nesting deeper than {self.max_depth} levels is not allowed", start)
+                frame = _Frame(tok.text, start)
+                stack.append(frame)
+                nxt = self.peek()
+                if not (nxt.kind == "op" and nxt.text == _CLOSE[tok.text]):
+                    continue
+                self.next()
+                stack.pop()
+                value = frame.result()
+            else:
+                value = self._scalar(tok, stack)
+            last = tok
+            # Hand the finished value to the enclosing containers, closing those that end here.
+            while True:
+                if not stack:
+                    return value
+                frame = stack[-1]
+                closer = _CLOSE[frame.kind]
+                if frame.kind == "{" and frame.key is _NO_KEY:
+                    if isinstance(value, list | dict):
+                        raise LiteralError("dict key must be a string, number, True, False or None", start)
+                    frame.key = value
+                    tok = self.next()
+                    if tok.kind == "op" and tok.text == ":":
+                        break
+                    if tok.kind == "op" and tok.text in (",", "}"):
+                        raise LiteralError("set literal is not allowed", frame.start)
+                    raise self._unexpected(tok, "':'", stack, last)
+                self.items += 1
+                if self.items > self.max_items:
+                    raise LiteralError(f"more than {self.max_items} items", start)
+                if frame.kind == "{":
+                    frame.mapping[frame.key] = value
+                    frame.key = _NO_KEY
+                else:
+                    frame.items.append(value)
+                tok = self.next()
+                if tok.kind == "op" and tok.text == ",":
+                    frame.comma = True
+                    nxt = self.peek()
+                    if not (nxt.kind == "op" and nxt.text == closer):
+                        break
+                    tok = self.next()
+                if tok.kind == "op" and tok.text == closer:
+                    stack.pop()
+                    value, start, last = frame.result(), frame.start, tok
+                    continue
+                raise self._unexpected(tok, f"',' or {closer!r}", stack, last)
+
+    def _scalar(self, tok: _Tok, stack: list[_Frame]) -> Any:
+        if tok.kind in ("str", "num"):
+            return tok.value
+        if tok.kind == "name":
+            if tok.text in _CONSTANTS:
+                return _CONSTANTS[tok.text]
+            if self.json and tok.text in _JSON_CONSTANTS:
+                return _JSON_CONSTANTS[tok.text]
+            raise self._bad_name(tok)
+        if tok.kind == "end":
+            raise self._end_of_input(tok, stack, "a value")
+        op = tok.text
+        if op == "-":
+            nxt = self.next()
+            if nxt.kind == "num":
+                return -nxt.value
+            raise LiteralError("unary minus is only allowed before a number", tok.start)
+        if op == "...":
+            raise LiteralError("Ellipsis is not allowed", tok.start)
+        if op in ("*", "**"):
+            raise LiteralError(f"unpacking ({op!r}) is not allowed", tok.start)
+        if op in _OPERATORS and op[0] not in self.stop:
+            raise LiteralError(f"operator {op!r} is not allowed", tok.start)
+        raise self._unexpected_op(tok, stack, "a value")
+
+    def _bad_name(self, tok: _Tok) -> LiteralError:
+        name = tok.text
+        if name == "lambda":
+            return LiteralError("lambda is not allowed", tok.start)
+        if name in _WORD_OPERATORS:
+            return LiteralError(f"operator {name!r} is not allowed", tok.start)
+        if keyword.iskeyword(name):
+            return LiteralError(f"keyword {name!r} is not allowed", tok.start)
+        try:
+            nxt: _Tok | None = self.peek()
+        except LiteralError:
+            nxt = None
+        if nxt is not None and nxt.kind == "op":
+            if nxt.text == "(":
+                return LiteralError(f"call of {name!r} is not allowed", tok.start)
+            if nxt.text == ".":
+                return LiteralError(f"attribute access on {name!r} is not allowed", tok.start)
+            if nxt.text == "[":
+                return LiteralError(f"subscript of {name!r} is not allowed", tok.start)
+        return LiteralError(f"name {name!r} is not allowed (only True, False and None)", tok.start)
+
+    def _unexpected(self, tok: _Tok, expected: str, stack: list[_Frame], last: _Tok) -> LiteralError:
+        """What follows a complete value is neither a separator nor a closing bracket."""
+        if tok.kind == "end":
+            return self._end_of_input(tok, stack, expected)
+        if tok.kind == "op":
+            op = tok.text
+            if op == "(":
+                return LiteralError("call is not allowed", tok.start)
+            if op == ".":
+                return LiteralError("attribute access is not allowed", tok.start)
+            if op == "[":
+                return LiteralError("subscript is not allowed", tok.start)
+            if op in _OPERATORS and op[0] not in self.stop:
+                return LiteralError(f"operator {op!r} is not allowed", tok.start)
+            return self._unexpected_op(tok, stack, expected)
+        if tok.kind == "name":
+            if tok.text == "for":
+                return LiteralError("comprehension is not allowed", tok.start)
+            if tok.text == "if":
+                return LiteralError("conditional expression is not allowed", tok.start)
+            if tok.text in _WORD_OPERATORS:
+                return LiteralError(f"operator {tok.text!r} is not allowed", tok.start)
+            return LiteralError(f"expected {expected} but found name {tok.text!r}", tok.start)
+        if tok.kind == "str" and last.kind == "str":
+            return LiteralError("implicit concatenation of adjacent strings is not allowed", tok.start)
+        what = "a string" if tok.kind == "str" else "a number"
+        return LiteralError(f"expected {expected} but found {what}", tok.start)
+
+    def _unexpected_op(self, tok: _Tok, stack: list[_Frame], expected: str) -> LiteralError:
+        if tok.text[0] in self.stop and stack:
+            frame = stack[-1]
+            return LiteralError(
+                f"found {tok.text[0]!r} but {frame.kind!r} opened at offset {frame.start} is not closed",
+                tok.start,
+            )
+        return LiteralError(f"expected {expected} but found {tok.text!r}", tok.start)
+
+    def _end_of_input(self, tok: _Tok, stack: list[_Frame], expected: str) -> LiteralError:
+        if stack:
+            frame = stack[-1]
+            return LiteralError(
+                f"unexpected end of input: {frame.kind!r} opened at offset {frame.start} is not closed",
+                tok.start,
+            )
+        return LiteralError(f"unexpected end of input, expected {expected}", tok.start)
+
+
+def _unescape(body: str, base: int) -> str:
+    """Apply Python's string escapes to ``body`` (which starts at offset ``base`` of the input)."""
+    if "\\" not in body:
+        return body
+    out: list[str] = []
+    i = 0
+    while True:
+        j = body.find("\\", i)
+        if j < 0:
+            out.append(body[i:])
+            return "".join(out)
+        out.append(body[i:j])
+        c = body[j + 1]  # the lexer guarantees a character after every backslash
+        k = j + 2
+        if c == "\n":
+            pass  # line continuation
+        elif c == "\r":
+            if body.startswith("\n", k):
+                k += 1
+        elif c in _SIMPLE_ESCAPES:
+            out.append(_SIMPLE_ESCAPES[c])
+        elif c in "01234567":
+            m = _OCTAL_RE.match(body, j + 1)
+            assert m is not None
+            out.append(chr(int(m.group(), 8)))
+            k = m.end()
+        elif c in _HEX_ESCAPES:
+            width = _HEX_ESCAPES[c]
+            m = _HEX_RE[width].match(body, j + 2)
+            if m is None:
+                raise LiteralError(f"truncated \\{c} escape", base + j)
+            code = int(m.group(), 16)
+            if code > 0x10FFFF:
+                raise LiteralError(f"\\{c} escape out of the Unicode range", base + j)
+            out.append(chr(code))
+            k = m.end()
+        elif c == "N":
+            m = _NAMED_RE.match(body, j + 2)
+            if m is None:
+                raise LiteralError("malformed \\N{...} escape", base + j)
+            try:
+                out.append(unicodedata.lookup(m.group(1)))
+            except KeyError:
+                raise LiteralError(f"unknown Unicode character name {m.group(1)!r}", base + j) from None
+            k = m.end()
+        else:
+            out.append("\\" + c)  # unknown escapes stay as they are, like Python's
+        i = k
 
 
 def _check_size(text: str | bytes, max_bytes: int) -> str:
     if len(text) > max_bytes:
-        raise LiteralError(f"input of {len(text)} characters is larger than the limit of {max_bytes} bytes", 0)
+        raise LiteralError(
+            f"input of {len(text)} characters is larger than the limit of {max_bytes} bytes", 0
+        )
     if isinstance(text, bytes):
         try:
             return text.decode("utf-8")
@@ -426,32 +486,22 @@ def parse_literal_prefix(
     (e.g. ``"|"``); the returned offset is that of the end or of the stop character. Offsets in errors
     and in the result are character offsets into ``text``. ``max_bytes`` bounds the UTF-8 size of the
     whole ``text`` and is checked before parsing; ``max_depth`` bounds the nesting of containers
-    (``[[1]]`` has depth 2; CPython itself refuses more than 200 nested brackets); ``max_items`` bounds the
-    total number of list/tuple elements and dict entries.
+    (``[[1]]`` has depth 2); ``max_items`` bounds the total number of list/tuple elements and dict
+    entries.
     """
     source = _check_size(text, max_bytes)
     if not 0 <= start <= len(source):
         raise ValueError(f"start {start} is outside the input")
-    while start < len(source) and source[start] in _WHITESPACE:  # CPython calls leading blanks an indent
-        start += 1
-    end = _scanner(stop).match(source, start).end()
-    reader = _Reader(source, start, end, stop, max_depth=max_depth, max_items=max_items, json=json_constants)
+    parser = _Parser(source, start, max_depth=max_depth, max_items=max_items, stop=stop, json=json_constants)
+    value = parser.parse()
+    assert parser.peeked is None
+    end = parser.skip_whitespace()
     if end < len(source) and source[end] not in stop:
-        raise reader.lexical_error(end)
-    if (nul := source.find("\0", start, end)) >= 0:
-        raise LiteralError("NUL character is not allowed", nul)
-    if start == end:
-        raise LiteralError("unexpected end of input, expected a value", start)
-    try:
-        with warnings.catch_warnings():  # unknown escapes stay as written; never print or raise for them
-            warnings.simplefilter("ignore")
-            tree = ast.parse(source[start:end], mode="eval")
-    except SyntaxError as exc:
-        raise reader.syntax_error(exc) from None
-    except (RecursionError, MemoryError):  # CPython's own bound on operator chains / nesting
-        raise reader.too_deep() from None
-    reader.check_bare_tuple(tree.body)
-    return reader.value(tree.body), end
+        tok = parser.next()
+        last = _Tok("str" if isinstance(value, str) else "value", "", start)
+        expected = "the end of the input" + "".join(f" or {c!r}" for c in stop)
+        raise parser._unexpected(tok, expected, [], last)
+    return value, end
 
 
 def parse_literal(
