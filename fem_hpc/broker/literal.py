@@ -13,10 +13,10 @@ The legacy orchestrator sends its documents as ``repr()`` of Python dicts; the o
 * ``True``, ``False``, ``None`` (and, with ``json_constants=True``, JSON's ``true``/``false``/``null``).
 
 Everything else (calls, attribute access, subscripts, other names, operators, lambdas, comprehensions,
-sets, complex numbers, comments, adjacent-string concatenation, NUL characters, ...) raises :class:`LiteralError` with a
-message naming what was found and the character offset where it was found. Limits are enforced while
-reading: the input size before anything else, the nesting depth when a bracket opens, the number of items
-when one is added, so hostile input fails fast and never recurses.
+sets, complex numbers, comments, adjacent-string concatenation, NUL characters, ...) raises
+:class:`LiteralError` with a message naming what was found and the character offset where it was found.
+Limits are enforced while reading: the input size before anything else, the nesting depth when a bracket
+opens, the number of items when one is added, so hostile input fails fast and never recurses.
 """
 
 from __future__ import annotations
