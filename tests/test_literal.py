@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import time
+import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -268,3 +270,103 @@ def test_large_valid_input_is_reasonably_fast() -> None:
     started = time.monotonic()
     assert len(parse_literal(text)) == 10_000
     assert time.monotonic() - started < 5.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The real document, and hostile input as an attacker would write it (issue 10 item 5)
+
+FLCORE = Path(__file__).parent / "fixtures" / "fem" / "flcore-server.task.py"
+
+
+def _flcore() -> str:
+    """The recorded document without its two-line ``#`` header (comments are refused)."""
+    return "".join(line for line in FLCORE.read_text().splitlines(True) if not line.startswith("#"))
+
+
+def test_the_real_flcore_document_parses_as_python_reads_it() -> None:
+    text = _flcore()
+    value = parse_literal(text)
+    assert value == _lists(ast.literal_eval(text))
+    assert value["_id"] == "flcore-server"
+    assert value["port_mappings"] == [{"host_port": 4433, "container_port": 4433}]
+    assert value["persistent"] is False and value["pre_checks"] is True
+    assert value["source_code"]["url"] == "https://github.com/DataTools4Heart/flcore.git --branch production"
+    # as the legacy codec reads it: the task_info field, ended by the next '|'
+    field, end = parse_literal_prefix(text + '|{"execution_id": "e1"}|', stop="|")
+    assert field == value
+    assert (text + "|")[end] == "|"
+
+
+HOSTILE = [
+    ("[" * 100_000, "nesting deeper than 32 levels"),
+    ("(" * 100_000 + "1", "nesting deeper than 32 levels"),
+    ("[{(" * 40_000, "nesting deeper than 32 levels"),
+    ("1" + "0" * 999_998, "integer literal with 999999 digits is too large (at most 4300)"),  # 10**999998
+    ("1" + "0" * 1_000_000, "larger than the limit of 1000000 bytes"),  # 10**10**6 written out
+    ("0x" + "f" * 999_990, "integer literal with 999990 digits is too large"),
+    ("1" * 999_990 + ".5", "number literal of 999992 characters is too long"),
+    ("1e309", "out of range (not finite)"),
+    ("[1, -1e400]", "out of range (not finite)"),
+    ("__import__('os')", "call of '__import__' is not allowed"),
+    ("lambda: __import__('os').system('id')", "lambda is not allowed"),
+    ("().__class__.__base__.__subclasses__()", "attribute access is not allowed"),
+    ("{'a': os.environ}", "attribute access on 'os' is not allowed"),
+    ('f\'{__import__("os").system("id")}\'', "f-string is not allowed"),
+    ("{'a': 1, **x}", "unpacking ('**') is not allowed"),
+    ("{1 for x in y}", "comprehension is not allowed"),
+    ("{x for x in y}", "name 'x' is not allowed"),
+    ("(x := 1)", "name 'x' is not allowed"),
+    ("[1, (y := 2)]", "name 'y' is not allowed"),
+    ("-None", "unary minus is only allowed before a number"),
+    ("-[1]", "unary minus is only allowed before a number"),
+    ("1+" * 300_000 + "1", "operator '+' is not allowed"),
+    ("x." * 300_000 + "x", "attribute access on 'x' is not allowed"),
+    ("-" * 300_000 + "1", "unary minus is only allowed before a number"),
+    ("not " * 200_000 + "1", "operator 'not' is not allowed"),
+    ("'" + "A" * 10_000_000 + "'", "larger than the limit of 1000000 bytes"),
+    ("'" + "a" * 999_000, "unterminated string"),
+    ("'\\N{" + "A" * 999_000 + "}'", "malformed \\N{...} escape"),
+    ("\x00", "unexpected character '\\x00'"),
+    ("{'cmd': 'a\x00b'}", "NUL character in a string is not allowed"),
+    (b"{'k': '\xed\xa0\x80'}", "not valid UTF-8"),  # a UTF-8-encoded surrogate
+    (b"\xff\xfe[\x00]", "not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), HOSTILE, ids=lambda v: repr(v)[:40])
+def test_hostile_input_gets_the_library_error_fast(text: str | bytes, fragment: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(LiteralError) as info:
+        parse_literal(text)
+    assert time.monotonic() - started < 1.0
+    assert fragment in info.value.message
+    assert str(info.value) == f"{info.value.message} at offset {info.value.position}"
+
+
+def test_error_positions_point_at_the_refused_character() -> None:
+    for text, position in (("[1, 1e309]", 4), ("{'cmd': 'a\x00b'}", 10), ("[" * 40, 32), ("[1, -1e999]", 5)):
+        with pytest.raises(LiteralError) as info:
+            parse_literal(text)
+        assert info.value.position == position, text
+
+
+def test_dense_input_over_the_item_limit_fails_fast_in_bounded_memory() -> None:
+    """The limits are applied while reading: a 1 MB list of 500 000 items stops at item 100 001.
+
+    (An ast.parse-based reader builds the whole tree first: 489 MB and 1.8 s for this input, see
+    bench/README.md.)"""
+    text = "[" + "0," * 499_999 + "]"
+    assert len(text) <= 1_000_000  # within the default size limit
+    started = time.monotonic()
+    with pytest.raises(LiteralError, match="more than 100000 items") as info:
+        parse_literal(text)
+    assert time.monotonic() - started < 2.0
+    assert info.value.position == 200_001  # where item 100 001 starts: nothing after it was read
+    tracemalloc.start()
+    try:
+        with pytest.raises(LiteralError, match="more than 100000 items"):
+            parse_literal(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000  # about 1 MB is used: the values read so far

@@ -8,20 +8,21 @@ The legacy orchestrator sends its documents as ``repr()`` of Python dicts; the o
   list; ``(x)`` is just ``x``),
 * str: single, double or triple quoted, with Python's escapes; prefixes ``u`` and ``r`` are accepted,
   ``b``/``f``/``t`` (bytes, f-strings, template strings) are refused,
-* int (decimal, ``0x``/``0o``/``0b``, ``_`` separators, at most :data:`MAX_INT_DIGITS` digits), float
-  (``1.5``, ``.5``, ``1e-3``), with an optional unary minus,
+* int (decimal, ``0x``/``0o``/``0b``, ``_`` separators, at most :data:`MAX_INT_DIGITS` digits), finite
+  float (``1.5``, ``.5``, ``1e-3``; ``1e309`` is refused), with an optional unary minus,
 * ``True``, ``False``, ``None`` (and, with ``json_constants=True``, JSON's ``true``/``false``/``null``).
 
 Everything else (calls, attribute access, subscripts, other names, operators, lambdas, comprehensions,
-sets, complex numbers, comments, adjacent-string concatenation, ...) raises :class:`LiteralError` with a
-message naming what was found and the character offset where it was found. Limits are enforced while
-reading: the input size before anything else, the nesting depth when a bracket opens, the number of items
-when one is added, so hostile input fails fast and never recurses.
+sets, complex numbers, comments, adjacent-string concatenation, NUL characters, ...) raises
+:class:`LiteralError` with a message naming what was found and the character offset where it was found.
+Limits are enforced while reading: the input size before anything else, the nesting depth when a bracket
+opens, the number of items when one is added, so hostile input fails fast and never recurses.
 """
 
 from __future__ import annotations
 
 import keyword
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -219,6 +220,8 @@ class _Parser:
             body_end, end = j, j + 1
             break
         body = text[body_start:body_end]
+        if "\0" in body:  # repr() writes \x00; a raw NUL can only be hostile (and cannot reach argv or env)
+            raise LiteralError("NUL character in a string is not allowed", body_start + body.index("\0"))
         self.pos = end
         value = body if raw else _unescape(body, body_start)
         return _Tok("str", text[start:end], start, value)
@@ -241,6 +244,8 @@ class _Parser:
             if len(token) > _MAX_NUMBER_CHARS:
                 raise LiteralError(f"number literal of {len(token)} characters is too long", pos)
             value: Any = float(digits)
+            if not math.isfinite(value):  # 1e309: JSON cannot carry inf, and no real document means it
+                raise LiteralError(f"float literal {token!r} is out of range (not finite)", pos)
         else:
             body = digits if kind == "int" else digits[2:]
             if len(body) > MAX_INT_DIGITS:
