@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 from apptainerkit import IMAGE, calls, install_fake
 
-from fem_hpc.config import config_from_dict
-from fem_hpc.executors import registry
+from fem_hpc.executors import registry, site_from_dict
 from fem_hpc.executors.apptainer import ApptainerExecutor
 from fem_hpc.executors.base import Job
 from fem_hpc.executors.containers import container_launch, docker_cleanup_argv
@@ -57,7 +56,7 @@ def make_site(tmp_path: Path, data_dir: Path, executor: dict[str, Any], **extra:
         "policy": {"images": ["127.0.0.1:*"]},
         **extra,
     }
-    return config_from_dict(cfg)
+    return site_from_dict(cfg)
 
 
 def run_tasks(site, tasks: list[dict[str, Any]], timeout: float = 30) -> dict[str, Any]:

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 import services
 
-from fem_hpc.config import config_from_dict
-from fem_hpc.executors import registry
+from fem_hpc.executors import registry, site_from_dict
 from fem_hpc.executors.base import Job
 from fem_hpc.executors.docker import DockerExecutor
 from fem_hpc.journal import Journal
@@ -98,7 +97,7 @@ def wait_state(agent: Agent, task_id: str, state: State, timeout: float = 20) ->
 
 
 def new_agent(site_cfg: dict[str, Any]) -> Agent:
-    site = config_from_dict(site_cfg)
+    site = site_from_dict(site_cfg)
     return Agent(site, Journal(site.journal_path, outbox=False))
 
 
@@ -142,7 +141,7 @@ def test_exit_code_3(tmp_path, node, data_dir, write_config, write_task, cli):
     res = cli("run", "--config", cfg, t, timeout=120)
     assert res.returncode == 3, res.stderr
     assert "FAILED" in res.stderr and "reason: EXIT_CODE" in res.stderr
-    site = config_from_dict(site_dict(tmp_path, node, data_dir))
+    site = site_from_dict(site_dict(tmp_path, node, data_dir))
     rec = Journal(site.journal_path, outbox=False).get("ec3")
     assert (rec.state, rec.reason, rec.exit_code) == (State.FAILED, "EXIT_CODE", 3)
     assert json.loads(rec.result_json)["stderr_tail"] == "failing\n"
@@ -284,7 +283,7 @@ def test_intent_without_native_id_readopts_by_label(tmp_path, node, data_dir):
 
 
 def test_created_but_never_started_container_is_replaced(tmp_path, node, data_dir):
-    site = config_from_dict(site_dict(tmp_path, node, data_dir))
+    site = site_from_dict(site_dict(tmp_path, node, data_dir))
     ex = registry.create("docker", site)
     t = Task.model_validate(task("cr1", ["true"]))
     job = Job(task=t, workdir=site.work_root / "cr1")
@@ -342,13 +341,13 @@ def test_host_network_needs_permission(tmp_path, node, data_dir):
     from fem_hpc.config import ConfigError
 
     with pytest.raises(ConfigError, match="allow_host_network"):
-        config_from_dict(site_dict(tmp_path, node, data_dir, network="host"))
-    config_from_dict(site_dict(tmp_path, node, data_dir, network="host", allow_host_network=True))
+        site_from_dict(site_dict(tmp_path, node, data_dir, network="host"))
+    site_from_dict(site_dict(tmp_path, node, data_dir, network="host", allow_host_network=True))
 
 
 # -- the executor's calls directly -----------------------------------------------------------------
 def test_poll_maps_oom_and_exit_codes_in_one_list_call(tmp_path, node, data_dir):
-    site = config_from_dict(site_dict(tmp_path, node, data_dir))
+    site = site_from_dict(site_dict(tmp_path, node, data_dir))
     ex = registry.create("docker", site)
     assert isinstance(ex, DockerExecutor)
     assert [c.status for c in ex.checks()] == ["ok"]
@@ -416,7 +415,7 @@ def test_batch_job_launch_line_runs_in_docker(tmp_path, node, data_dir):
     from fem_hpc.staging.images import stage_image
     from fem_hpc.staging.volumes import resolve_volumes
 
-    site = config_from_dict(site_dict(tmp_path, node, data_dir))
+    site = site_from_dict(site_dict(tmp_path, node, data_dir))
     t = Task.model_validate(task("batch1", ["sh", "-c", "id -u; pwd; printf %s \"$SECRET\" > secret.txt; "
                                             "cat /data/input.txt; touch /data/no 2>/dev/null || echo ro"],
                                  env={"SECRET": "value with 'quotes' and $(dollar)"},
@@ -445,6 +444,6 @@ def test_batch_job_launch_line_runs_in_docker(tmp_path, node, data_dir):
 def test_stage_image_docker_missing_image(tmp_path, node, data_dir):
     from fem_hpc.staging.images import ImageError, stage_image
 
-    site = config_from_dict(site_dict(tmp_path, node, data_dir))
+    site = site_from_dict(site_dict(tmp_path, node, data_dir))
     with pytest.raises(ImageError, match="cannot pull image 127.0.0.1:5000/fem/nonexistent:2"):
         stage_image("docker", site, "127.0.0.1:5000/fem/nonexistent:2")

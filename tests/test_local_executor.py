@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from fem_hpc.config import SiteConfig, config_from_dict
+from fem_hpc.config import SiteConfig
+from fem_hpc.executors import site_from_dict
 from fem_hpc.journal import Journal
 from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.model import State
@@ -292,7 +293,7 @@ def make_agent(site):
     opened: list[tuple[Agent, Journal]] = []
 
     def make(**changes: Any) -> tuple[SiteConfig, Agent, Journal]:
-        cfg = config_from_dict({**site, **changes})
+        cfg = site_from_dict({**site, **changes})
         journal = Journal(cfg.journal_path, outbox=False)
         agent = Agent(cfg, journal)
         opened.append((agent, journal))

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from fem_hpc.config import ConfigError, SiteConfig, config_from_dict
+from fem_hpc.config import ConfigError, SiteConfig
+from fem_hpc.executors import site_from_dict
 from fem_hpc.model import Task, parse_task
 from fem_hpc.policy import check_policy, effective_task, executor_for
 
@@ -24,7 +25,7 @@ def cfg(tmp_path: Path, site: dict[str, Any]) -> SiteConfig:
         "max_resources": {"cpus": 4, "memory": "8G", "walltime": "02:00:00", "gpus": 1, "nodes": 2},
         "default_resources": {"cpus": 1, "memory": "1G", "walltime": "00:30:00"},
     }
-    return config_from_dict(site)
+    return site_from_dict(site)
 
 
 def task(**extra: Any) -> Task:
@@ -74,7 +75,7 @@ def test_every_resource_over_reported_at_once(cfg: SiteConfig) -> None:
 
 
 def test_no_cap_when_unset(site: dict[str, Any]) -> None:
-    cfg = config_from_dict(site)
+    cfg = site_from_dict(site)
     assert policy_errors(cfg, resources={"cpus": 1000, "memory": "100T", "walltime": "99-00:00:00"}) == {}
 
 
@@ -91,7 +92,7 @@ def test_image_refused(cfg: SiteConfig, image: str) -> None:
 
 
 def test_no_image_allowed_by_default(site: dict[str, Any]) -> None:
-    errors = policy_errors(config_from_dict(site), image="127.0.0.1:5000/x:1")
+    errors = policy_errors(site_from_dict(site), image="127.0.0.1:5000/x:1")
     assert list(errors) == ["task.image"]
 
 
@@ -131,7 +132,7 @@ def test_executor_not_configured(cfg: SiteConfig) -> None:
 def test_executor_not_allowed_by_policy(site: dict[str, Any]) -> None:
     site["executors"] = {"local": {}, "other": {"type": "local"}}
     site["policy"] = {"executors": ["other"]}
-    cfg = config_from_dict(site)
+    cfg = site_from_dict(site)
     assert list(policy_errors(cfg)) == ["task.executor"]  # the default (local) is not in the allowed list
     assert policy_errors(cfg, executor="other") == {}
 
@@ -163,7 +164,7 @@ def test_effective_task_keeps_what_was_asked(cfg: SiteConfig) -> None:
 
 
 def test_builtin_default_resources(site: dict[str, Any]) -> None:
-    eff = effective_task(task(), config_from_dict(site))
+    eff = effective_task(task(), site_from_dict(site))
     assert eff.resources.cpus == 1 and eff.resources.walltime == "01:00:00"
 
 
@@ -172,14 +173,14 @@ def test_default_resources_must_fit_the_caps(site: dict[str, Any]) -> None:
     site["policy"] = {"max_resources": {"walltime": "00:30:00", "memory": "1G"},
                       "default_resources": {"memory": "2G", "walltime": "01:00:00"}}
     with pytest.raises(ConfigError) as info:
-        config_from_dict(site)
+        site_from_dict(site)
     keys = sorted(p.split(":", 1)[0] for p in info.value.problems)
     assert keys == ["policy.default_resources.memory", "policy.default_resources.walltime"], info.value.problems
     # The built-in default walltime (01:00:00) counts too.
     site["policy"] = {"max_resources": {"walltime": "00:30:00"}}
     with pytest.raises(ConfigError) as info:
-        config_from_dict(site)
+        site_from_dict(site)
     assert [p.split(":", 1)[0] for p in info.value.problems] == ["policy.default_resources.walltime"]
     site["policy"]["default_resources"] = {"memory": "1G", "walltime": "00:30:00", "cpus": 1}
-    eff = effective_task(task(), config_from_dict(site))
-    assert check_policy(eff, config_from_dict(site)) == []
+    eff = effective_task(task(), site_from_dict(site))
+    assert check_policy(eff, site_from_dict(site)) == []

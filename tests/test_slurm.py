@@ -14,7 +14,7 @@ import services
 from brokerkit import BROKER_URL, EventTap, ServeProcess, unique_node
 
 from fem_hpc.client import Client
-from fem_hpc.config import config_from_dict
+from fem_hpc.executors import site_from_dict
 from fem_hpc.journal import Journal
 from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.model import State
@@ -44,7 +44,7 @@ def agent(tmp_path: Path):
     agents: list[Agent] = []
 
     def make(cfg: dict[str, Any] | None = None) -> Agent:
-        site = config_from_dict(cfg or site_config(tmp_path))
+        site = site_from_dict(cfg or site_config(tmp_path))
         a = Agent(site, Journal(site.journal_path, outbox=False))
         agents.append(a)
         return a
