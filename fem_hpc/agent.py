@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -23,10 +24,11 @@ from pydantic import BaseModel
 
 from . import metrics
 from .config import SiteConfig
+from .diskguard import DiskGuard
 from .events import chunk_message, event_message
 from .executors import registry
 from .executors.base import Executor, ExecutorError, Job, NativeStatus
-from .journal import Journal, Message, TaskRecord
+from .journal import Journal, Message, TaskRecord, Tombstone
 from .layout import ARCHIVE_NAME, FEM_DIR, read_marker, task_workdir
 from .model import (
     ID_PATTERN,
@@ -91,6 +93,7 @@ class Agent:
         self._out_pool = ThreadPoolExecutor(max_workers=max(2, (workers or site.workers) // 2),
                                             thread_name_prefix="fem-stageout")
         self._closing = False
+        self.disk_guard = DiskGuard(site)  # retention: no new task starts while a disk is low
 
     # -- executors ----------------------------------------------------------------------
     def executor(self, name: str) -> Executor:
@@ -195,6 +198,11 @@ class Agent:
                         executor=executor)
             return IntakeResult(None, False, errors)
         task = effective_task(task, self.site)
+        # Retention and the disk guard: a task id compacted long ago runs nothing; on a low disk
+        # with on_low_disk: reject a new task is refused (with queue it waits in stage-in).
+        if (settled := self._late_duplicate(task.id, reply_to, correlation_id, protocol)
+                or self._disk_refusal(task, reply_to, correlation_id)) is not None:
+            return settled
         route = _Route(reply_to, correlation_id, task.labels, protocol)
         built: list[StatusEvent] = []
 
@@ -249,6 +257,9 @@ class Agent:
                       reply_to: str | None, correlation_id: str | None) -> State:
         """One status event with the task's current state for whoever asked (and fem.events);
         UNKNOWN, outside any task's seq, for a task this node never saw."""
+        if record is None and (tomb := self.journal.tombstone_events(
+                task_id, [lambda t, seq: self._tombstone_status(t, seq, reply_to or None, correlation_id)])):
+            return tomb.state  # compacted by retention: its final state, from the tombstone
         if record is None:
             ev = StatusEvent(node=self.node, task_id=task_id, seq=0, state=State.UNKNOWN, time=utcnow(),
                              message="this node has never seen this task")
@@ -333,6 +344,8 @@ class Agent:
             self._finish_early(task_id, Reason.SUBMIT, f"internal error before submit: {exc}")
 
     def _stage_and_submit_inner(self, task_id: str) -> None:
+        if not self._wait_for_disk(task_id):
+            return
         record = self.journal.get(task_id)
         if record is None or record.final or self._closing:
             return
@@ -584,6 +597,72 @@ class Agent:
         log.info("%s: no job found for the journalled intent; submitting it now", task_id,
                  extra={"task_id": task_id})
         self._submit(task_id, job, executor, attempt=record.attempt)
+
+    # -- retention and the disk guard (fem_hpc/diskguard.py, fem_hpc/ops/gc.py) -----------------
+    def _tombstone_status(self, tomb: Tombstone, seq: int, reply_to: str | None,
+                          correlation_id: str | None) -> Message:
+        ev = StatusEvent(node=self.node, task_id=tomb.id, seq=seq, state=tomb.state, time=utcnow(),
+                         message=tomb.note(), labels=tomb.labels)
+        return event_message(self.node, self.exchange, ev, reply_to, correlation_id)
+
+    def _late_duplicate(self, task_id: str, reply_to: str | None, correlation_id: str | None,
+                        protocol: str) -> IntakeResult | None:
+        """A submit of a task retention compacted: its final state ("finished on <date>, outputs
+        expired") and a result without outputs, from the tombstone, with fresh seqs. Runs nothing."""
+        target = reply_to if protocol == "v1" else None  # a legacy reply queue takes legacy framing only
+
+        def result(tomb: Tombstone, seq: int) -> Message:
+            ev = ResultEvent(node=self.node, task_id=tomb.id, seq=seq, state=tomb.state, exit_code=tomb.exit_code,
+                             reason=Reason(tomb.reason) if tomb.reason else None, finished=tomb.finished,
+                             labels=tomb.labels)
+            return event_message(self.node, self.exchange, ev, target, correlation_id)
+
+        tomb = self.journal.tombstone_events(
+            task_id, [lambda t, seq: self._tombstone_status(t, seq, target, correlation_id), result])
+        if tomb is None:
+            return None
+        log.info("%s was compacted by retention (%s): answered from its tombstone, not run again", task_id,
+                 tomb.note(), extra={"task_id": task_id, "native_id": None})
+        metrics.intake(tomb.executor, "duplicate")
+        # The legacy handler answers with the errors it is given; a v1 orchestrator has its events.
+        note = [FieldError(field="id", message=f"task {task_id} {tomb.note()}")] if protocol == "legacy" else []
+        return IntakeResult(None, False, note)
+
+    def _disk_refusal(self, task: Task, reply_to: str | None, correlation_id: str | None) -> IntakeResult | None:
+        """With on_low_disk: reject, a new task is REJECTED while a disk is low (a known id is not)."""
+        if self.disk_guard.on_low_disk != "reject" or (why := self.disk_guard.blocked()) is None \
+                or self.journal.get(task.id) is not None:
+            return None
+        errors = [FieldError(field="node", message=f"not enough disk space to take new tasks: {why}")]
+        self.reject(task.id, errors, reply_to=reply_to, correlation_id=correlation_id, labels=task.labels,
+                    executor=task.executor or self.site.default_executor)
+        return IntakeResult(None, False, errors)
+
+    def _wait_for_disk(self, task_id: str) -> bool:
+        """With on_low_disk: queue, a task waits here (RECEIVED, its message says why) until the
+        disk guard clears; False when the service stops meanwhile (the next start carries on)."""
+        noted = None
+        while (why := self.disk_guard.blocked()) is not None and self.disk_guard.on_low_disk == "queue":
+            if self._closing:
+                return False
+            rec = self.journal.get(task_id)
+            if rec is None or rec.final or rec.cancel_requested:
+                return True  # the caller finishes it (cancelled before it was submitted)
+            if why != noted:
+                log.warning("%s waits for disk space: %s", task_id, why, extra={"task_id": task_id})
+                self._note(task_id, f"waiting for disk space: {why}")
+                noted = why
+            time.sleep(min(1.0, self.disk_guard.cfg.check_seconds))
+        if noted is not None:
+            self._note(task_id, None)
+        return True
+
+    def _note(self, task_id: str, message: str | None) -> None:
+        """The task's message for `status` and status requests; on a full disk it is only logged."""
+        try:
+            self.journal.update(task_id, message=message)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("%s: cannot note its message in the journal (%s)", task_id, exc, extra={"task_id": task_id})
 
     # -- health --------------------------------------------------------------------------------------
     def executors_health(self) -> dict[str, dict[str, Any]]:

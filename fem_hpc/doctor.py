@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, Field
 
 from .config import ConfigError, SiteConfig, load_config
+from .diskguard import DiskGuard, guard_check
 from .logs import redact
 from .model import Check
 
@@ -492,6 +493,7 @@ def cheap_checks(site: SiteConfig) -> list[Check]:
     out = check_directory("state_dir", site.state_dir) + check_directory("work_root", site.work_root)
     out += check_tls_files(site)
     out.append(check_git(site))
+    out.append(guard_check(DiskGuard(site)))  # why intake is paused, when it is
     return out
 
 

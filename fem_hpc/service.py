@@ -23,6 +23,7 @@ from .config import SiteConfig
 from .events import JSON
 from .journal import Journal, Message
 from .model import FieldError
+from .ops.gc import GcCollector, PeriodicGC
 
 log = logging.getLogger("fem_hpc.service")
 
@@ -65,6 +66,7 @@ class Service:
         self.consumer = Consumer(site.broker, site.queue, self.handle, workers=min(8, site.workers),
                                  on_reconnect=self._reconnected)
         self.metrics = None
+        self.gc = PeriodicGC(site)  # retention: a low-priority pass every retention.interval_seconds
         self._stop = threading.Event()
 
     def _reconnected(self, who: str) -> None:
@@ -152,6 +154,7 @@ class Service:
                        "outbox_depth": self.journal.outbox_depth(), "reconnects": self.reconnects},
             "disk": disk, "load": list(os.getloadavg()),
             "tasks": self.journal.counts_by_state(),
+            "disk_guard": self.agent.disk_guard.state(), "retention": self.gc.summary(),
             "checks": [c.model_dump() for c in health_checks(self, executors)],
         }
 
@@ -174,11 +177,14 @@ class Service:
                 log.error("metrics endpoint cannot listen on %s (%s); serving without metrics",
                           self.site.metrics.listen, exc.strerror or exc)
                 self.metrics = None
+        if self.metrics:
+            self.metrics.registry.register(GcCollector(self.gc, self.agent.disk_guard))
         self.publisher.start()
         recovered = self.agent.recover(skip_protocols=("cli",))
         if recovered:
             log.info("carrying on with %d task(s) from the journal", recovered)
         self.consumer.start()
+        self.gc.start()
         log.info("fem-hpc %s serving node %s on queue %s", __version__, self.site.node, self.site.queue)
         code = 0
         while not self._stop.wait(0.5):
@@ -189,6 +195,7 @@ class Service:
                 break
         log.info("stopping: no new messages; running jobs keep running and are re-adopted at the next start")
         self.consumer.stop()
+        self.gc.stop()
         self.publisher.stop(flush_seconds=5.0)
         self.agent.close()
         if self.metrics:

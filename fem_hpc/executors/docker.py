@@ -38,7 +38,14 @@ from pydantic import Field, field_validator, model_validator
 
 from ..layout import FEM_DIR, SCRIPT_NAME, read_marker
 from ..model import Check, Reason, State, memory_mib
-from ..staging.images import ImageError, credentials_for, docker_pull, parse_image_ref
+from ..staging.images import (
+    ImageError,
+    credentials_for,
+    docker_image_lock,
+    docker_pull,
+    note_docker_use,
+    parse_image_ref,
+)
 from ..staging.volumes import VolumeError, check_targets, resolve_volumes
 from .base import Executor, ExecutorError, ExecutorSettings, Job, NativeStatus
 
@@ -173,6 +180,12 @@ class DockerExecutor(Executor):
         self._hand_over_workdir(job)
 
     def _ensure_image(self, ref: Any, progress: Any) -> None:
+        # Under the image's lock, which the GC takes before it evicts an image fem-hpc pulled.
+        with docker_image_lock(self.site.state_dir, ref):
+            pulled = self._pull_if_needed(ref, progress)
+            note_docker_use(self.site.state_dir, ref, pulled=pulled, base_url=self.settings.base_url)
+
+    def _pull_if_needed(self, ref: Any, progress: Any) -> bool:
         import docker.errors
 
         client = self._client()
@@ -186,13 +199,14 @@ class DockerExecutor(Executor):
                 raise ExecutorError(f"cannot ask the docker daemon{self._where()} about image {ref}: {exc}") \
                     from None
         if present and self.settings.pull_policy != "always":
-            return
+            return False
         if self.settings.pull_policy == "never":
             raise ExecutorError(f"image {ref} is not present on this host and pull_policy is 'never'")
         try:
             docker_pull(client, ref, credentials_for(self.site, ref), progress=progress)
         except ImageError as exc:
             raise ExecutorError(str(exc)) from None
+        return True
 
     def _hand_over_workdir(self, job: Job) -> None:
         """Make the work dir the container user's (see the module docstring)."""

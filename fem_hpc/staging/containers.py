@@ -160,29 +160,19 @@ def stage_image(
         ImageError,
         apptainer_env_credentials,
         credentials_for,
-        docker_pull,
+        docker_image_lock,
         ensure_sif,
+        note_docker_use,
         parse_image_ref,
         sif_path,
     )
 
     ref = parse_image_ref(image)
     if runtime == "docker":
-        import docker
-        import docker.errors
-
-        try:
-            client = docker_client or docker.from_env()
-            if pull_policy != "always":
-                try:
-                    client.images.get(ref.pull_ref)
-                    return ref.pull_ref
-                except docker.errors.ImageNotFound:
-                    if pull_policy == "never":
-                        raise ImageError(f"image {ref} is not present and pull_policy is 'never'") from None
-        except docker.errors.DockerException as exc:
-            raise ImageError(f"cannot reach the docker daemon: {exc}") from None
-        docker_pull(client, ref, credentials_for(site, ref), progress=progress)
+        # Under the image's lock, which the GC takes before it evicts an image fem-hpc pulled.
+        with docker_image_lock(site.state_dir, ref):
+            pulled = _docker_stage(site, ref, pull_policy, docker_client, progress)
+            note_docker_use(site.state_dir, ref, pulled=pulled)
         return ref.pull_ref
     exe = find_runtime_binary(runtime, binary)
     cache = cache_dir or site.state_dir / "sif"
@@ -196,3 +186,25 @@ def stage_image(
         args.append("--nohttps" if "singularity" in Path(exe).name else "--no-https")
     return str(ensure_sif(exe, ref, cache, pull_args=args, force=pull_policy == "always",
                           env=apptainer_env_credentials(exe, credentials_for(site, ref))))
+
+
+def _docker_stage(site: SiteConfig, ref: Any, pull_policy: str, docker_client: Any, progress: Any) -> bool:
+    """Make the daemon hold `ref`; True when it had to be pulled."""
+    import docker
+    import docker.errors
+
+    from .images import ImageError, credentials_for, docker_pull
+
+    try:
+        client = docker_client or docker.from_env()
+        if pull_policy != "always":
+            try:
+                client.images.get(ref.pull_ref)
+                return False
+            except docker.errors.ImageNotFound:
+                if pull_policy == "never":
+                    raise ImageError(f"image {ref} is not present and pull_policy is 'never'") from None
+    except docker.errors.DockerException as exc:
+        raise ImageError(f"cannot reach the docker daemon: {exc}") from None
+    docker_pull(client, ref, credentials_for(site, ref), progress=progress)
+    return True

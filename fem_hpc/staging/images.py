@@ -218,11 +218,12 @@ def ensure_sif(runtime_binary: str, ref: ImageRef | str, cache_dir: Path, *, dig
         ref = parse_image_ref(ref)
     cache_dir = Path(cache_dir)
     target = sif_path(cache_dir, ref, digest)
-    if target.exists() and not force:
-        return target
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # Under the entry's lock even when cached: the GC takes it too before it evicts a SIF. The
+    # mtime is the entry's last use (least-recently-used entries are evicted first).
     with exclusive(cache_dir / ".locks" / f"{target.stem}.lock"):
-        if target.exists() and not force:  # another caller pulled it while this one waited
+        if target.exists() and not force:
+            os.utime(target)
             return target
         tmp = cache_dir / f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.sif"
         argv = [runtime_binary, "pull", *pull_args, str(tmp), f"docker://{ref.pull_ref}"]
@@ -259,3 +260,40 @@ def _last_lines(raw: bytes | str | None, n: int = 5) -> str:
     text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return " | ".join(lines[-n:]) or "(no output)"
+
+
+# -- docker images fem-hpc pulled (what the GC may evict) ------------------------------------------
+# The daemon keeps images in its own store, next to images the site pulled itself. fem-hpc notes
+# the ones it pulled in `state_dir/docker-images/<key>.json` (the note's mtime is the image's last
+# use) and the GC evicts only those. A per-image lock, taken by stage-in around the presence check
+# and pull and by the GC around a removal, keeps an eviction from racing a task's stage-in.
+def docker_notes_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / "docker-images"
+
+
+def _docker_key(ref: ImageRef) -> str:
+    return hashlib.sha256(ref.pull_ref.encode()).hexdigest()[:32]
+
+
+def docker_image_lock(state_dir: Path, ref: ImageRef) -> Any:
+    return exclusive(docker_notes_dir(state_dir) / ".locks" / f"{_docker_key(ref)}.lock")
+
+
+def docker_image_lock_path(state_dir: Path, ref_text: str) -> Path:
+    return docker_notes_dir(state_dir) / ".locks" / f"{_docker_key(parse_image_ref(ref_text))}.lock"
+
+
+def note_docker_use(state_dir: Path, ref: ImageRef, *, pulled: bool, base_url: str | None = None) -> None:
+    """Note an image fem-hpc pulled, or refresh the last use of one it pulled before. Images it
+    did not pull are never noted (so never evicted). A failure here only costs the eviction."""
+    note = docker_notes_dir(state_dir) / f"{_docker_key(ref)}.json"
+    try:
+        if pulled:
+            note.parent.mkdir(parents=True, exist_ok=True)
+            tmp = note.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps({"ref": ref.pull_ref, "base_url": base_url, "pulled": time.time()}))
+            os.replace(tmp, note)
+        elif note.exists():
+            os.utime(note)
+    except OSError as exc:
+        log.warning("cannot note the use of image %s for the GC (%s); it will not be evicted", ref, exc)

@@ -1,0 +1,1 @@
+"""Operations around the lifecycle: retention and GC (gc.py)."""

@@ -1,0 +1,671 @@
+"""Retention: what fem-hpc removes, when, and the setting that says so (`retention:` in the config).
+
+One pass does, in this order, at most `retention.max_items_per_pass` items of each kind:
+
+1. It starts the clock of every final task whose result the broker confirmed, that is, the task
+   has no outbox row left (`journal.mark_confirmed`). Every later step counts from that moment,
+   never from the task's end, so nothing is removed before the orchestrator had it.
+2. Work dirs (with their `.fem/` archive) of tasks confirmed `workdirs_days` ago (FAILED tasks:
+   `keep_failed_days`). A dir several tasks share (a legacy execution) goes when the last of them
+   is due. Only dirs under work_root (or the legacy sandbox) are ever removed.
+3. Journal: tasks confirmed `journal_days` ago (and whose work dir is gone) become a tombstone:
+   their row, transitions and any outbox row left go in one transaction. The tombstone answers
+   a late duplicate submit ("finished on <date>, outputs expired") and runs nothing.
+4. Tombstones confirmed `idempotency_days` ago.
+5. Caches, least recently used first: git mirrors (state_dir/git), SIF files (state_dir/sif and
+   each apptainer executor's cache_dir), docker images fem-hpc pulled (noted in
+   state_dir/docker-images). An entry goes when unused for `max_age_days`, or while its cache is
+   over `max_bytes`; never one a task in the journal still needs, and never while its lock (the
+   one stage-in takes, staging/locks.py) is held: the GC takes that lock itself to evict.
+
+A dry run plans the same and changes nothing; a real pass carries out that plan. Every decision
+reads the injected clock `now()` (a fake one in the tests); file mtimes are compared with it.
+Freed journal pages are reused by SQLite; the file itself does not shrink (no VACUUM, which
+would lock the journal under the running service).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from ..config import CacheLimits, SiteConfig
+from ..diskguard import DiskGuard, human_bytes
+from ..journal import Journal
+from ..staging.git import mirror_path
+from ..staging.images import cache_key, docker_image_lock_path, docker_notes_dir, parse_image_ref
+from ..staging.locks import try_exclusive
+
+log = logging.getLogger("fem_hpc.ops.gc")
+
+DAY = 86400.0
+STALE_TEMP_SECONDS = DAY  # a half-written clone or pull this old was left by a crash
+PRUNE_PARENT_SECONDS = 3600.0  # an empty user/execution dir is removed once this old (not racing a new task)
+AREAS = ("workdirs", "journal", "tombstones", "git", "sif", "docker")
+Area = Literal["workdirs", "journal", "tombstones", "git", "sif", "docker"]
+Clock = Callable[[], float]
+
+
+class Item(BaseModel):
+    """One thing a pass removes (or, in a dry run, would remove), and why."""
+
+    area: Area
+    what: str  # a path, an image reference, a task id
+    bytes: int = 0
+    reason: str
+    done: bool = False
+    skipped: str | None = None  # why a planned item was left in place this time
+
+
+class AreaUsage(BaseModel):
+    area: str
+    bytes: int
+    entries: int | None = None
+    oldest: float | None = None  # when the oldest kept item's clock started (unix time)
+
+
+class GcReport(BaseModel):
+    time: float
+    dry_run: bool
+    confirmed: int = 0  # final tasks whose retention clock started in this pass
+    items: list[Item] = Field(default_factory=list)
+    usage: list[AreaUsage] = Field(default_factory=list)
+    clocks: dict[str, float | None] = Field(default_factory=dict)
+    errors: list[str] = Field(default_factory=list)
+
+    def freed(self) -> dict[str, int]:
+        out = dict.fromkeys(AREAS, 0)
+        for item in self.items:
+            if item.done:
+                out[item.area] += item.bytes
+        return out
+
+
+def _days_ago(then: float, now: float) -> str:
+    return f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(then))} UTC, {(now - then) / DAY:.1f} days ago"
+
+
+def _cutoff(days: float | None, now: float) -> float | None:
+    return None if days is None else now - days * DAY
+
+
+def tree_bytes(root: Path, limit: int = 1_000_000) -> int:
+    """Bytes of the regular files under root, symlinks not followed (at most `limit` entries)."""
+    total = 0
+    seen = 0
+    stack = [root]
+    while stack and seen < limit:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    seen += 1
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(Path(entry.path))
+                    elif stat.S_ISREG(st.st_mode):
+                        total += st.st_size
+        except OSError:
+            continue
+    return total
+
+
+def _size(path: Path) -> int:
+    try:
+        st = path.lstat()
+    except OSError:
+        return 0
+    return tree_bytes(path) if stat.S_ISDIR(st.st_mode) else st.st_size
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a tree a task may have made read-only (e.g. chmod 0500 on its own dirs)."""
+    def fix(func: Any, name: str, *_: Any) -> None:
+        os.chmod(os.path.dirname(name), stat.S_IRWXU)
+        func(name)
+
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    elif sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=fix)
+    else:
+        shutil.rmtree(path, onerror=fix)
+
+
+# -- work dirs ----------------------------------------------------------------------------------
+def _roots(site: SiteConfig) -> list[Path]:
+    roots = [site.work_root.resolve()]
+    if site.legacy.sandbox_path is not None:
+        roots.append(site.legacy.sandbox_path.resolve())
+    return roots
+
+
+def _inside(path: Path, roots: list[Path]) -> Path | None:
+    """The root that holds `path` strictly below it (symlinks in the path resolved), else None."""
+    real = path.resolve()
+    for root in roots:
+        if real != root and real.is_relative_to(root):
+            return root
+    return None
+
+
+def plan_workdirs(site: SiteConfig, journal: Journal, now: float) -> list[Item]:
+    r = site.retention
+    items = []
+    for due in journal.workdirs_due(_cutoff(r.workdirs_days, now), _cutoff(r.keep_failed_days, now),
+                                    r.max_items_per_pass):
+        failed = "FAILED" in due.states
+        setting = (f"keep_failed_days {r.keep_failed_days:g}" if failed else f"workdirs_days {r.workdirs_days:g}")
+        tasks = ", ".join(f"{i} {s}" for i, s in zip(due.task_ids, due.states, strict=True))
+        items.append(Item(area="workdirs", what=due.workdir, bytes=_size(Path(due.workdir)),
+                          reason=f"{tasks}; result confirmed {_days_ago(due.confirmed, now)} ({setting})"))
+    return items
+
+
+def _prune_parents(path: Path, root: Path, now: float) -> None:
+    """Empty <user>/<execution> dirs above a removed work dir, once they are old enough that no
+    new task of theirs is creating a work dir under them right now."""
+    parent = path.parent
+    while parent != root and parent.is_relative_to(root):
+        try:
+            if now - parent.stat().st_mtime < PRUNE_PARENT_SECONDS:
+                return
+            parent.rmdir()
+        except OSError:
+            return
+        parent = parent.parent
+
+
+def remove_workdir(site: SiteConfig, journal: Journal, item: Item, now: float) -> None:
+    path = Path(item.what)
+    root = _inside(path, _roots(site))
+    if root is None:
+        # Never remove what is not ours; the journal is told it is done with it, so it does not come back.
+        item.skipped = f"not under work_root or the legacy sandbox ({', '.join(map(str, _roots(site)))}); left alone"
+        log.error("retention: work dir %s is outside the work roots; not removed", path)
+    else:
+        try:
+            _rmtree(path)
+        except OSError as exc:
+            item.skipped = f"cannot remove it: {exc.strerror or exc}; tried again next pass"
+            log.error("retention: cannot remove work dir %s (%s)", path, exc)
+            return
+        _prune_parents(path, root, now)
+        item.done = True
+        log.info("retention: removed work dir %s (%s, %s)", path, human_bytes(item.bytes), item.reason)
+    journal.mark_workdir_removed(item.what, now)
+
+
+# -- journal and tombstones --------------------------------------------------------------------------
+def plan_journal(site: SiteConfig, journal: Journal, now: float, removed_workdirs: set[str]) -> list[Item]:
+    """Tasks to compact: confirmed journal_days ago, and their work dir is gone (or goes in this pass)."""
+    r = site.retention
+    if r.journal_days is None:
+        return []
+    items = []
+    for due in journal.compaction_due(now - r.journal_days * DAY, r.max_items_per_pass):
+        if not due.workdir_removed and due.workdir not in removed_workdirs:
+            continue  # its work dir is still there (shared with a newer task, or not removable yet)
+        items.append(Item(area="journal", what=due.task_id, bytes=due.json_bytes,
+                          reason=f"{due.transitions} transition(s) -> tombstone; result confirmed "
+                                 f"{_days_ago(due.confirmed, now)} (journal_days {r.journal_days:g})"))
+    return items
+
+
+def plan_tombstones(site: SiteConfig, journal: Journal, now: float) -> list[Item]:
+    r = site.retention
+    if r.idempotency_days is None:
+        return []
+    return [Item(area="tombstones", what=task_id,
+                 reason=f"a duplicate of it would run again (idempotency_days {r.idempotency_days:g})")
+            for task_id in journal.tombstones_due(now - r.idempotency_days * DAY, r.max_items_per_pass)]
+
+
+# -- caches -------------------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    area: Area
+    what: str  # shown to the admin: a path or an image reference
+    key: str  # what an active task names when it needs this entry
+    path: Path  # the file or dir to remove (a docker image: its note)
+    lock: Path
+    bytes: int
+    last_used: float
+    base_url: str | None = None  # docker: the daemon that holds the image
+
+
+def sif_dirs(site: SiteConfig) -> list[Path]:
+    dirs = [site.state_dir / "sif"]
+    for name, settings in site.executors.items():
+        if site.executor_type(name) == "apptainer" and settings.get("cache_dir"):
+            dirs.append(Path(settings["cache_dir"]))
+    return list(dict.fromkeys(dirs))
+
+
+def in_use(site: SiteConfig, journal: Journal) -> dict[str, set[str]]:
+    """The cache keys the journal's active tasks need: their mirror, SIF and image."""
+    out: dict[str, set[str]] = {"git": set(), "sif": set(), "docker": set()}
+    for rec in journal.active():
+        try:
+            task = rec.task
+        except (ValueError, AssertionError):
+            continue
+        if task.source is not None:
+            out["git"].add(str(mirror_path(site, task.source.git)))
+        if task.image:
+            try:
+                ref = parse_image_ref(task.image)
+            except ValueError:
+                continue
+            out["sif"].add(cache_key(ref))
+            out["docker"].add(ref.pull_ref)
+    return out
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def git_entries(site: SiteConfig) -> Iterator[Entry]:
+    base = site.state_dir / "git"
+    if not base.is_dir():
+        return
+    for p in sorted(base.iterdir()):
+        if p.is_dir() and p.name.endswith(".git"):
+            yield Entry("git", str(p), str(p), p, p.with_suffix(".lock"), tree_bytes(p), _mtime(p))
+
+
+def sif_entries(site: SiteConfig) -> Iterator[Entry]:
+    for d in sif_dirs(site):
+        if not d.is_dir():
+            continue
+        for p in sorted(d.glob("*.sif")):
+            if p.is_file() and not p.name.startswith("."):
+                yield Entry("sif", str(p), p.stem, p, d / ".locks" / f"{p.stem}.lock", p.stat().st_size, _mtime(p))
+
+
+def stale_temps(site: SiteConfig, now: float) -> list[Item]:
+    """Half-written clones and pulls a crash left behind (the live ones are younger, and locked)."""
+    found = [p for p in (site.state_dir / "git").glob("*.git.tmp*")]
+    for d in sif_dirs(site):
+        found += list(d.glob(".*.tmp.sif"))
+    return [Item(area="git" if p.parent.name == "git" else "sif", what=str(p), bytes=_size(p),
+                 reason=f"left by an interrupted clone or pull {_days_ago(_mtime(p), now)}")
+            for p in sorted(found) if now - _mtime(p) > STALE_TEMP_SECONDS]
+
+
+class Docker:
+    """Docker clients by daemon address, for one pass (the docker SDK, imported only when needed)."""
+
+    def __init__(self, factory: Callable[[str | None], Any] | None = None):
+        self._factory = factory or self._connect
+        self._clients: dict[str | None, Any] = {}
+
+    @staticmethod
+    def _connect(base_url: str | None) -> Any:
+        import docker
+
+        return docker.DockerClient(base_url=base_url, timeout=60) if base_url else docker.from_env(timeout=60)
+
+    def client(self, base_url: str | None) -> Any:
+        if base_url not in self._clients:
+            self._clients[base_url] = self._factory(base_url)
+        return self._clients[base_url]
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            try:
+                client.close()
+            except Exception:
+                pass
+        self._clients.clear()
+
+
+def docker_entries(site: SiteConfig, docker: Docker, errors: list[str]) -> Iterator[Entry]:
+    """The images fem-hpc pulled and still noted; a note whose image is gone is dropped."""
+    import docker.errors as derr
+
+    base = docker_notes_dir(site.state_dir)
+    if not base.is_dir():
+        return
+    for note in sorted(base.glob("*.json")):
+        try:
+            data = json.loads(note.read_text())
+            ref, base_url = str(data["ref"]), data.get("base_url")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        try:
+            size = int(docker.client(base_url).images.get(ref).attrs.get("Size") or 0)
+        except derr.ImageNotFound:
+            note.unlink(missing_ok=True)  # removed by someone else: nothing left to evict
+            continue
+        except Exception as exc:  # the daemon is down or unreachable: this cache waits for the next pass
+            errors.append(f"docker{f' at {base_url}' if base_url else ''}: {exc}")
+            return
+        yield Entry("docker", ref, ref, note, docker_image_lock_path(site.state_dir, ref), size, _mtime(note),
+                    base_url)
+
+
+def plan_cache(entries: list[Entry], limits: CacheLimits, now: float, busy: set[str], limit: int) -> list[Item]:
+    """Least recently used first: what is too old, then what keeps the cache over max_bytes."""
+    total = sum(e.bytes for e in entries)
+    items = []
+    for e in sorted(entries, key=lambda e: e.last_used):
+        if len(items) >= limit:
+            break
+        if e.key in busy:
+            continue
+        age = now - e.last_used
+        if limits.max_age_days is not None and age > limits.max_age_days * DAY:
+            reason = f"unused since {_days_ago(e.last_used, now)} (max_age_days {limits.max_age_days:g})"
+        elif limits.max_bytes is not None and total > limits.max_bytes:
+            reason = (f"least recently used ({_days_ago(e.last_used, now)}) while the cache holds "
+                      f"{human_bytes(total)} (max_bytes {human_bytes(limits.max_bytes)})")
+        else:
+            continue
+        total -= e.bytes
+        items.append(Item(area=e.area, what=e.what, bytes=e.bytes, reason=reason))
+    return items
+
+
+def evict(site: SiteConfig, journal: Journal, entry: Entry, item: Item, docker: Docker) -> None:
+    """Remove one cache entry under its lock, after a fresh look at what the active tasks need."""
+    with try_exclusive(entry.lock) as held:
+        if not held:
+            item.skipped = "in use: a stage-in holds its lock"
+            return
+        if entry.key in in_use(site, journal)[entry.area]:
+            item.skipped = "in use by a task that is not final"
+            return
+        try:
+            if entry.area == "docker":
+                docker.client(entry.base_url).images.remove(entry.what)  # refused while a container uses it
+            _rmtree(entry.path)
+        except Exception as exc:
+            item.skipped = f"cannot remove it: {exc}"
+            return
+    item.done = True
+    log.info("retention: evicted %s %s (%s, %s)", entry.area, entry.what, human_bytes(entry.bytes), item.reason)
+
+
+# -- the pass -------------------------------------------------------------------------------------------
+def _journal_bytes(site: SiteConfig) -> int:
+    return sum(_size(Path(f"{site.journal_path}{suffix}")) for suffix in ("", "-wal", "-shm"))
+
+
+def run_pass(site: SiteConfig, journal: Journal, *, now: Clock = time.time, dry_run: bool = False,
+             docker_factory: Callable[[str | None], Any] | None = None) -> GcReport:
+    """One retention pass (see the module docstring). Never raises for what it finds on disk:
+    problems are in the report's `errors` and `skipped`, and are tried again next pass."""
+    with try_exclusive(site.state_dir / "gc.lock") as held:
+        if not held:
+            return GcReport(time=now(), dry_run=dry_run, errors=["another gc pass is running; nothing done"])
+        return _run_pass(site, journal, now, dry_run, Docker(docker_factory))
+
+
+def _run_pass(site: SiteConfig, journal: Journal, now: Clock, dry_run: bool, docker: Docker) -> GcReport:
+    r = site.retention
+    t = now()  # one time for the whole pass: a clock started by this pass never expires in it
+    report = GcReport(time=t, dry_run=dry_run)
+    if not dry_run:
+        report.confirmed = journal.mark_confirmed(t, r.max_items_per_pass)
+    workdirs = plan_workdirs(site, journal, t)
+    for item in workdirs if not dry_run else []:
+        remove_workdir(site, journal, item, t)
+    report.items += workdirs
+    compact = plan_journal(site, journal, t, {i.what for i in workdirs if i.done or (dry_run and not i.skipped)})
+    if not dry_run and compact:
+        journal.compact([i.what for i in compact], t)
+        for item in compact:
+            item.done = True
+    tombstones = plan_tombstones(site, journal, t)
+    if not dry_run and tombstones:
+        journal.drop_tombstones([i.what for i in tombstones])
+        for item in tombstones:
+            item.done = True
+    report.items += compact + tombstones
+    report.items += _caches(site, journal, t, dry_run, docker, report)
+    docker.close()
+    _measure(site, journal, report)
+    return report
+
+
+def _caches(site: SiteConfig, journal: Journal, now: float, dry_run: bool, docker: Docker,
+            report: GcReport) -> list[Item]:
+    r = site.retention
+    busy = in_use(site, journal)
+    listed: dict[str, list[Entry]] = {"git": list(git_entries(site)), "sif": list(sif_entries(site))}
+    try:
+        listed["docker"] = list(docker_entries(site, docker, report.errors))
+    except ImportError as exc:
+        report.errors.append(f"docker: {exc}")
+        listed["docker"] = []
+    items: list[Item] = []
+    for area, entries in listed.items():
+        by_what = {e.what: e for e in entries}
+        planned = plan_cache(entries, getattr(r.caches, area), now, busy[area], r.max_items_per_pass)
+        for item in planned if not dry_run else []:
+            evict(site, journal, by_what[item.what], item, docker)
+        items += planned
+        gone = {i.what for i in planned if i.done or dry_run}
+        kept = [e for e in entries if e.what not in gone]
+        report.usage.append(AreaUsage(area=area, bytes=sum(e.bytes for e in kept), entries=len(kept),
+                                      oldest=min((e.last_used for e in kept), default=None)))
+    temps = stale_temps(site, now)
+    for item in temps if not dry_run else []:
+        try:
+            _rmtree(Path(item.what))
+            item.done = True
+        except OSError as exc:
+            item.skipped = f"cannot remove it: {exc.strerror or exc}"
+    return items + temps
+
+
+def _measure(site: SiteConfig, journal: Journal, report: GcReport) -> None:
+    report.clocks = journal.retention_clocks()
+    report.usage[:0] = [
+        AreaUsage(area="workdirs", bytes=sum(tree_bytes(root) for root in _roots(site) if root.is_dir()),
+                  oldest=report.clocks.get("workdirs")),
+        AreaUsage(area="journal", bytes=_journal_bytes(site), oldest=report.clocks.get("journal")),
+    ]
+
+
+# -- the last report, for `fem-hpc status` ------------------------------------------------------------------
+def last_report_path(site: SiteConfig) -> Path:
+    return site.state_dir / "gc-last.json"
+
+
+def save_report(site: SiteConfig, report: GcReport) -> None:
+    """Keep the last real pass's report (atomically) for `fem-hpc status`; a full disk only loses it."""
+    path = last_report_path(site)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(report.model_dump_json())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("cannot save the gc report to %s (%s)", path, exc)
+
+
+def load_report(site: SiteConfig) -> GcReport | None:
+    try:
+        return GcReport.model_validate_json(last_report_path(site).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def render_report(report: GcReport) -> list[str]:
+    """What `fem-hpc gc` prints: one line per item, then the bytes per area."""
+    verb = "would remove" if report.dry_run else "removed"
+    lines = []
+    for item in report.items:
+        state = verb if report.dry_run or item.done else f"kept ({item.skipped})"
+        lines.append(f"{state:<14} {item.area:<10} {human_bytes(item.bytes):>10}  {item.what}  [{item.reason}]")
+    totals: dict[str, int] = {}
+    for item in report.items:
+        if item.done or report.dry_run:
+            totals[item.area] = totals.get(item.area, 0) + item.bytes
+    summary = ", ".join(f"{area} {human_bytes(n)}" for area, n in totals.items()) or "nothing"
+    lines.append(f"{'would free' if report.dry_run else 'freed'}: {summary}"
+                 + (f" ({report.confirmed} result(s) newly confirmed: their clocks start now)" if report.confirmed
+                    else ""))
+    lines += [f"error: {e}" for e in report.errors]
+    return lines
+
+
+def area_lines(site: SiteConfig, now: Clock = time.time) -> list[str]:
+    """The areas for `fem-hpc status`: free space (live) and what the last gc pass measured."""
+    t = now()
+    lines = [f"{'AREA':<22} {'FREE':>10} {'KEPT FREE':>10}  PATH"]
+    for a in DiskGuard(site).areas(fresh=True):
+        flag = "  LOW: new tasks do not start" if a.low else (f"  ({a.error})" if a.error else "")
+        lines.append(f"{a.name:<22} {human_bytes(a.free or 0):>10} {human_bytes(a.threshold):>10}  {a.path}{flag}")
+    report = load_report(site)
+    if report is None:
+        lines.append("retention: no gc pass yet (fem-hpc gc --dry-run shows what one would free)")
+        return lines
+    freed = report.freed()
+    lines.append(f"last gc {_days_ago(report.time, t)}: freed "
+                 + ", ".join(f"{k} {human_bytes(v)}" for k, v in freed.items() if v) if any(freed.values())
+                 else f"last gc {_days_ago(report.time, t)}: freed nothing")
+    lines.append(f"{'KEPT':<22} {'BYTES':>10} {'ENTRIES':>10}  OLDEST KEPT (its clock started)")
+    for u in report.usage:
+        oldest = _days_ago(u.oldest, t) if u.oldest else "-"
+        entries = "-" if u.entries is None else str(u.entries)
+        lines.append(f"{u.area:<22} {human_bytes(u.bytes):>10} {entries:>10}  {oldest}")
+    waiting = report.clocks.get("unconfirmed")
+    if waiting:
+        lines.append(f"results not yet confirmed by the broker since {_days_ago(waiting, t)}: kept until they are")
+    return lines
+
+
+# -- periodic, in the service ---------------------------------------------------------------------------------
+class PeriodicGC:
+    """Runs a pass every `retention.interval_seconds` on a low-priority thread, with its own
+    journal connection (the service's stays free for intake and the publisher)."""
+
+    def __init__(self, site: SiteConfig, *, now: Clock = time.time, first_delay: float | None = None,
+                 docker_factory: Callable[[str | None], Any] | None = None):
+        self.site = site
+        self.now = now
+        interval = site.retention.interval_seconds
+        self.first_delay = min(60.0, interval) if first_delay is None else first_delay
+        self.docker_factory = docker_factory
+        self.last: GcReport | None = None
+        self.passes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.site.retention.interval_seconds <= 0:
+            return
+        self._thread = threading.Thread(target=self._run, name="fem-gc", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:  # Linux: the nice value is per thread; stage-in, the tracker and intake come first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (OSError, AttributeError):
+            pass
+        if self._stop.wait(self.first_delay):
+            return
+        journal: Journal | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    journal = journal or Journal(self.site.journal_path)
+                    self.last = run_pass(self.site, journal, now=self.now, docker_factory=self.docker_factory)
+                    self.passes += 1
+                    save_report(self.site, self.last)
+                except Exception:  # a full disk, a locked journal: the next pass tries again
+                    log.exception("retention pass failed")
+                if self._stop.wait(self.site.retention.interval_seconds):
+                    break
+        finally:
+            if journal is not None:
+                journal.close()
+
+    def summary(self) -> dict[str, Any]:
+        """For the health reply."""
+        last = self.last
+        return {"interval_seconds": self.site.retention.interval_seconds, "passes": self.passes,
+                "last": None if last is None else {"time": last.time, "freed_bytes": last.freed(),
+                                                   "errors": last.errors}}
+
+
+class GcCollector:
+    """Prometheus series of retention and the disk guard (registered on the service's registry):
+
+    =================================================  ==================================================
+    ``fem_area_bytes{area}``                           bytes kept per area (workdirs, journal, git, sif,
+                                                       docker), as the last gc pass measured them
+    ``fem_area_free_bytes{area}``                      free bytes on each guarded area's file system
+    ``fem_intake_paused``                              1 while the disk guard keeps new tasks from starting
+    ``fem_gc_last_run_timestamp_seconds``              when the last gc pass ran
+    ``fem_gc_last_freed_bytes{area}``                  what the last gc pass freed, per area
+    ``fem_retention_oldest_age_seconds{kind}``         age of the oldest kept item's clock: workdirs,
+                                                       unconfirmed, journal, tombstones, git, sif, docker
+    =================================================  ==================================================
+    """
+
+    def __init__(self, gc: PeriodicGC, guard: DiskGuard):
+        self.gc = gc
+        self.guard = guard
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        free = GaugeMetricFamily("fem_area_free_bytes", "Free bytes on each guarded area's file system.",
+                                 labels=["area"])
+        for a in self.guard.areas():
+            if a.free is not None:
+                free.add_metric([a.name], a.free)
+        yield free
+        paused = GaugeMetricFamily("fem_intake_paused", "1 while the disk guard keeps new tasks from starting.")
+        paused.add_metric([], 1 if self.guard.blocked() else 0)
+        yield paused
+        last = self.gc.last
+        if last is None:
+            return
+        used = GaugeMetricFamily("fem_area_bytes", "Bytes kept per area, as the last gc pass measured them.",
+                                 labels=["area"])
+        ages = GaugeMetricFamily("fem_retention_oldest_age_seconds", "Age of the oldest kept item's retention "
+                                 "clock, per kind.", labels=["kind"])
+        for u in last.usage:
+            used.add_metric([u.area], u.bytes)
+        oldest = {**{u.area: u.oldest for u in last.usage}, **last.clocks}
+        for kind, then in oldest.items():
+            if then:
+                ages.add_metric([kind], max(0.0, self.gc.now() - then))
+        ran = GaugeMetricFamily("fem_gc_last_run_timestamp_seconds", "When the last gc pass ran.")
+        ran.add_metric([], last.time)
+        freed = GaugeMetricFamily("fem_gc_last_freed_bytes", "Bytes the last gc pass freed, per area.",
+                                  labels=["area"])
+        for area, n in last.freed().items():
+            freed.add_metric([area], n)
+        yield from (used, ages, ran, freed)
