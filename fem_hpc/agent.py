@@ -641,17 +641,17 @@ class Agent:
     def _wait_for_disk(self, task_id: str) -> bool:
         """With on_low_disk: queue, a task waits here (RECEIVED, its message says why) until the
         disk guard clears; False when the service stops meanwhile (the next start carries on)."""
-        noted = None
+        noted: float | None = None
         while (why := self.disk_guard.blocked()) is not None and self.disk_guard.on_low_disk == "queue":
             if self._closing:
                 return False
             rec = self.journal.get(task_id)
             if rec is None or rec.final or rec.cancel_requested:
                 return True  # the caller finishes it (cancelled before it was submitted)
-            if why != noted:
+            if noted is None or time.monotonic() - noted > 60:  # the free space, refreshed once a minute
                 log.warning("%s waits for disk space: %s", task_id, why, extra={"task_id": task_id})
                 self._note(task_id, f"waiting for disk space: {why}")
-                noted = why
+                noted = time.monotonic()
             time.sleep(min(1.0, self.disk_guard.cfg.check_seconds))
         if noted is not None:
             self._note(task_id, None)

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 from fskit import tmpfs
 from gitkit import Repo
+from retentionkit import FakeClock, add_task, confirm, event, make_site
 
 from fem_hpc.agent import Agent
-from fem_hpc.config import SiteConfig, config_from_dict
-from fem_hpc.journal import Compacted, Journal, Message
-from fem_hpc.layout import task_workdir
+from fem_hpc.config import SiteConfig
+from fem_hpc.journal import Compacted, Journal
 from fem_hpc.model import State, parse_task
 from fem_hpc.ops.gc import DAY, GcCollector, PeriodicGC, load_report, render_report, run_pass, tree_bytes
 from fem_hpc.staging.git import mirror_path, update_mirror
@@ -33,58 +33,6 @@ from fem_hpc.staging.images import ensure_sif, sif_path
 from fem_hpc.staging.locks import exclusive
 
 FAKE_APPTAINER = Path(__file__).parent / "fakes" / "apptainer"
-
-
-class FakeClock:
-    def __init__(self, start: float | None = None):
-        self.t = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def at(self, t: float) -> FakeClock:
-        self.t = t
-        return self
-
-
-def make_site(tmp_path: Path, **retention: Any) -> SiteConfig:
-    return config_from_dict({
-        "node": "gcnode", "state_dir": str(tmp_path / "state"), "work_root": str(tmp_path / "work"),
-        "executors": {"local": {"kill_grace_seconds": 1}},
-        "policy": {"git": ["file://*"], "images": ["127.0.0.1:5000/*"]},
-        "retention": {"workdirs_days": 7, "keep_failed_days": 14, "journal_days": 30, "idempotency_days": 365,
-                      **retention},
-    })
-
-
-def _event(task_id: str) -> Any:
-    return lambda seq: Message([("fem.events", f"gcnode.{task_id}.status")], {"type": "status"},
-                               body=json.dumps({"seq": seq}).encode())
-
-
-def add_task(journal: Journal, site: SiteConfig, task_id: str, state: State = State.COMPLETED,
-             workdir: Path | None = None, **task: Any) -> Path:
-    """A task through the journal as the agent records it, with a real work dir and archive."""
-    parsed, errors = parse_task({"id": task_id, "command": ["true"], **task})
-    assert parsed is not None, errors
-    wd = workdir or task_workdir(site.work_root, parsed)
-    journal.insert(parsed, executor="local", workdir=wd, event=_event(task_id))
-    (wd / ".fem").mkdir(parents=True, exist_ok=True)
-    (wd / ".fem" / "outputs.tar.gz").write_bytes(b"x" * 4000)
-    (wd / "result.txt").write_text("42\n")
-    if state != State.RECEIVED:
-        journal.transition(task_id, State.RUNNING, _event(task_id))
-    if state.final:
-        journal.transition(task_id, state, _event(task_id), exit_code=0 if state == State.COMPLETED else 1,
-                           finished="2026-11-30T10:00:00.000000Z", result_json="{}")
-    return wd
-
-
-def confirm(journal: Journal) -> None:
-    """What the publisher does once the broker confirmed the rows: delete them from the outbox."""
-    rows = journal.pending(limit=10_000)
-    if rows:
-        journal.delete(*[r.id for r in rows])
 
 
 def gc(site: SiteConfig, journal: Journal, clock: FakeClock, **kw: Any):
@@ -196,7 +144,7 @@ def test_a_duplicate_re_sending_its_archive_keeps_the_work_dir(env):
     clock = FakeClock()
     t1 = clock.t
     gc(site, journal, clock)
-    journal.event("busy1", _event("busy1"))  # e.g. chunks of a re-sent result still in the outbox
+    journal.event("busy1", event("busy1"))  # e.g. chunks of a re-sent result still in the outbox
     gc(site, journal, clock.at(t1 + 8 * DAY))
     assert wd.is_dir()
     confirm(journal)
@@ -397,7 +345,7 @@ def test_a_cache_entry_in_use_is_never_evicted(tmp_path: Path):
         worker.join()
     gc(site, journal, clock)
     assert not b.exists() and a.is_dir()
-    journal.transition("staging1", State.COMPLETED, _event("staging1"))
+    journal.transition("staging1", State.COMPLETED, event("staging1"))
     gc(site, journal, clock)
     assert not a.exists(), "once the task is final the mirror may go"
     journal.close()
