@@ -450,15 +450,18 @@ class Journal:
             db.execute("UPDATE retention SET workdir_removed=? WHERE workdir_removed IS NULL AND task_id IN"
                        " (SELECT id FROM tasks WHERE workdir=?)", (now, workdir))
 
-    def compaction_due(self, before: float, limit: int) -> list[CompactionDue]:
-        """Confirmed tasks whose clock started before `before`, with no outbox row, oldest first."""
+    def compaction_due(self, before: float, limit: int, going: tuple[str, ...] = ()) -> list[CompactionDue]:
+        """Confirmed tasks whose clock started before `before`, whose work dir was removed (or is
+        one of `going`, removed in the same pass), with no outbox row; oldest first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT t.id, t.workdir, r.workdir_removed IS NOT NULL, r.confirmed, (SELECT COUNT(*) FROM"
                 " transitions x WHERE x.task_id=t.id), IFNULL(LENGTH(t.task_json), 0) +"
                 " IFNULL(LENGTH(t.result_json), 0) FROM retention r JOIN tasks t ON t.id=r.task_id"
-                " WHERE r.confirmed < ? AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.task_id=t.id)"
-                " ORDER BY r.confirmed LIMIT ?", (before, limit)).fetchall()
+                " WHERE r.confirmed < ? AND (r.workdir_removed IS NOT NULL OR t.workdir IN"
+                f" ({','.join('?' * len(going))}))"
+                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.task_id=t.id) ORDER BY r.confirmed LIMIT ?",
+                (before, *going, limit)).fetchall()
         return [CompactionDue(r[0], r[1], bool(r[2]), r[3], r[4], r[5]) for r in rows]
 
     def compact(self, task_ids: list[str], now: float) -> int:

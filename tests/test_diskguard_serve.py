@@ -4,14 +4,18 @@ intake is paused, intake resumes by itself once space is freed, and the journal 
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import services
 from brokerkit import BROKER_URL, ServeProcess, get_all, task, unique_node
 from fskit import fill, tmpfs
+from sshkit import free_port
 
 from fem_hpc.client import Client
 
@@ -20,13 +24,19 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 MiB = 1024 * 1024
 
 
-def _serve(tmp_path: Path, disk: Path, on_low_disk: str) -> ServeProcess:
+def _serve(tmp_path: Path, disk: Path, on_low_disk: str, **extra: Any) -> ServeProcess:
     return ServeProcess(tmp_path, unique_node("disk"), extra={
         "state_dir": str(disk / "state"), "work_root": str(disk / "work"),
         "disk_guard": {"min_free_bytes": MiB, "min_free_percent": 0, "check_seconds": 0.5,
                        "on_low_disk": on_low_disk},
         "retention": {"interval_seconds": 0},
+        **extra,
     })
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:  # loopback
+        return resp.read().decode()
 
 
 def _journal(disk: Path) -> tuple[str, dict[str, str]]:
@@ -38,8 +48,7 @@ def _journal(disk: Path) -> tuple[str, dict[str, str]]:
 
 
 def _ran(tmp_path: Path, task_id: str) -> list[str]:
-    command = ["sh", "-c", f"echo ran >> {tmp_path / f'ran-{task_id}'}"]
-    return command
+    return ["sh", "-c", f"echo ran >> {tmp_path / f'ran-{task_id}'}"]
 
 
 def _wait_message(node: str, task_id: str, text: str, timeout: float = 15) -> dict:
@@ -55,7 +64,8 @@ def _wait_message(node: str, task_id: str, text: str, timeout: float = 15) -> di
 def test_queue_on_a_full_disk_loses_nothing_and_resumes_by_itself(tmp_path: Path, cli):
     services.require("rabbitmq")
     with tmpfs(tmp_path / "disk", "8m") as disk:
-        serve = _serve(tmp_path, disk, "queue").start()
+        port = free_port()
+        serve = _serve(tmp_path, disk, "queue", metrics={"listen": f"127.0.0.1:{port}"}).start()
         try:
             with Client(BROKER_URL, serve.node) as c:
                 res = c.submit(task("roomy", _ran(tmp_path, "roomy")), timeout=60)
@@ -75,6 +85,9 @@ def test_queue_on_a_full_disk_loses_nothing_and_resumes_by_itself(tmp_path: Path
                 checks = {ch["name"]: ch for ch in health["checks"]}
                 assert checks["disk guard"]["status"] == "error"
                 assert checks["disk guard"]["detail"].startswith("intake paused (new tasks wait in RECEIVED")
+                metrics = _metrics(port)
+                assert "fem_intake_paused 1.0" in metrics
+                assert re.search(r'fem_area_free_bytes\{area="work_root"\} (\d+(\.\d+)?(e\+\d+)?)', metrics)
                 proc = cli("doctor", "--config", serve.config_path, "--json", "--timeout", "10", timeout=180)
                 assert proc.returncode == 1, proc.stdout
                 assert '"name": "disk guard"' in proc.stdout and "intake paused" in proc.stdout
@@ -89,6 +102,7 @@ def test_queue_on_a_full_disk_loses_nothing_and_resumes_by_itself(tmp_path: Path
                 low.unlink()  # space returns: both start by themselves
                 for corr in (low_corr, full_corr):
                     assert c.follow(corr, timeout=90).state == "COMPLETED"
+                assert "fem_intake_paused 0.0" in _metrics(port)
             for task_id in ("roomy", "low1", "full1"):
                 assert (tmp_path / f"ran-{task_id}").read_text() == "ran\n", f"{task_id} ran exactly once"
             integrity, states = _journal(disk)

@@ -483,3 +483,23 @@ def test_metrics_series_of_retention_and_the_guard(tmp_path: Path):
     assert 'fem_retention_oldest_age_seconds{kind="workdirs"} 3600.0' in text
     assert 'fem_gc_last_freed_bytes{area="workdirs"} 0.0' in text
     journal.close()
+
+
+def test_tasks_waiting_for_a_shared_work_dir_do_not_hold_up_compaction(tmp_path: Path):
+    site = make_site(tmp_path, max_items_per_pass=2)
+    journal = Journal(site.journal_path)
+    shared = site.work_root / "bob" / "exec9"
+    for i in range(3):
+        add_task(journal, site, f"old{i}", workdir=shared)
+    add_task(journal, site, "solo")
+    confirm(journal)
+    clock = FakeClock()
+    t1 = clock.t
+    gc(site, journal, clock)
+    gc(site, journal, clock)
+    add_task(journal, site, "newest", State.RUNNING, workdir=shared)  # keeps the shared dir
+    gc(site, journal, clock.at(t1 + 31 * DAY))
+    gc(site, journal, clock.at(t1 + 31 * DAY + 1))
+    assert journal.get("solo") is None and journal.tombstone("solo") is not None
+    assert all(journal.get(f"old{i}") is not None for i in range(3)) and shared.is_dir()
+    journal.close()

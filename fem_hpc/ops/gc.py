@@ -217,9 +217,9 @@ def plan_journal(site: SiteConfig, journal: Journal, now: float, removed_workdir
     if r.journal_days is None:
         return []
     items = []
-    for due in journal.compaction_due(now - r.journal_days * DAY, r.max_items_per_pass):
-        if not due.workdir_removed and due.workdir not in removed_workdirs:
-            continue  # its work dir is still there (shared with a newer task, or not removable yet)
+    # A task whose work dir is still there (shared with a newer task, or not removable yet) waits.
+    for due in journal.compaction_due(now - r.journal_days * DAY, r.max_items_per_pass,
+                                      tuple(sorted(removed_workdirs))):
         items.append(Item(area="journal", what=due.task_id, bytes=due.json_bytes,
                           reason=f"{due.transitions} transition(s) -> tombstone; result confirmed "
                                  f"{_days_ago(due.confirmed, now)} (journal_days {r.journal_days:g})"))
