@@ -96,6 +96,7 @@ CREATE TABLE IF NOT EXISTS tombstones (
 );
 CREATE INDEX IF NOT EXISTS tombstones_confirmed ON tombstones(confirmed);
 CREATE INDEX IF NOT EXISTS outbox_task ON outbox(task_id);
+CREATE INDEX IF NOT EXISTS tasks_workdir ON tasks(workdir);
 """
 
 
@@ -445,10 +446,11 @@ class Journal:
                  never if completed_before is None else completed_before, limit)).fetchall()
         return [WorkdirDue(r[0], r[1].split(" "), r[2].split(" "), r[3]) for r in rows]
 
-    def mark_workdir_removed(self, workdir: str, now: float) -> None:
+    def mark_workdirs_removed(self, workdirs: list[str], now: float) -> None:
+        """One transaction for a pass's removals (a crash before it only means they are seen gone next time)."""
         with self._tx() as db:
-            db.execute("UPDATE retention SET workdir_removed=? WHERE workdir_removed IS NULL AND task_id IN"
-                       " (SELECT id FROM tasks WHERE workdir=?)", (now, workdir))
+            db.executemany("UPDATE retention SET workdir_removed=? WHERE workdir_removed IS NULL AND task_id IN"
+                           " (SELECT id FROM tasks WHERE workdir=?)", [(now, w) for w in workdirs])
 
     def compaction_due(self, before: float, limit: int, going: tuple[str, ...] = ()) -> list[CompactionDue]:
         """Confirmed tasks whose clock started before `before`, whose work dir was removed (or is
@@ -507,6 +509,8 @@ class Journal:
     def tombstone_events(self, task_id: str, events: list[Any]) -> Tombstone | None:
         """Queue `make(tombstone, seq)` -> Message for each of `events`, with the next seqs of a
         compacted task, in one transaction. None (and nothing queued) when there is no tombstone."""
+        if self.tombstone(task_id) is None:  # the common case, a read: no write lock for every submit
+            return None
         with self._tx() as db:
             row = db.execute("SELECT * FROM tombstones WHERE id=?", (task_id,)).fetchone()
             if row is None:

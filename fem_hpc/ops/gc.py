@@ -190,24 +190,25 @@ def _prune_parents(path: Path, root: Path, now: float) -> None:
         parent = parent.parent
 
 
-def remove_workdir(site: SiteConfig, journal: Journal, item: Item, now: float) -> None:
+def remove_workdir(site: SiteConfig, item: Item, now: float) -> bool:
+    """Remove one work dir; True when the journal may forget it (removed, or never ours)."""
     path = Path(item.what)
     root = _inside(path, _roots(site))
     if root is None:
         # Never remove what is not ours; the journal is told it is done with it, so it does not come back.
         item.skipped = f"not under work_root or the legacy sandbox ({', '.join(map(str, _roots(site)))}); left alone"
         log.error("retention: work dir %s is outside the work roots; not removed", path)
-    else:
-        try:
-            _rmtree(path)
-        except OSError as exc:
-            item.skipped = f"cannot remove it: {exc.strerror or exc}; tried again next pass"
-            log.error("retention: cannot remove work dir %s (%s)", path, exc)
-            return
-        _prune_parents(path, root, now)
-        item.done = True
-        log.info("retention: removed work dir %s (%s, %s)", path, human_bytes(item.bytes), item.reason)
-    journal.mark_workdir_removed(item.what, now)
+        return True
+    try:
+        _rmtree(path)
+    except OSError as exc:
+        item.skipped = f"cannot remove it: {exc.strerror or exc}; tried again next pass"
+        log.error("retention: cannot remove work dir %s (%s)", path, exc)
+        return False
+    _prune_parents(path, root, now)
+    item.done = True
+    log.info("retention: removed work dir %s (%s, %s)", path, human_bytes(item.bytes), item.reason)
+    return True
 
 
 # -- journal and tombstones --------------------------------------------------------------------------
@@ -427,8 +428,8 @@ def _run_pass(site: SiteConfig, journal: Journal, now: Clock, dry_run: bool, doc
     if not dry_run:
         report.confirmed = journal.mark_confirmed(t, r.max_items_per_pass)
     workdirs = plan_workdirs(site, journal, t)
-    for item in workdirs if not dry_run else []:
-        remove_workdir(site, journal, item, t)
+    if not dry_run and workdirs:
+        journal.mark_workdirs_removed([i.what for i in workdirs if remove_workdir(site, i, t)], t)
     report.items += workdirs
     compact = plan_journal(site, journal, t, {i.what for i in workdirs if i.done or (dry_run and not i.skipped)})
     if not dry_run and compact:
