@@ -185,16 +185,26 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 # -- gc ---------------------------------------------------------------------------------------
 def cmd_gc(args: argparse.Namespace) -> int:
+    import sqlite3
+    import tempfile
+
     from .journal import Journal
     from .ops.gc import render_report, run_pass, save_report
 
     site = _load(args.config)
     setup_logging("text", "WARNING")
-    journal = Journal(site.journal_path)
-    try:
-        report = run_pass(site, journal, dry_run=args.dry_run)
-    finally:
-        journal.close()
+    with tempfile.TemporaryDirectory(prefix="fem-gc-") as tmp:
+        # A dry run on a node without a journal yet must not create one: it plans on an empty one.
+        path = site.journal_path if site.journal_path.exists() or not args.dry_run else Path(tmp) / "empty.sqlite"
+        try:
+            journal = Journal(path)
+            try:
+                report = run_pass(site, journal, dry_run=args.dry_run)
+            finally:
+                journal.close()
+        except (sqlite3.Error, OSError) as exc:
+            print(f"cannot use the journal {site.journal_path} or state_dir: {exc}", file=sys.stderr)
+            return 1
     if not args.dry_run:
         save_report(site, report)
     if args.json:

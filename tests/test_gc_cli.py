@@ -65,6 +65,7 @@ def test_dry_run_lists_and_sizes_then_gc_removes_exactly_that(tmp_path: Path, cl
 def test_gc_on_a_fresh_node_and_a_bad_config(tmp_path: Path, cli, write_config):
     fresh = cli("gc", "--config", write_config(_config(tmp_path)), "--dry-run")
     assert fresh.returncode == 0 and fresh.stdout.strip() == "would free: nothing"
+    assert not (tmp_path / "state").exists(), "a dry run creates nothing, not even the journal"
     bad = cli("gc", "--config", write_config({**_config(tmp_path), "retention": {"journal_days": 1}}))
     assert bad.returncode == 78
     assert "retention: Value error" not in bad.stderr

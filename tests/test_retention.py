@@ -503,3 +503,31 @@ def test_tasks_waiting_for_a_shared_work_dir_do_not_hold_up_compaction(tmp_path:
     assert journal.get("solo") is None and journal.tombstone("solo") is not None
     assert all(journal.get(f"old{i}") is not None for i in range(3)) and shared.is_dir()
     journal.close()
+
+
+def test_one_gc_pass_at_a_time(env):
+    site, journal = env
+    wd = add_task(journal, site, "one1")
+    confirm(journal)
+    clock = FakeClock()
+    t1 = clock.t
+    gc(site, journal, clock)
+    held, release = threading.Event(), threading.Event()
+
+    def other_pass() -> None:  # e.g. `fem-hpc gc` while the service's own pass runs
+        with exclusive(site.state_dir / "gc.lock"):
+            held.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=other_pass)
+    worker.start()
+    try:
+        assert held.wait(5)
+        report = gc(site, journal, clock.at(t1 + 8 * DAY))
+        assert report.errors == ["another gc pass is running; nothing done"] and wd.is_dir()
+        assert [i.what for i in gc(site, journal, clock, dry_run=True).items] == [str(wd)], "a dry run needs no lock"
+    finally:
+        release.set()
+        worker.join()
+    gc(site, journal, clock)
+    assert not wd.exists()

@@ -415,6 +415,8 @@ def run_pass(site: SiteConfig, journal: Journal, *, now: Clock = time.time, dry_
              docker_factory: Callable[[str | None], Any] | None = None) -> GcReport:
     """One retention pass (see the module docstring). Never raises for what it finds on disk:
     problems are in the report's `errors` and `skipped`, and are tried again next pass."""
+    if dry_run:  # changes nothing: needs no lock, and creates nothing (not even the lock file)
+        return _run_pass(site, journal, now, dry_run, Docker(docker_factory))
     with try_exclusive(site.state_dir / "gc.lock") as held:
         if not held:
             return GcReport(time=now(), dry_run=dry_run, errors=["another gc pass is running; nothing done"])
