@@ -1,4 +1,4 @@
-"""Command line: fem-hpc serve | run | submit | cancel | status | render | plugins | doctor."""
+"""Command line: fem-hpc serve | run | submit | cancel | status | render | plugins | doctor | gc."""
 
 from __future__ import annotations
 
@@ -80,6 +80,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EX_REJECTED
     journal = Journal(site.journal_path, outbox=False)
     known = journal.get(task.id)
+    if known is None and (tomb := journal.retention.tombstone(task.id)) is not None:
+        print(f"task id {task.id!r} already ran on this node and {tomb.note()} (state {tomb.state.value}); "
+              "task ids are idempotency keys, use a new id", file=sys.stderr)
+        return EX_REJECTED
     if known is not None:
         # Task ids are idempotency keys on a node: a second run of the same id would mix two
         # runs' files in one work dir, so it is refused.
@@ -177,6 +181,37 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print(render_text(report))
     return 0 if report.ok else 1
+
+
+# -- gc ---------------------------------------------------------------------------------------
+def cmd_gc(args: argparse.Namespace) -> int:
+    import sqlite3
+    import tempfile
+
+    from .journal import Journal
+    from .ops.gc import render_report, run_pass, save_report
+
+    site = _load(args.config)
+    setup_logging("text", "WARNING")
+    with tempfile.TemporaryDirectory(prefix="fem-gc-") as tmp:
+        # A dry run on a node without a journal yet must not create one: it plans on an empty one.
+        path = site.journal_path if site.journal_path.exists() or not args.dry_run else Path(tmp) / "empty.sqlite"
+        try:
+            journal = Journal(path)
+            try:
+                report = run_pass(site, journal, dry_run=args.dry_run)
+            finally:
+                journal.close()
+        except (sqlite3.Error, OSError) as exc:
+            print(f"cannot use the journal {site.journal_path} or state_dir: {exc}", file=sys.stderr)
+            return 1
+    if not args.dry_run:
+        save_report(site, report)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print("\n".join(render_report(report)))
+    return 1 if report.errors else 0
 
 
 # -- serve ----------------------------------------------------------------------------------
@@ -342,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list the executors and whether their runtime is present")
     plugins.set_defaults(func=cmd_plugins)
+
+    gc = sub.add_parser("gc", help="remove what the retention settings let go (work dirs, journal rows, caches)")
+    gc.add_argument("--config", "-c", required=True)
+    gc.add_argument("--dry-run", "-n", action="store_true", help="list and size what would go; change nothing")
+    gc.add_argument("--json", action="store_true", help="the report as JSON")
+    gc.set_defaults(func=cmd_gc)
 
     doctor = sub.add_parser("doctor", help="check the config, directories, broker and executors; exit 1 on errors")
     doctor.add_argument("--config", "-c", required=True)

@@ -23,6 +23,7 @@ from .lifecycle.ports import Frontend
 from .logs import register_secret
 from .metrics import Metrics, Sources, TrackerGauge
 from .model import FieldError
+from .ops.gc import GcCollector, PeriodicGC
 from .ops.health import ServiceState, health_reply
 from .protocols.legacy.frontend import PROTOCOL as LEGACY
 from .protocols.legacy.frontend import LegacyFrontend
@@ -69,6 +70,7 @@ class Service:
         self.consumer = Consumer(site.broker, site.queue, self.handle, workers=min(8, site.workers),
                                  on_reconnect=self._reconnected)
         self.metrics: Metrics | None = None
+        self.gc = PeriodicGC(site)  # retention: a low-priority pass every retention.interval_seconds
         self._stop = threading.Event()
 
     def _reconnected(self, who: str) -> None:
@@ -109,7 +111,8 @@ class Service:
                             tasks=self.journal.counts_by_state())
 
     def health(self) -> dict[str, Any]:
-        return health_reply(self.site, self.state(), self.agent.executors_health())
+        return {**health_reply(self.site, self.state(), self.agent.executors_health()),
+                "disk_guard": self.agent.disk_guard.state(), "retention": self.gc.summary()}
 
     def metrics_sources(self) -> Sources:
         return Sources(
@@ -138,11 +141,14 @@ class Service:
                 log.error("metrics endpoint cannot listen on %s (%s); serving without metrics",
                           self.site.metrics.listen, exc.strerror or exc)
                 self.metrics = None
+        if self.metrics:
+            self.metrics.registry.register(GcCollector(self.gc, self.agent.disk_guard))
         self.publisher.start()
         recovered = self.agent.recover(skip_protocols=("cli",))
         if recovered:
             log.info("carrying on with %d task(s) from the journal", recovered)
         self.consumer.start()
+        self.gc.start()
         log.info("fem-hpc %s serving node %s on queue %s", __version__, self.site.node, self.site.queue)
         code = 0
         while not self._stop.wait(0.5):
@@ -153,6 +159,7 @@ class Service:
                 break
         log.info("stopping: no new messages; running jobs keep running and are re-adopted at the next start")
         self.consumer.stop()
+        self.gc.stop()
         self.publisher.stop(flush_seconds=5.0)
         self.agent.close()
         if self.metrics:

@@ -164,7 +164,8 @@ class DockerExecutor(Executor):
             ref = parse_image_ref(task.image)
             check_targets(resolve_volumes(task, self.site), WORK_MOUNT)
             ensure_image("docker", ref, self.settings.pull_policy, credentials=credentials_for(self.site, ref),
-                         progress=progress, docker_client=self._client())
+                         progress=progress, docker_client=self._client(), state_dir=self.site.state_dir,
+                         base_url=self.settings.base_url)
         except StageError as exc:
             raise ExecutorError(str(exc)) from None
         self._hand_over_workdir(job)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SiteConfig
+from ..diskguard import DiskGuard
 from ..journal import Journal, Route, TaskRecord
 from ..model import State
 from .executors import ExecutorPool
@@ -43,13 +44,14 @@ class Agent:
         # Stage-out has its own workers: a finished job's result must not wait behind a burst of
         # stage-ins and submits (a slow sbatch would otherwise delay every result).
         self._out_pool = ThreadPoolExecutor(max_workers=max(2, n // 2), thread_name_prefix="fem-stageout")
+        self.disk_guard = DiskGuard(site)  # retention: no new task starts while a disk is low
         self.registry = TaskRegistry(journal)
         self.transitions = Transitions(site.node, journal, self.registry, dict(frontends or {}), self.observers)
         self.results = Results(site, journal, self.registry, self.transitions, self._out_pool, self.closing)
         self.executors = ExecutorPool(site, self.results)
         self.pipeline = Pipeline(site, journal, self.registry, self.transitions, self.executors, self.results,
-                                 list(steps or []), self.progress_observers, self.closing)
-        self.intake_ = Intake(site, journal, self.registry, self.transitions,
+                                 self.disk_guard, list(steps or []), self.progress_observers, self.closing)
+        self.intake_ = Intake(site, journal, self.registry, self.transitions, self.disk_guard,
                               lambda task_id: self._pool.submit(self.pipeline.stage_and_submit, task_id))
         self.recovery = Recovery(site, journal, self.registry, self.transitions, self.pipeline, self.results,
                                  self._pool, self._out_pool, self.closing)

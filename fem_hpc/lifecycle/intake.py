@@ -11,9 +11,10 @@ from typing import Any
 
 from .. import metrics
 from ..config import SiteConfig
-from ..journal import Journal, Message, Route, TaskRecord
+from ..diskguard import DiskGuard
+from ..journal import Journal, Message, Route, TaskRecord, Tombstone
 from ..layout import ARCHIVE_NAME, FEM_DIR, task_workdir
-from ..model import FieldError, State, StatusEvent, parse_task
+from ..model import FieldError, Reason, ResultEvent, State, StatusEvent, parse_task, utcnow
 from ..policy import check_policy, effective_task, executor_for
 from .ports import TaskView
 from .tasks import TaskRegistry
@@ -28,12 +29,14 @@ class IntakeResult:
     created: bool
     errors: list[FieldError] = field(default_factory=list)
     executor: str | None = None  # the configured executor a rejected task named, when known
+    settled: str | None = None  # a task retention compacted long ago: what became of it (runs nothing)
 
 
 class Intake:
     def __init__(self, site: SiteConfig, journal: Journal, registry: TaskRegistry, transitions: Transitions,
-                 start: Callable[[str], None]):
+                 guard: DiskGuard, start: Callable[[str], None]):
         self.site = site
+        self.guard = guard
         self.journal = journal
         self.registry = registry
         self.transitions = transitions
@@ -52,6 +55,10 @@ class Intake:
             metrics.intake(executor, "rejected")
             return IntakeResult(None, False, errors, executor)
         task = effective_task(task, self.site)
+        if (settled := self._settled(task.id, route)) is not None:
+            return settled
+        if (refused := self._refused_for_disk(task.id)) is not None:
+            return refused
         view = TaskView(task, route, workdir or task_workdir(self.site.work_root, task))
         built: list[StatusEvent] = []
 
@@ -75,3 +82,37 @@ class Intake:
         self.transitions.notify(task.id, built[0])
         self.start(task.id)
         return IntakeResult(record, True)
+
+    # -- retention and the disk guard (fem_hpc/diskguard.py, fem_hpc/ops/gc.py) ------------------
+    def _settled(self, task_id: str, route: Route) -> IntakeResult | None:
+        """A submit of a task retention compacted: its final state ("finished on <date>, outputs
+        expired") and a result without outputs, from the tombstone, through the requester's
+        frontend, with fresh seqs. Runs nothing."""
+
+        def status(tomb: Tombstone, seq: int) -> list[Message]:
+            ev = StatusEvent(node=self.site.node, task_id=tomb.id, seq=seq, state=tomb.state, time=utcnow(),
+                             message=tomb.note(), labels=tomb.labels)
+            return self.transitions.messages(None, ev, to=route)
+
+        def result(tomb: Tombstone, seq: int) -> list[Message]:
+            ev = ResultEvent(node=self.site.node, task_id=tomb.id, seq=seq, state=tomb.state,
+                             exit_code=tomb.exit_code, reason=Reason(tomb.reason) if tomb.reason else None,
+                             finished=tomb.finished, labels=tomb.labels)
+            return self.transitions.messages(None, ev, to=route)
+
+        tomb = self.journal.retention.tombstone_events(task_id, [status, result])
+        if tomb is None:
+            return None
+        log.info("%s was compacted by retention (%s): answered from its tombstone, not run again", task_id,
+                 tomb.note(), extra={"task_id": task_id, "native_id": None})
+        metrics.intake(tomb.executor, "duplicate")
+        return IntakeResult(None, False, settled=f"task {task_id} {tomb.note()}")
+
+    def _refused_for_disk(self, task_id: str) -> IntakeResult | None:
+        """With on_low_disk: reject, a new task is refused while a disk is low (a known id is not)."""
+        if self.guard.on_low_disk != "reject" or (why := self.guard.blocked()) is None \
+                or self.journal.get(task_id) is not None:
+            return None
+        metrics.intake(None, "rejected")
+        return IntakeResult(None, False, [FieldError(field="node",
+                                                     message=f"not enough disk space to take new tasks: {why}")])

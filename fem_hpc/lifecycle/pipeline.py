@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from .. import metrics
 from ..config import SiteConfig
+from ..diskguard import DiskGuard
 from ..executors.base import Executor, ExecutorError, Job
 from ..journal import Journal, TaskRecord
 from ..model import Reason, State
@@ -27,7 +29,7 @@ log = logging.getLogger("fem_hpc.lifecycle")
 
 class Pipeline:
     def __init__(self, site: SiteConfig, journal: Journal, registry: TaskRegistry, transitions: Transitions,
-                 executors: ExecutorPool, results: Results, steps: list[StageStep],
+                 executors: ExecutorPool, results: Results, guard: DiskGuard, steps: list[StageStep],
                  progress_observers: list[Callable[[str, str], None]], closing: Callable[[], bool]):
         self.site = site
         self.journal = journal
@@ -35,6 +37,7 @@ class Pipeline:
         self.transitions = transitions
         self.executors = executors
         self.results = results
+        self.guard = guard  # no new task starts while a disk is low (on_low_disk: queue)
         self.steps = steps  # stage-in steps before the executor's own (the Git checkout)
         self.progress_observers = progress_observers  # (task_id, text) of long steps, shown by `run`
         self.closing = closing
@@ -54,7 +57,35 @@ class Pipeline:
             log.exception("%s: unexpected error before submit", task_id, extra={"task_id": task_id})
             self.results.finish_early(task_id, Reason.SUBMIT, f"internal error before submit: {exc}")
 
+    def _wait_for_disk(self, task_id: str) -> bool:
+        """With on_low_disk: queue, a task waits here (RECEIVED, its message says why) until the
+        disk guard clears; False when the service stops meanwhile (the next start carries on)."""
+        noted: float | None = None
+        while (why := self.guard.blocked()) is not None and self.guard.on_low_disk == "queue":
+            if self.closing():
+                return False
+            rec = self.journal.get(task_id)
+            if rec is None or rec.final or rec.cancel_requested:
+                return True  # the caller finishes it (cancelled before it was submitted)
+            if noted is None or time.monotonic() - noted > 60:  # the free space, refreshed once a minute
+                log.warning("%s waits for disk space: %s", task_id, why, extra={"task_id": task_id})
+                self._note(task_id, f"waiting for disk space: {why}")
+                noted = time.monotonic()
+            time.sleep(min(1.0, self.guard.cfg.check_seconds))
+        if noted is not None:
+            self._note(task_id, None)
+        return True
+
+    def _note(self, task_id: str, message: str | None) -> None:
+        """The task's message for `status` and status requests; on a full disk it is only logged."""
+        try:
+            self.journal.update(task_id, message=message)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("%s: cannot note its message in the journal (%s)", task_id, exc, extra={"task_id": task_id})
+
     def _stage_and_submit(self, task_id: str) -> None:
+        if not self._wait_for_disk(task_id):
+            return
         record = self.journal.get(task_id)
         if record is None or record.final or self.closing():
             return

@@ -118,6 +118,12 @@ class Transitions:
         """One status event with the task's current state for whoever asked; UNKNOWN, outside any
         task's seq, for a task this node never saw."""
         if record is None:
+            tomb = self.journal.retention.tombstone_events(task_id, [
+                lambda tomb, seq: self.messages(None, StatusEvent(
+                    node=self.node, task_id=tomb.id, seq=seq, state=tomb.state, time=utcnow(), message=tomb.note(),
+                    labels=tomb.labels), to=to)])
+            if tomb is not None:
+                return tomb.state  # compacted by retention: its final state, from the tombstone
             ev = StatusEvent(node=self.node, task_id=task_id, seq=0, state=State.UNKNOWN, time=utcnow(),
                              message="this node has never seen this task")
             self.journal.put(*self.messages(None, ev, to=to))

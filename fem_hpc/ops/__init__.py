@@ -1,0 +1,1 @@
+"""Operations around the lifecycle: the health report and doctor, status, retention (gc, caches)."""

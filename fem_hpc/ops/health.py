@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import SiteConfig
+from ..diskguard import DiskGuard, guard_check
 from ..executors import registry
 from ..logs import redact
 from ..model import Check
@@ -218,6 +219,7 @@ def cheap_checks(site: SiteConfig) -> list[Check]:
     out = check_directory("state_dir", site.state_dir) + check_directory("work_root", site.work_root)
     out += check_tls_files(site)
     out.append(check_git(site))
+    out.append(guard_check(DiskGuard(site)))  # why intake is paused, when it is
     return out
 
 

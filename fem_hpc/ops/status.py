@@ -10,6 +10,7 @@ import time
 from ..config import SiteConfig
 from ..journal import JournalReader
 from ..model import FINAL_STATES
+from .gc import area_lines
 
 
 def _age(seconds: float) -> str:
@@ -48,4 +49,6 @@ def print_status(site: SiteConfig, *, task_id: str | None = None, all_tasks: boo
         print("  ".join(f"{str(row[i]):<{widths[i]}}" for i in range(6)) + "  " + row[6])
     if len(table) == 1:
         print("(no active tasks; --all shows finished ones)" if not all_tasks else "(no tasks)")
+    if not task_id:  # the disk areas and what retention keeps
+        print("\n" + "\n".join(area_lines(site)))
     return 0 if rows or not task_id else 1

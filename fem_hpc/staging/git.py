@@ -96,6 +96,7 @@ def update_mirror(site: SiteConfig, url: str) -> Path:
                 os.replace(tmp, mirror)
         except git.GitCommandError as exc:
             raise GitStageError(_explain(exc, url)) from None
+        os.utime(mirror)  # the mirror's mtime is its last use: the GC evicts least-recently-used first
     return mirror
 
 

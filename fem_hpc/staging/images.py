@@ -29,6 +29,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -254,11 +255,12 @@ def ensure_sif(runtime_binary: str, ref: ImageRef | str, cache_dir: Path, *, dig
         ref = parse_image_ref(ref)
     cache_dir = Path(cache_dir)
     target = sif_path(cache_dir, ref, digest)
-    if target.exists() and not force:
-        return target
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # Under the entry's lock even when cached: the GC takes it too before it evicts a SIF. The
+    # mtime is the entry's last use (least-recently-used entries are evicted first).
     with exclusive(cache_dir / ".locks" / f"{target.stem}.lock"):
-        if target.exists() and not force:  # another caller pulled it while this one waited
+        if target.exists() and not force:
+            os.utime(target)
             return target
         tmp = cache_dir / f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.sif"
         argv = [runtime_binary, "pull", *pull_args, str(tmp), f"docker://{ref.pull_ref}"]
@@ -315,21 +317,28 @@ def ensure_image(runtime: Runtime, ref: ImageRef | str, pull_policy: PullPolicy,
                  credentials: RegistryCredential | None = None, progress: Progress | None = None,
                  docker_client: Any = None, binary: str | None = None, cache_dir: Path | None = None,
                  pull_args: Sequence[str] = (), insecure_registries: Sequence[str] = (),
-                 timeout: float | None = 3600.0) -> str:
+                 timeout: float | None = 3600.0, state_dir: Path | None = None, base_url: str | None = None) -> str:
     """Make the image present on this host under `pull_policy` and return what the runtime runs.
 
     docker: `docker_client` (a docker.DockerClient) is asked and pulls; returns the reference the
-    daemon now holds. apptainer/singularity: the SIF in `cache_dir`, pulled by `binary` (found on
-    PATH when None) with `pull_args`, over plain HTTP for a registry in `insecure_registries`;
-    returns the SIF path. Raises ImageError with a message for the user."""
+    daemon now holds (with `state_dir`, under the image's GC lock, noting what fem-hpc pulled for
+    retention; `base_url` names the daemon in the note). apptainer/singularity: the SIF in
+    `cache_dir`, pulled by `binary` (found on PATH when None) with `pull_args`, over plain HTTP for
+    a registry in `insecure_registries`; returns the SIF path. Raises ImageError with a message for the user."""
     if isinstance(ref, str):
         ref = parse_image_ref(ref)
     if runtime == "docker":
         if docker_client is None:
             raise ValueError("ensure_image('docker', ...) needs a docker_client")
         missing = f"image {ref} is not present on this host"
-        if pull_needed(pull_policy, lambda: _docker_has(docker_client, ref), missing):
-            docker_pull(docker_client, ref, credentials, progress=progress)
+        # Under the image's lock, which the GC takes before it evicts an image fem-hpc pulled;
+        # the note is what tells the GC that fem-hpc (and not the site) pulled it.
+        with docker_image_lock(state_dir, ref) if state_dir is not None else nullcontext():
+            pulled = pull_needed(pull_policy, lambda: _docker_has(docker_client, ref), missing)
+            if pulled:
+                docker_pull(docker_client, ref, credentials, progress=progress)
+            if state_dir is not None:
+                note_docker_use(state_dir, ref, pulled=pulled, base_url=base_url)
         return ref.pull_ref
     if cache_dir is None:
         raise ValueError(f"ensure_image({runtime!r}, ...) needs the SIF cache_dir")
@@ -380,7 +389,7 @@ def stage_image(runtime: Runtime, site: SiteConfig, image: str, pull_policy: Pul
         raise ImageError(f"cannot reach the docker daemon: {docker_explanation(exc)}") from None
     try:
         return ensure_image("docker", ref, pull_policy, credentials=credentials, progress=progress,
-                            docker_client=client)
+                            docker_client=client, state_dir=site.state_dir)
     finally:
         client.close()
 
@@ -401,3 +410,40 @@ def local_images(site: SiteConfig) -> dict[str, Any]:
     if sif_dir.is_dir():
         out["sif"] = sorted(p.name for p in sif_dir.glob("*.sif"))
     return out
+
+
+# -- docker images fem-hpc pulled (what the GC may evict) ------------------------------------------
+# The daemon keeps images in its own store, next to images the site pulled itself. fem-hpc notes
+# the ones it pulled in `state_dir/docker-images/<key>.json` (the note's mtime is the image's last
+# use) and the GC evicts only those. A per-image lock, taken by stage-in around the presence check
+# and pull and by the GC around a removal, keeps an eviction from racing a task's stage-in.
+def docker_notes_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / "docker-images"
+
+
+def _docker_key(ref: ImageRef) -> str:
+    return hashlib.sha256(ref.pull_ref.encode()).hexdigest()[:32]
+
+
+def docker_image_lock(state_dir: Path, ref: ImageRef) -> Any:
+    return exclusive(docker_notes_dir(state_dir) / ".locks" / f"{_docker_key(ref)}.lock")
+
+
+def docker_image_lock_path(state_dir: Path, ref_text: str) -> Path:
+    return docker_notes_dir(state_dir) / ".locks" / f"{_docker_key(parse_image_ref(ref_text))}.lock"
+
+
+def note_docker_use(state_dir: Path, ref: ImageRef, *, pulled: bool, base_url: str | None = None) -> None:
+    """Note an image fem-hpc pulled, or refresh the last use of one it pulled before. Images it
+    did not pull are never noted (so never evicted). A failure here only costs the eviction."""
+    note = docker_notes_dir(state_dir) / f"{_docker_key(ref)}.json"
+    try:
+        if pulled:
+            note.parent.mkdir(parents=True, exist_ok=True)
+            tmp = note.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps({"ref": ref.pull_ref, "base_url": base_url, "pulled": time.time()}))
+            os.replace(tmp, note)
+        elif note.exists():
+            os.utime(note)
+    except OSError as exc:
+        log.warning("cannot note the use of image %s for the GC (%s); it will not be evicted", ref, exc)

@@ -134,7 +134,11 @@ class LegacyHandler:
                 secret[self.cfg.token_env] = req.token.get_secret_value()
             # A duplicate is answered by the lifecycle through this protocol's frontend: the
             # final reply if it has one, never a v1 frame.
-            errors = self.agent.intake(task, to, workdir=workdir, secret_env=secret).errors
+            result = self.agent.intake(task, to, workdir=workdir, secret_env=secret)
+            if result.settled:  # compacted by retention long ago: said, not run again
+                self.reply(to, error_reply(req.action, result.settled, **self._ids(req, None)))
+                return
+            errors = result.errors
         if errors:
             message = "; ".join(f"{e.field}: {e.message}" for e in errors)
             self.reply(to, {**error_reply(req.action, message, **self._ids(req, None)),

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .model import FINAL_STATES, State, Task
+from ..model import FINAL_STATES, State, Task
+from .retention import RETENTION_SCHEMA, Compacted, RetentionTables
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -163,7 +164,9 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._db.executescript(RETENTION_SCHEMA)
         self._outbox_cv = threading.Condition(self._lock)
+        self.retention = RetentionTables(self._db, self._lock, self._tx, self._put, lambda: self.outbox_enabled)
 
     def close(self) -> None:
         with self._lock:
@@ -231,6 +234,8 @@ class Journal:
             row = db.execute("SELECT * FROM tasks WHERE id=?", (task.id,)).fetchone()
             if row:
                 return self._record(row), False
+            if db.execute("SELECT 1 FROM tombstones WHERE id=?", (task.id,)).fetchone():
+                raise Compacted(task.id)  # retention compacted it while this duplicate was on its way in
             db.execute(
                 "INSERT INTO tasks (id, execution_id, user_id, executor, state, task_json, protocol,"
                 " reply_to, correlation_id, workdir, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -344,37 +349,3 @@ class Journal:
     def wait_outbox(self, timeout: float) -> None:
         with self._outbox_cv:
             self._outbox_cv.wait(timeout)
-
-
-STATUS_COLUMNS = ("id", "user_id", "executor", "native_id", "state", "created", "updated", "message",
-                  "exit_code", "reason")
-
-
-class JournalReader:
-    """A read-only view of a journal file, safe while `serve` writes it (WAL): for `fem-hpc status`
-    and `doctor`, which must never create, lock or change it."""
-
-    def __init__(self, path: Path, timeout: float = 10.0):
-        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
-        self._db.row_factory = sqlite3.Row
-
-    def __enter__(self) -> JournalReader:
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._db.close()
-
-    def task_rows(self, task_id: str | None = None) -> list[dict[str, Any]]:
-        """The status columns of every task (or of one), newest first."""
-        query = f"SELECT {', '.join(STATUS_COLUMNS)} FROM tasks"
-        args: tuple[Any, ...] = ()
-        if task_id:
-            query += " WHERE id=?"
-            args = (task_id,)
-        return [dict(r) for r in self._db.execute(query + " ORDER BY created DESC", args)]
-
-    def counts_by_state(self) -> dict[str, int]:
-        return {r[0]: r[1] for r in self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")}
-
-    def outbox_depth(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
