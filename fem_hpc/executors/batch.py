@@ -105,6 +105,14 @@ class BatchExecutor(Executor):
 
     def template_context(self, job: Job) -> dict[str, Any]:
         ctx: dict[str, Any] = {"directives": self.directives(job)}
+        if job.task.volumes and not job.task.image:
+            from ..staging.volumes import VolumeError, volume_env
+
+            try:
+                ctx["env_exports"] = sorted({**job.task.env, **volume_env(job.task, self.site,
+                                                                         in_container=False)}.items())
+            except VolumeError as exc:
+                raise ExecutorError(str(exc)) from None
         if job.task.image:
             from ..staging.containers import container_launch
             from ..staging.volumes import VolumeError, resolve_volumes

@@ -153,8 +153,13 @@ class DockerExecutor(Executor):
 
     # -- job script -------------------------------------------------------------------------------
     def template_context(self, job: Job) -> dict[str, Any]:
-        return {"workdir": WORK_MOUNT, "rundir": _in_container(job, job.rundir),
-                "fem_dir": f"{WORK_MOUNT}/{FEM_DIR}"}
+        from ..staging.volumes import volume_env
+
+        ctx: dict[str, Any] = {"workdir": WORK_MOUNT, "rundir": _in_container(job, job.rundir),
+                               "fem_dir": f"{WORK_MOUNT}/{FEM_DIR}"}
+        if job.task.volumes:
+            ctx["env_exports"] = sorted({**job.task.env, **volume_env(job.task, self.site, in_container=True)}.items())
+        return ctx
 
     # -- stage-in ---------------------------------------------------------------------------------
     def stage_in(self, job: Job, progress: Any = None) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -73,6 +74,17 @@ class LocalExecutor(Executor):
         self._verdicts: dict[str, NativeStatus] = {}
         self._kill_timers: list[threading.Timer] = []
         self._lock = threading.Lock()
+
+    def template_context(self, job: Job) -> dict[str, Any]:
+        if not job.task.volumes:
+            return {}
+        from ..staging.volumes import VolumeError, volume_env
+
+        try:
+            extra = volume_env(job.task, self.site, in_container=False)
+        except VolumeError as exc:
+            raise ExecutorError(str(exc)) from None
+        return {"env_exports": sorted({**job.task.env, **extra}.items())}
 
     def submit(self, job: Job) -> str:
         log = open(job.fem_dir / "launcher.log", "ab")  # noqa: SIM115 - handed to the child
