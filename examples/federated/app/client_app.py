@@ -90,8 +90,12 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     coef, intercept = get_params(model)
     np.savez(OUT / "local_model.npz", coef=coef, intercept=intercept)
+    marker = Path("/etc/fem-testbed")  # present in the testbed's FL image: says where this ran
+    runtime = {"python": sys.version.split()[0], "flwr": flwr.__version__, "hostname": socket.gethostname(),
+               "image": marker.read_text().strip() if marker.exists() else None}
     (OUT / "metrics.json").write_text(json.dumps({
-        "node": node, "train_examples": len(x_train), "test_examples": len(x_test), "rounds": rounds}, indent=2))
+        "node": node, "train_examples": len(x_train), "test_examples": len(x_test), "rounds": rounds,
+        "runtime": runtime}, indent=2))
     if not rounds:
         print("the server ended the run before this client evaluated any round", file=sys.stderr)
         return 4
