@@ -123,3 +123,42 @@ def test_submit_arguments_are_checked(tmp_path, cli):
     assert out.returncode == 2 and "named twice" in out.stderr
     out = cli("submit", "--broker", BROKER_URL, "--plan", str(_plan(tmp_path, {"nodes": {"a": {}}})))
     assert out.returncode == 2 and "nodes.a: task.id" in out.stderr
+
+
+@pytest.mark.rabbitmq
+def test_interrupting_a_multi_node_submit_cancels_every_task(tmp_path):
+    import signal
+
+    from fem_hpc.client import Client
+
+    services.require("rabbitmq")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = ServeProcess(tmp_path / "a", unique_node("ca")).start()
+    b = ServeProcess(tmp_path / "b", unique_node("cb")).start()
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"id": "long-multi", "command": ["sleep", "120"]}))
+    err = tmp_path / "submit.err"
+    try:
+        with open(err, "wb") as f:
+            proc = subprocess.Popen([*fem_hpc_command(), "submit", "--broker", BROKER_URL, "--node", a.node, "--node",
+                                     b.node, "--wait", str(task)], stderr=f)
+        deadline = time.monotonic() + 60
+        while err.read_text().count(" RUNNING ") < 2:
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        text = err.read_text()
+        assert "interrupted: cancelling 2 task(s)" in text and "Traceback" not in text, text
+        with Client(BROKER_URL) as c:
+            for node in (a.node, b.node):
+                deadline = time.monotonic() + 30
+                while (state := c.status("long-multi", node=node)["state"]) != "CANCELLED":
+                    assert time.monotonic() < deadline, f"{node}: {state}"
+                    time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        a.stop()
+        b.stop()
