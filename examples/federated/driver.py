@@ -165,8 +165,9 @@ def main() -> int:
     results.mkdir(parents=True)
     url, commit = commit_app(base)
     source = {"git": url, "commit": commit}
-    port = free_port()
-    address = f"127.0.0.1:{port}"
+    srv = {"bind": "127.0.0.1", "host": "127.0.0.1", "port": 0, **(fed.get("server") or {})}
+    port = int(srv["port"]) or free_port()
+    bind, address = f"{srv['bind']}:{port}", f"{srv['host']}:{port}"
     min_clients = args.min_clients or len(nodes)
     say(f"run {run_id}: app at commit {commit[:10]}, server {address} on {aggregator['name']}, "
         f"{args.rounds} rounds, {min_clients} of {len(nodes)} clients needed")
@@ -177,8 +178,8 @@ def main() -> int:
     try:
         with Client(fed["broker"]) as client:
             try:
-                return follow(args, client, nodes, aggregator, run_id, source, address, port, min_clients, deadline,
-                              results, role, progress, runs)
+                return follow(args, client, nodes, aggregator, run_id, source, bind, address, min_clients,
+                              deadline, results, role, progress, runs)
             except KeyboardInterrupt:
                 say("interrupted: cancelling every node's task")
                 for run in runs:
@@ -193,15 +194,15 @@ def main() -> int:
         return 1
 
 
-def follow(args, client: Client, nodes: dict, aggregator: dict, run_id: str, source: dict, address: str, port: int,
+def follow(args, client: Client, nodes: dict, aggregator: dict, run_id: str, source: dict, bind: str, address: str,
            min_clients: int, deadline: float, results: Path, role: dict, progress, runs: list[Run]) -> int:
     server_task = task_for("server", run_id, aggregator, source, {
-        "FL_SERVER_ADDRESS": address, "FL_ROUNDS": str(args.rounds), "FL_MIN_CLIENTS": str(min_clients),
+        "FL_SERVER_ADDRESS": bind, "FL_ROUNDS": str(args.rounds), "FL_MIN_CLIENTS": str(min_clients),
         "FL_EXPECTED": ",".join(nodes), "FL_CONNECT_TIMEOUT": str(int(args.connect_timeout))}, "00:30:00")
     role[server_task["id"]] = "server"
     server = client.start(server_task, node=aggregator["name"], outputs_dir=results / "server", on_event=progress)
     runs.append(server)
-    host = address.rsplit(":", 1)[0]
+    host, port = address.rsplit(":", 1)[0], int(address.rsplit(":", 1)[1])
     ok = client.pump([server], until=lambda: server.done or (server.state == "RUNNING" and listening(host, port)),
                      timeout=max(1.0, min(180.0, deadline - time.monotonic())))
     if not ok or server.done:

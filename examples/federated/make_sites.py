@@ -97,7 +97,11 @@ def make(base: Path, suffix: str, python: str, broker: str) -> dict:
         else:
             entry["python"] = python  # a plain process: an interpreter of this machine with `.[fl]`
         nodes.append(entry)
-    federation = {"broker": broker, "aggregator": f"{AGGREGATOR}{suffix}", "python": python, "nodes": nodes}
+    # Where the Flower server listens (bind) and where the clients dial (host). Port 0: the driver
+    # picks a free one, which only works when the driver runs on the aggregator's machine; a real
+    # federation names a port its firewall opens and the aggregator's public address as host.
+    server = {"bind": "127.0.0.1", "host": "127.0.0.1", "port": 0}
+    federation = {"broker": broker, "aggregator": f"{AGGREGATOR}{suffix}", "server": server, "nodes": nodes}
     (base / "federation.yaml").write_text(yaml.safe_dump(federation, sort_keys=False))
     return federation
 
