@@ -1,6 +1,7 @@
-"""`fem-hpc submit --wait` as a user runs it, across a RabbitMQ app stop/start: the client reconnects,
-asks again, and ends with the task's result and outputs; neither it nor the service prints a
-traceback, and the service says "lost the broker" in warning lines, not in a logged traceback.
+"""`fem-hpc submit --wait` as a user runs it, across a RabbitMQ app stop/start and then a restart of
+the node's service: the client reconnects, asks again, and ends with the task's result and outputs;
+neither it nor the service prints a traceback, and the service says "lost the broker" in warning
+lines, not in a logged traceback.
 
 RabbitMQ is shared with other test runs on the machine: its app is stopped for 8 s only, `start_app`
 runs in a `finally`, and a file lock keeps two of these tests from stopping it at once."""
@@ -42,7 +43,7 @@ def test_submit_wait_survives_a_broker_app_restart(tmp_path):
     services.require("rabbitmq")
     node = unique_node("rc")
     serve = ServeProcess(tmp_path, node).start()
-    task = {"id": "long-20s", "command": ["sh", "-c", "sleep 20; mkdir -p out; echo finished > out/r.txt"],
+    task = {"id": "long-25s", "command": ["sh", "-c", "sleep 25; mkdir -p out; echo finished > out/r.txt"],
             "outputs": ["out/r.txt"]}
     task_file = tmp_path / "task.json"
     task_file.write_text(json.dumps(task))
@@ -62,6 +63,11 @@ def test_submit_wait_survives_a_broker_app_restart(tmp_path):
                 started = rabbitmqctl("start_app")
                 _broker_back()
             assert started.returncode == 0, started.stderr
+        # Then the node's service restarts (SIGTERM leaves the job running; the new one adopts it).
+        first_log = serve.log()
+        assert serve.stop() == 0
+        serve.log_path.rename(serve.log_path.with_suffix(".1.log"))
+        serve.start()
         code = submit.wait(timeout=240)
     finally:
         if submit.poll() is None:
@@ -74,8 +80,8 @@ def test_submit_wait_survives_a_broker_app_restart(tmp_path):
     assert "Traceback" not in stderr and "pika" not in stderr, stderr
     assert "lost the broker connection" in stderr and "reconnected to the broker" in stderr, stderr
     assert stderr.count("COMPLETED") == 1, stderr  # re-sent states are not printed twice
-    log = serve.log()
-    assert "Traceback" not in log, log
+    log = first_log
+    assert "Traceback" not in log + serve.log(), log + serve.log()
     # The expected reconnect: one warning line per broker connection of the service (consumer and
     # publisher), nothing at ERROR, no line per failed attempt.
     loud = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
