@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pika
 import pytest
 import services
@@ -70,6 +69,8 @@ def _latest_run(base: Path) -> Path:
 
 def test_federated_training_across_docker_slurm_and_local_nodes(tmp_path):
     _require_fl()
+    import numpy as np  # the fl extra
+
     t0 = time.monotonic()
     fed = _make_sites(tmp_path)
     nodes = {n["executor"]: n["name"] for n in fed["nodes"]}
