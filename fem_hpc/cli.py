@@ -227,7 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 EX_TIMEOUT = 3
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, node: str | None = None):
     from .client import Client
 
     tls = None
@@ -235,20 +235,26 @@ def _client(args: argparse.Namespace):
         from .config import TLSConfig
 
         tls = TLSConfig(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
-    return Client(args.broker, args.node, queue=args.queue, tls=tls)
+    # pika logs its own view of a lost connection (errors, sometimes tracebacks); the client says
+    # what happened in one warning line and reconnects, so pika's lines would only alarm the user.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    return Client(args.broker, node if node is not None else args.node, queue=args.queue, tls=tls)
 
 
 class _ProgressLine:
-    """One live line per task: state, elapsed time, native id (a new line per event when not a tty)."""
+    """One line per task and state: elapsed time, native id; with several nodes, the node first.
+    A single task on a tty keeps one live line."""
 
-    def __init__(self) -> None:
+    def __init__(self, nodes: list[str] | None = None) -> None:
         self.t0 = time.monotonic()
-        self.tty = sys.stderr.isatty()
+        self.width = max((len(n) for n in nodes), default=0) if nodes and len(nodes) > 1 else 0
+        self.tty = sys.stderr.isatty() and not self.width
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("type") != "status":
             return
-        line = (f"{event['task_id']}  {event['state']:<11} {time.monotonic() - self.t0:7.1f}s"
+        node = f"{event.get('node', '?'):<{self.width}}  " if self.width else ""
+        line = (f"{node}{event['task_id']}  {event['state']:<11} {time.monotonic() - self.t0:7.1f}s"
                 f"  native={event.get('native_id') or '-'}" + (f"  {event['message']}" if event.get("message") else ""))
         if self.tty:
             sys.stderr.write("\r\033[K" + line)
@@ -259,37 +265,150 @@ class _ProgressLine:
         sys.stderr.flush()
 
 
+def _submit_targets(args: argparse.Namespace) -> list[tuple[str, str, Any]] | int:
+    """(node, queue, TASK) for every node of this submit, or an exit status after printing why not."""
+    from .plan import PlanError, load_plan
+
+    if args.plan:
+        if args.task or args.node:
+            print("give either --plan PLAN or TASK with --node, not both", file=sys.stderr)
+            return EX_REJECTED
+        try:
+            plan = load_plan(args.plan)
+            tasks = plan.tasks()
+        except PlanError as exc:
+            print(f"plan {args.plan} is invalid:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  - {problem}", file=sys.stderr)
+            return EX_REJECTED
+        targets = []
+        for node, (queue, task) in tasks.items():
+            if args.executor:
+                task["executor"] = args.executor
+            targets.append((node, queue, task))
+        return targets
+    if not args.task or not args.node:
+        print("submit needs TASK and at least one --node (or --plan PLAN)", file=sys.stderr)
+        return EX_REJECTED
+    if args.queue and len(args.node) > 1:
+        print("--queue names one node's queue; with several --node, use a plan file", file=sys.stderr)
+        return EX_REJECTED
+    if len(set(args.node)) != len(args.node):
+        print(f"a node is named twice: {args.node}", file=sys.stderr)
+        return EX_REJECTED
+    task = _read_task(args.task, args.executor)
+    return [(n, args.queue or n, task) for n in args.node]
+
+
+def _run_status(run: Any) -> int:
+    """A followed run's exit status: 0, the task's exit code, 2 rejected, 3 no answer in time."""
+    if run.result is None:
+        return EX_TIMEOUT if run.timed_out else 1
+    if run.state == "COMPLETED":
+        return 0
+    if run.state == "REJECTED":
+        return EX_REJECTED
+    code = run.result.exit_code
+    return code if code is not None and 0 < code < 256 else 1
+
+
+def _report_run(run: Any, outputs: str | None, *, named: bool) -> None:
+    who = f"{run.node}: " if named else ""
+    if run.result is None:
+        print(f"{who}{'timed out: ' if run.timed_out else 'error: '}{run.error}", file=sys.stderr)
+        return
+    if run.state == "REJECTED":
+        print(f"{who}task rejected:", file=sys.stderr)
+        for e in run.result.result.get("errors", []):
+            print(f"  - {e['field']}: {e['message']}", file=sys.stderr)
+    if run.result.outputs:
+        print(f"{who}outputs: {len(run.result.outputs)} entries in {outputs}", file=sys.stderr)
+    if run.state not in ("COMPLETED", "REJECTED") and run.result.result.get("reason"):
+        print(f"{who}{run.state}: {run.result.result['reason']}", file=sys.stderr)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .client import ClientError, Timeout
+    from .client import ClientError
+    from .plan import outcome, worst
 
     setup_logging("text", "WARNING")
-    task = _read_task(args.task, args.executor)
-    with _client(args) as client:
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a stopped `submit --wait` cancels like Ctrl-C
+    targets = _submit_targets(args)
+    if isinstance(targets, int):
+        return targets
+    multi = len(targets) > 1 or bool(args.plan)
+    try:
+        client = _client(args, targets[0][0])
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    with client:
+        progress = _ProgressLine([t[0] for t in targets])
+        runs = []
+        for node, queue, task in targets:
+            # Several nodes: outputs per node in DIR/<node>/; one node: in DIR itself, as ever.
+            out = (Path(args.outputs) / node if multi else Path(args.outputs)) if args.outputs else None
+            try:
+                runs.append(client.start(task, node=node, queue=queue, outputs_dir=out, on_event=progress))
+            except ClientError as exc:
+                if not multi:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 1
+                print(f"{node}: not sent: {exc}", file=sys.stderr)
+                runs.append(_Unsent(node, str(exc)))
         if not args.wait:
-            client.submit(task, wait=False)
-            print(task.get("id") if isinstance(task, dict) else "")
-            return 0
+            for run in runs:
+                if not isinstance(run, _Unsent):
+                    client._forget(run.waiter)
+                    print(f"{run.node} {run.task_id}" if multi else (run.task_id or ""))
+            return 1 if any(isinstance(r, _Unsent) for r in runs) else 0
+        followed = [r for r in runs if not isinstance(r, _Unsent)]
         try:
-            res = client.submit(task, timeout=args.timeout, outputs_dir=args.outputs, on_event=_ProgressLine())
-        except Timeout as exc:
-            print(f"timed out: {exc}", file=sys.stderr)
-            return EX_TIMEOUT
+            client.follow_all(followed, timeout=args.timeout)
+        except KeyboardInterrupt:
+            _cancel_open(client, followed)
+            return 130
         except ClientError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    assert res is not None
-    if res.state == "REJECTED":
-        for e in res.result.get("errors", []):
-            print(f"  - {e['field']}: {e['message']}", file=sys.stderr)
-        return EX_REJECTED
-    if res.outputs:
-        print(f"outputs: {len(res.outputs)} entries in {args.outputs}", file=sys.stderr)
-    if res.state == "COMPLETED":
-        return 0
-    if res.result.get("reason"):
-        print(f"{res.state}: {res.result['reason']}", file=sys.stderr)
-    code = res.exit_code
-    return code if code is not None and 0 < code < 256 else 1
+    for run in runs:
+        _report_run(run, str(Path(args.outputs) / run.node) if multi and args.outputs else args.outputs, named=multi)
+    if multi:
+        print("summary:", file=sys.stderr)
+        for run in runs:
+            native = run.native_id or "-"
+            print(f"  {run.node:<{max(len(r.node) for r in runs)}}  {outcome(run):<10} exit={_run_status(run):<3} "
+                  f"native={native}", file=sys.stderr)
+    bad = worst(runs)
+    return _run_status(bad) if bad is not None else 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+class _Unsent:
+    """A node whose submit could not even be sent (e.g. its queue does not exist)."""
+
+    def __init__(self, node: str, error: str):
+        self.node, self.error = node, error
+        self.result = None
+        self.timed_out = False
+        self.state = None
+        self.native_id = None
+        self.task_id = None
+
+
+def _cancel_open(client: Any, runs: list[Any]) -> None:
+    """Interrupted while following: cancel every node's task that is not final yet."""
+    open_runs = [r for r in runs if not r.done and r.task_id]
+    print(f"interrupted: cancelling {len(open_runs)} task(s)", file=sys.stderr)
+    for run in open_runs:
+        try:
+            reply = client.cancel(run.task_id, timeout=10, node=run.waiter.queue)
+            print(f"  {run.node}: {reply.get('state')} {reply.get('message') or ''}".rstrip(), file=sys.stderr)
+        except Exception as exc:  # one node's failure must not keep the others running
+            print(f"  {run.node}: cancel not confirmed ({exc})", file=sys.stderr)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -318,9 +437,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(_load(args.config), task_id=args.task_id, all_tasks=args.all, as_json=args.json)
 
 
-def _broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _broker_args(p: argparse.ArgumentParser, required: bool = True, multi: bool = False) -> None:
     p.add_argument("--broker", required=required, help="amqp[s]://user:pass@host:port/vhost")
-    p.add_argument("--node", required=required, help="the node to talk to")
+    if multi:
+        p.add_argument("--node", action="append", help="a node to send the task to (repeat for several)")
+    else:
+        p.add_argument("--node", required=required, help="the node to talk to")
     p.add_argument("--queue", help="the node's queue, if not named after the node")
     p.add_argument("--ca-file")
     p.add_argument("--cert-file")
@@ -354,12 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=cmd_serve)
 
-    submit = sub.add_parser("submit", help="publish a task to a node (the orchestrator side)")
-    submit.add_argument("task")
-    _broker_args(submit)
+    submit = sub.add_parser("submit", help="publish a task to one or more nodes (the orchestrator side)")
+    submit.add_argument("task", nargs="?", help="TASK as a JSON file (or use --plan)")
+    _broker_args(submit, multi=True)
+    submit.add_argument("--plan", help="a plan file (YAML/JSON): one task for several nodes, per-node changes")
     submit.add_argument("--executor", "-e")
     submit.add_argument("--wait", action="store_true", help="follow the task to its result")
-    submit.add_argument("--outputs", "-o", help="with --wait: unpack the outputs here")
+    submit.add_argument("--outputs", "-o", help="with --wait: unpack the outputs here (DIR/<node>/ with several nodes)")
     submit.set_defaults(func=cmd_submit)
 
     cancel = sub.add_parser("cancel", help="cancel a task on a node")

@@ -75,5 +75,8 @@ def setup_logging(fmt: str = "text", level: str = "INFO", stream=None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # pika logs every connection attempt at INFO; its warnings and errors still show.
-    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # pika logs every failed connection attempt at ERROR, with a traceback, and every attempt at
+    # INFO. fem-hpc's own reconnect loop (broker/connection.py) already says what happened in one
+    # warning line, so pika speaks only at DEBUG, where its detail is wanted.
+    numeric = logging.getLevelName(level) if isinstance(level, str) else level
+    logging.getLogger("pika").setLevel(logging.DEBUG if numeric == logging.DEBUG else logging.CRITICAL)

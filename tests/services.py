@@ -32,7 +32,9 @@ FLCORE_IMAGE = "127.0.0.1:5000/fl/flcore:demo"  # busybox + python3, stand-in fo
 
 SLURM_PARTITION = "debug"
 
-SERVICES = ("rabbitmq", "slurm", "pbs", "docker", "registry", "registry-auth", "ssh", "flcore-image")
+FL_IMAGE = "127.0.0.1:5000/fem/python-fl:1"  # scripts/testbed: debootstrap + python3 + flwr
+
+SERVICES = ("rabbitmq", "slurm", "pbs", "docker", "registry", "registry-auth", "ssh", "flcore-image", "fl-image")
 
 
 def in_ci() -> bool:
@@ -105,6 +107,17 @@ def _check_flcore_image() -> tuple[bool, str]:
     return True, ""
 
 
+def _check_fl_image() -> tuple[bool, str]:
+    repo, tag = FL_IMAGE.split("/", 1)[1].rsplit(":", 1)
+    req = urllib.request.Request(f"http://{REGISTRY}/v2/{repo}/manifests/{tag}", method="HEAD", headers={
+        "Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5):  # loopback only
+            return True, ""
+    except (OSError, urllib.error.URLError) as exc:
+        return False, f"{FL_IMAGE} is not in the registry ({exc})"
+
+
 def _check_ssh() -> tuple[bool, str]:
     for path in ("/usr/sbin/sshd", shutil.which("sshd")):
         if path and os.access(path, os.X_OK):
@@ -121,6 +134,9 @@ _CHECKS = {
     "registry-auth": _check_registry_auth,
     "ssh": _check_ssh,
     "flcore-image": _check_flcore_image,
+
+
+    "fl-image": _check_fl_image,
 }
 
 

@@ -52,6 +52,7 @@ def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingC
     any loss. Returns the error when the broker refuses the credentials (retrying would not help)."""
     backoff = Backoff(cfg.reconnect_max_seconds)
     first = True
+    lost = False  # a loss was already reported: the failed attempts that follow are expected
     while not stop.is_set():
         try:
             conn = pika.BlockingConnection(parameters(cfg))
@@ -60,9 +61,13 @@ def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingC
                 return BrokerAuthError(
                     f"the broker at {cfg.url.split('@')[-1]} refused the credentials or vhost ({exc!r})")
             delay = backoff.next()
-            log.warning("%s cannot reach the broker (%s); retrying in %.1fs", who, type(exc).__name__, delay)
+            # One warning per outage, not one per attempt; a long outage is repeated every 10 tries.
+            quiet = lost and backoff.attempt % 10 != 0
+            log.log(logging.DEBUG if quiet else logging.WARNING, "%s cannot reach the broker (%s); retrying in %.1fs"
+                    " (attempt %d)", who, type(exc).__name__, delay, backoff.attempt)
             stop.wait(delay)
             continue
+        lost = False
         if not first and on_reconnect:
             on_reconnect(who)
         first = False
@@ -73,6 +78,7 @@ def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingC
             if stop.is_set():
                 break
             log.warning("%s lost the broker connection (%s: %s); reconnecting", who, type(exc).__name__, exc)
+            lost = True
         finally:
             connected.clear()
             try:

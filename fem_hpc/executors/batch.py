@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..model import Check
 from ..staging.errors import StageError
 from ..staging.images import PullPolicy, default_sif_cache, parse_image_ref, sif_path, stage_image
-from ..staging.volumes import resolve_volumes
+from ..staging.volumes import VolumeError, resolve_volumes, volume_env
 from .base import Executor, ExecutorError, ExecutorSettings, Job
 from .containers import container_launch, docker_cleanup_argv
 from .runners import CommandResult, Runner, RunnerError, SSHSettings, release, runner_for, scrubbed_env
@@ -114,6 +114,12 @@ class BatchExecutor(Executor):
 
     def template_context(self, job: Job) -> dict[str, Any]:
         ctx: dict[str, Any] = {"directives": self.directives(job)}
+        if job.task.volumes and not job.task.image:
+            try:
+                ctx["env_exports"] = sorted({**job.task.env, **volume_env(job.task, self.site,
+                                                                         in_container=False)}.items())
+            except VolumeError as exc:
+                raise ExecutorError(str(exc)) from None
         if job.task.image:
             c = self.settings.container
             try:

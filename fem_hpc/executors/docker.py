@@ -41,7 +41,7 @@ from ..layout import FEM_DIR, read_marker
 from ..model import Check, Reason, State
 from ..staging.errors import StageError
 from ..staging.images import PullPolicy, credentials_for, docker_explanation, ensure_image, parse_image_ref
-from ..staging.volumes import check_targets, resolve_volumes
+from ..staging.volumes import check_targets, resolve_volumes, volume_env
 from .base import Executor, ExecutorError, ExecutorSettings, Job, NativeStatus
 from .containers import WORK_MOUNT, container_name, docker_create_args, in_container
 from .timers import Stopper
@@ -149,8 +149,11 @@ class DockerExecutor(Executor):
 
     # -- job script -------------------------------------------------------------------------------
     def template_context(self, job: Job) -> dict[str, Any]:
-        return {"workdir": WORK_MOUNT, "rundir": in_container(job, job.rundir),
-                "fem_dir": f"{WORK_MOUNT}/{FEM_DIR}"}
+        ctx: dict[str, Any] = {"workdir": WORK_MOUNT, "rundir": in_container(job, job.rundir),
+                               "fem_dir": f"{WORK_MOUNT}/{FEM_DIR}"}
+        if job.task.volumes:
+            ctx["env_exports"] = sorted({**job.task.env, **volume_env(job.task, self.site, in_container=True)}.items())
+        return ctx
 
     # -- stage-in ---------------------------------------------------------------------------------
     def stage_in(self, job: Job, progress: Any = None) -> None:

@@ -11,10 +11,12 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
 from ..model import State
+from ..staging.volumes import VolumeError, volume_env
 from .base import Executor, ExecutorError, ExecutorSettings, Job, NativeStatus
 from .runners import scrubbed_env
 from .timers import Stopper
@@ -73,6 +75,15 @@ class LocalExecutor(Executor):
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._stopper = Stopper(self.settings.kill_grace_seconds)
         self._lock = threading.Lock()
+
+    def template_context(self, job: Job) -> dict[str, Any]:
+        if not job.task.volumes:
+            return {}
+        try:
+            extra = volume_env(job.task, self.site, in_container=False)
+        except VolumeError as exc:
+            raise ExecutorError(str(exc)) from None
+        return {"env_exports": sorted({**job.task.env, **extra}.items())}
 
     def submit(self, job: Job) -> str:
         log = open(job.fem_dir / "launcher.log", "ab")  # noqa: SIM115 - handed to the child

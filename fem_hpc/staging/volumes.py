@@ -57,6 +57,24 @@ def resolve_volumes(task: Task, site: SiteConfig) -> list[Mount]:
     return mounts
 
 
+def volume_env(task: Task, site: SiteConfig, *, in_container: bool) -> dict[str, str]:
+    """`FEM_VOLUME_<NAME>` for every volume of the task: where the task finds it. In a container
+    that is the volume's target; a plain process (local, or a batch job without an image) cannot
+    have anything mounted at the target, so it gets the host path instead. One variable name, so
+    the same code finds its data under every executor. (A plain process is not sandboxed: read-only
+    is then up to the file system's permissions, not to a mount.)"""
+    if not task.volumes:
+        return {}
+    if in_container:
+        return {_env_name(req.name): req.target for req in task.volumes}
+    mounts = resolve_volumes(task, site)  # in the task's order
+    return {_env_name(req.name): str(m.source) for req, m in zip(task.volumes, mounts, strict=True)}
+
+
+def _env_name(volume: str) -> str:
+    return "FEM_VOLUME_" + "".join(c if c.isalnum() else "_" for c in volume.upper())
+
+
 def check_targets(mounts: list[Mount], reserved: str) -> None:
     """A volume may not sit on the work dir's own mount point or above it (it would hide the job)."""
     for m in mounts:

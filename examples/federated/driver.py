@@ -1,0 +1,294 @@
+#!/usr/bin/env python3
+"""Run one federated training across the nodes of federation.yaml (see make_sites.py), as the
+orchestrator: through the broker, with fem-hpc's client, like `fem-hpc submit` does.
+
+    python examples/federated/driver.py --dir /tmp/fl-demo [--rounds 5] [--min-clients 3]
+
+1. The app (app/*.py) is committed to a Git repository the nodes stage in (file:// here; a real
+   federation would name its Git server), pinned to that commit.
+2. The aggregator task (the Flower server) goes to the aggregator node. The driver waits until the
+   task is RUNNING and its port accepts connections: a client started earlier would fail.
+3. One client task per node, with the server's address in its env and the node's read-only
+   partition as the site volume `fl-data`.
+4. Everything is followed to its result; outputs land in DIR/results/<run>/<node>/ (the server's in
+   .../server/). A node that never answers is named in the report once the server is done; the
+   run does not wait for it longer than --grace seconds. Ctrl-C cancels every node's task.
+5. training.png (accuracy and loss per round, one line per node and the global model) and
+   summary.txt are written next to the outputs.
+
+Exit status: 0 when the server and every client COMPLETED, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fem_hpc.client import Client, ClientError, Run
+from fem_hpc.plan import outcome
+
+HERE = Path(__file__).resolve().parent
+APP = HERE / "app"
+NO_TELEMETRY = {"FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}  # Flower phones home unless told not to
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+def commit_app(repo_dir: Path) -> tuple[str, str]:
+    """The app as a bare Git repository at one commit: (file:// URL, commit)."""
+    bare = repo_dir / "fl-app.git"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "fl-driver", "GIT_AUTHOR_EMAIL": "fl@localhost",
+           "GIT_COMMITTER_NAME": "fl-driver", "GIT_COMMITTER_EMAIL": "fl@localhost"}
+
+    def git(*args: str, cwd: Path) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    if not bare.exists():
+        git("init", "-q", "--bare", str(bare), cwd=repo_dir)
+    with tempfile.TemporaryDirectory(prefix="fl-app-") as tmp:
+        work = Path(tmp)
+        git("init", "-q", cwd=work)
+        for src in sorted(APP.glob("*.py")):
+            (work / src.name).write_text(src.read_text())
+        git("add", "-A", cwd=work)
+        git("commit", "-q", "-m", "federated example app", cwd=work)
+        commit = git("rev-parse", "HEAD", cwd=work)
+        git("push", "-q", "--force", str(bare), "HEAD:refs/heads/main", cwd=work)
+    return f"file://{bare}", commit
+
+
+class Progress:
+    """One line per node and state, like `fem-hpc submit` with several nodes."""
+
+    def __init__(self, role: dict[str, str]):
+        self.t0 = time.monotonic()
+        self.role = role  # correlation of task id -> role label
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("type") != "status":
+            return
+        who = f"{event.get('node')}/{self.role.get(event.get('task_id', ''), '?')}"
+        say(f"{who:<28} {event['state']:<11} {time.monotonic() - self.t0:6.1f}s native={event.get('native_id') or '-'}"
+            + (f"  {event['message']}" if event.get("message") else ""))
+
+
+def task_for(role: str, run_id: str, node: dict, source: dict, env: dict[str, str], walltime: str) -> dict:
+    task: dict[str, Any] = {
+        "id": f"fl-{role}-{run_id}", "execution_id": f"fl-{run_id}", "user_id": "researcher",
+        "command": [node["python"], f"{role}_app.py"], "source": source,
+        "env": {**NO_TELEMETRY, **env}, "outputs": ["out/*"],
+        "resources": {"cpus": 1, "memory": "1G", "walltime": walltime}, "labels": {"fl_role": role}}
+    if node.get("image"):
+        task["image"] = node["image"]
+    if role == "client":
+        task["volumes"] = [{"name": "fl-data", "target": "/data", "mode": "ro"}]
+    return task
+
+
+def plot(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file
+    import matplotlib.pyplot as plt
+
+    rounds = metrics["rounds"]
+    nodes = sorted({n for r in rounds for n in r["nodes"]})
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((acc_ax, "accuracy", "accuracy on each node's hold-out"), (loss_ax, "loss", "log loss")):
+        for node in nodes:
+            pts = [(r["round"], r["nodes"][node][key]) for r in rounds if node in r["nodes"]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=node)
+        pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", color="black", linewidth=2.5,
+                label="global model (weighted)")
+        ax.set_xlabel("round")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.set_xticks([r["round"] for r in rounds])
+    acc_ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("Federated logistic regression (Flower FedAvg) on breast-cancer partitions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dir", required=True, type=Path, help="the federation's directory (make_sites.py --dir)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--min-clients", type=int, help="clients needed per round (default: every node)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds for the whole run")
+    p.add_argument("--grace", type=float, default=30,
+                   help="after the server is done, seconds to wait for the clients' results")
+    p.add_argument("--connect-timeout", type=float, default=120,
+                   help="seconds the server waits for enough clients before it gives up")
+    args = p.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # a stopped driver cancels the run, like Ctrl-C
+    base = args.dir.resolve()
+    fed = yaml.safe_load((base / "federation.yaml").read_text())
+    nodes = {n["name"]: n for n in fed["nodes"]}
+    aggregator = nodes[fed["aggregator"]]
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    results = base / "results" / run_id
+    results.mkdir(parents=True)
+    url, commit = commit_app(base)
+    source = {"git": url, "commit": commit}
+    srv = {"bind": "127.0.0.1", "host": "127.0.0.1", "port": 0, **(fed.get("server") or {})}
+    port = int(srv["port"]) or free_port()
+    bind, address = f"{srv['bind']}:{port}", f"{srv['host']}:{port}"
+    min_clients = args.min_clients or len(nodes)
+    say(f"run {run_id}: app at commit {commit[:10]}, server {address} on {aggregator['name']}, "
+        f"{args.rounds} rounds, {min_clients} of {len(nodes)} clients needed")
+    deadline = time.monotonic() + args.timeout
+    role: dict[str, str] = {}
+    progress = Progress(role)
+    runs: list[Run] = []
+    try:
+        with Client(fed["broker"]) as client:
+            try:
+                return follow(args, client, nodes, aggregator, run_id, source, bind, address, min_clients,
+                              deadline, results, role, progress, runs)
+            except KeyboardInterrupt:
+                say("interrupted: cancelling every node's task")
+                for run in runs:
+                    if not run.done and run.state:
+                        try:
+                            client.cancel(run.task_id, timeout=10, node=run.waiter.queue)
+                        except ClientError as exc:
+                            say(f"{run.node}: cancel not confirmed ({exc})")
+                return 130
+    except ClientError as exc:
+        say(f"error: {exc}")
+        return 1
+
+
+def follow(args, client: Client, nodes: dict, aggregator: dict, run_id: str, source: dict, bind: str, address: str,
+           min_clients: int, deadline: float, results: Path, role: dict, progress, runs: list[Run]) -> int:
+    server_task = task_for("server", run_id, aggregator, source, {
+        "FL_SERVER_ADDRESS": bind, "FL_ROUNDS": str(args.rounds), "FL_MIN_CLIENTS": str(min_clients),
+        "FL_EXPECTED": ",".join(nodes), "FL_CONNECT_TIMEOUT": str(int(args.connect_timeout))}, "00:30:00")
+    role[server_task["id"]] = "server"
+    server = client.start(server_task, node=aggregator["name"], outputs_dir=results / "server", on_event=progress)
+    runs.append(server)
+    host, port = address.rsplit(":", 1)[0], int(address.rsplit(":", 1)[1])
+    ok = client.pump([server], until=lambda: server.done or (server.state == "RUNNING" and listening(host, port)),
+                     timeout=max(1.0, min(180.0, deadline - time.monotonic())))
+    if not ok or server.done:
+        if not ok:
+            server.fail(f"the server task did not start listening on {address}")
+        say(f"the aggregator on {aggregator['name']} is not listening on {address}: "
+            f"{server.error or outcome(server)}; no client is sent")
+        client.follow_all([server], timeout=30)
+        return 1
+    say(f"the aggregator is RUNNING and listening on {address}: sending the clients")
+    clients: list[Run] = []
+    for name, node in nodes.items():
+        t = task_for("client", run_id, node, source, {"FL_SERVER_ADDRESS": address, "FL_NODE": name}, "00:20:00")
+        role[t["id"]] = "client"
+        try:
+            # A request no node took before the server gives up is dropped by the broker: a node
+            # that comes back later must not start a client for a run that is over.
+            run = client.start(t, node=name, outputs_dir=results / name, on_event=progress,
+                               expiration_seconds=args.connect_timeout)
+        except ClientError as exc:
+            say(f"{name}: client not sent: {exc}")
+            continue
+        clients.append(run)
+        runs.append(run)
+    client.pump(runs, until=lambda: server.done, timeout=max(1.0, deadline - time.monotonic()))
+    if not server.done:
+        server.fail(f"no result within {args.timeout:.0f}s", timed_out=True)
+    client.pump(runs, until=lambda: all(r.done for r in clients), timeout=args.grace)
+    for run in clients:
+        if not run.done:
+            why = ("never received the task: is its fem-hpc serve running?" if run.state is None
+                   else f"still {run.state} after the server ended")
+            run.fail(f"no result: {why}", timed_out=True)
+    return report(server, clients, nodes, results, address)
+
+
+def report(server: Run, clients: list[Run], nodes: dict, results: Path, address: str) -> int:
+    metrics_path = results / "server" / "outputs" / "out" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    lines = [f"federated run: {results.name}", f"aggregator: {server.node} ({nodes[server.node]['executor']}), "
+             f"{address}, {outcome(server)}, native id {server.native_id or '-'}"]
+    if server.error:
+        lines.append(f"  server: {server.error}")
+    if server.result is not None and server.state != "COMPLETED":
+        lines.append(f"  server stderr: {server.result.result.get('stderr_tail', '').strip()[-400:]}")
+    missing = sorted(set(nodes) - {r.node for r in clients if r.state == "COMPLETED"})
+    lines.append("clients:")
+    for run in clients:
+        rounds = "-"
+        local = results / run.node / "outputs" / "out" / "metrics.json"
+        if local.exists():
+            m = json.loads(local.read_text())
+            if m["rounds"]:
+                last = m["rounds"][-1]
+                rounds = f"{len(m['rounds'])} rounds, last accuracy {last['accuracy']:.3f} loss {last['loss']:.3f}"
+        native = (run.native_id or "-")[:14]  # a container id is 64 hex digits; docker shows 12
+        lines.append(f"  {run.node:<22} {nodes[run.node]['executor']:<7} {outcome(run):<10} "
+                     f"native={native:<14} {rounds}")
+        if run.error:
+            lines.append(f"    {run.error}")
+        elif run.result is not None and run.state != "COMPLETED":
+            tail = run.result.result.get("stderr_tail", "").strip().splitlines()
+            lines.append(f"    {run.state}: {tail[-1] if tail else run.result.result.get('reason')}")
+    for name in sorted(set(nodes) - {r.node for r in clients}):
+        lines.append(f"  {name:<22} {nodes[name]['executor']:<7} NOT SENT")
+    if metrics and metrics["rounds"]:
+        final = metrics["rounds"][-1]
+        lines.append(f"global model after round {final['round']}: accuracy {final['accuracy']:.4f}, loss "
+                     f"{final['loss']:.4f} (weighted over {', '.join(sorted(final['nodes']))})")
+        lines.append(f"server time {metrics['seconds']}s, flwr {metrics['flwr']}")
+        plot(metrics, results / "training.png")
+        lines.append(f"plot: {results / 'training.png'}")
+    else:
+        lines.append("no round was evaluated: no plot")
+    if missing:
+        lines.append(f"missing nodes (no completed client): {', '.join(missing)}")
+    text = "\n".join(lines) + "\n"
+    (results / "summary.txt").write_text(text)
+    (results / "run.json").write_text(json.dumps({
+        "server": {"node": server.node, "state": outcome(server), "native_id": server.native_id},
+        "clients": {r.node: {"state": outcome(r), "native_id": r.native_id, "error": r.error} for r in clients},
+        "missing": missing, "final": metrics["rounds"][-1] if metrics and metrics["rounds"] else None}, indent=2))
+    print(text, end="")
+    return 0 if outcome(server) == "COMPLETED" and not missing else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
