@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import services
-from fem_hpc.staging.containers import stage_image
 from retentionkit import FakeClock, add_task, make_site
 
 from fem_hpc.journal import Journal
 from fem_hpc.model import State
 from fem_hpc.ops.gc import run_pass
 from fem_hpc.ops.gc_model import DAY
-from fem_hpc.staging.images import docker_notes_dir, note_docker_use, parse_image_ref
+from fem_hpc.staging.images import docker_notes_dir, note_docker_use, parse_image_ref, stage_image
 
 pytestmark = pytest.mark.docker
 
@@ -40,14 +39,14 @@ def client():
 
 def test_a_pull_is_noted_and_a_present_image_is_not(tmp_path: Path, client):
     site = make_site(tmp_path / "a")
-    stage_image("docker", site, services.TEST_IMAGE, docker_client=client)  # present already: not ours
+    stage_image("docker", site, services.TEST_IMAGE)  # present already: not ours
     assert not list(docker_notes_dir(site.state_dir).glob("*.json"))
-    stage_image("docker", site, services.TEST_IMAGE, docker_client=client, pull_policy="always")
+    stage_image("docker", site, services.TEST_IMAGE, "always")
     [note] = docker_notes_dir(site.state_dir).glob("*.json")
     assert parse_image_ref(services.TEST_IMAGE).pull_ref in note.read_text()
     old = note.stat().st_mtime - 5 * DAY
     os.utime(note, (old, old))
-    stage_image("docker", site, services.TEST_IMAGE, docker_client=client)  # a later use refreshes it
+    stage_image("docker", site, services.TEST_IMAGE)  # a later use refreshes it
     assert note.stat().st_mtime > old + 4 * DAY
 
 
