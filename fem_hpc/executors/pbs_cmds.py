@@ -451,7 +451,8 @@ _ATTR_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*) = ?(.*)$")
 def parse_torque_blocks(text: str) -> dict[str, dict[str, str]]:
     """Torque `qstat -f` text -> {job id: {attribute: value}}, with dotted keys
     (`Resource_List.walltime`). Attribute lines are indented (4 spaces in Torque, a tab in Debian's
-    wrapper); in Torque a long value continues on lines indented by a tab, which are joined."""
+    wrapper); in Torque and OpenPBS a long value continues on lines indented by a tab, which are
+    joined after the tab as they are (OpenPBS breaks a comment before a space: "terminated\n\t by")."""
     blocks: dict[str, dict[str, str]] = {}
     current: dict[str, str] | None = None
     last_key: str | None = None
@@ -468,17 +469,18 @@ def parse_torque_blocks(text: str) -> dict[str, dict[str, str]]:
         if current is None or not line[0].isspace():
             continue  # outside a job block (a header, an error line): ignored
         body = line.strip()
-        attr = _ATTR_RE.match(body)
+        attr = _ATTR_RE.match(line.lstrip())  # the value keeps a trailing space (see below)
         starts_with_tab = line.startswith("\t")
         if attr and first_attr:
             tab_attrs = starts_with_tab
             first_attr = False
         if attr and (not starts_with_tab or tab_attrs):
             last_key = attr.group(1)
-            current[last_key] = attr.group(2).strip()
-        elif last_key is not None:  # a continuation line
-            current[last_key] += body
-    return blocks
+            current[last_key] = attr.group(2).lstrip()
+        elif last_key is not None:  # a continuation line: after its tab, the text goes on verbatim
+            current[last_key] += line[1:] if starts_with_tab else body
+    # Only now: a line may end in the space before which the value was wrapped ("A: 2 \n\tT: 2)").
+    return {job_id: {k: v.strip() for k, v in attrs.items()} for job_id, attrs in blocks.items()}
 
 
 def parse_qstat_torque(text: str) -> dict[str, NativeStatus]:
