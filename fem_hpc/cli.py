@@ -11,12 +11,61 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from . import __version__
 from .config import ConfigError, SiteConfig, load_config
 from .logs import setup_logging
 
-EX_CONFIG = 78  # sysexits: configuration error
-EX_REJECTED = 2
+# Exit statuses of `run` and `submit --wait` (README "Exit statuses"). A task's own exit code
+# (1-255) passes through, so fem-hpc's own outcomes use the conventional codes a task is least
+# likely to mean: sysexits(3) and timeout(1)'s 124. --json and the last stderr line tell them apart.
+EX_FAILED = 1  # the task failed or was cancelled without an exit code of its own (LOST, NODE_FAIL, ...)
+EX_USAGE = 64  # sysexits EX_USAGE: a command line that cannot work (status without a task id)
+EX_REJECTED = 65  # sysexits EX_DATAERR: the task was rejected (invalid, against policy, a known id)
+EX_NOINPUT = 66  # sysexits EX_NOINPUT: the task file cannot be read
+EX_CONFIG = 78  # sysexits EX_CONFIG: the configuration is invalid
+EX_TIMEOUT = 124  # as timeout(1): submit --wait gave up waiting for the final state
+EX_INTERRUPTED = 130  # 128 + SIGINT
+
+
+class FinalReport(BaseModel):
+    """The end of `run` / `submit --wait`: one stderr line always, and this object on stdout with --json."""
+
+    task_id: str | None = None
+    state: str | None = None  # COMPLETED, FAILED, CANCELLED, REJECTED; None: no final state was seen
+    reason: str | None = None
+    exit_code: int | None = None  # the task's own exit code, when it has one
+    message: str | None = None
+    exit_status: int  # what fem-hpc exits with (the table above)
+    errors: list[dict[str, str]] = Field(default_factory=list)  # REJECTED: field, message
+    outputs: int | None = None  # entries unpacked with --outputs
+
+
+def _exit_status(state: str, exit_code: int | None) -> int:
+    if state == "COMPLETED":
+        return 0
+    if state == "REJECTED":
+        return EX_REJECTED
+    return exit_code if exit_code is not None and 0 < exit_code < 256 else EX_FAILED
+
+
+def _finish(args: argparse.Namespace, report: FinalReport) -> int:
+    """Print the final state on stderr (and the report on stdout with --json); return the exit status."""
+    what = report.state or "no final state"
+    parts = [report.reason, None if report.exit_code is None else f"exit code {report.exit_code}"]
+    detail = ", ".join(p for p in parts if p)
+    line = f"final: {report.task_id or '?'} {what}" + (f" ({detail})" if detail else "")
+    line += (f": {report.message}" if report.message else "") + f"; exit status {report.exit_status}"
+    print(line, file=sys.stderr)
+    if getattr(args, "json", False):
+        print(report.model_dump_json())
+    return report.exit_status
+
+
+def _rejected(args: argparse.Namespace, task_id: Any, errors: list[dict[str, str]], message: str) -> int:
+    return _finish(args, FinalReport(task_id=task_id if isinstance(task_id, str) else None, state="REJECTED",
+                                     message=message, exit_status=EX_REJECTED, errors=errors))
 
 
 def _load(path: str) -> SiteConfig:
@@ -33,7 +82,7 @@ def _read_task(path: str, executor: str | None) -> Any:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
         print(f"cannot read task file {path}: {exc.strerror}", file=sys.stderr)
-        sys.exit(EX_REJECTED)
+        sys.exit(EX_NOINPUT)
     except json.JSONDecodeError as exc:
         print(f"task file {path} is not valid JSON: {exc}", file=sys.stderr)
         sys.exit(EX_REJECTED)
@@ -48,8 +97,9 @@ def _print_errors(errors: list[Any]) -> None:
         print(f"  - {e.field}: {e.message}", file=sys.stderr)
 
 
-def _valid_task(data: Any, site: SiteConfig):
-    """The task if it is valid and allowed on this site; else None, with the problems printed."""
+def _valid_task(data: Any, site: SiteConfig, found: list[Any] | None = None):
+    """The task if it is valid and allowed on this site; else None, with the problems printed
+    (and appended to `found`)."""
     from .model import parse_task
     from .policy import check_policy
 
@@ -58,6 +108,8 @@ def _valid_task(data: Any, site: SiteConfig):
         errors = check_policy(task, site)
     if task is None or errors:
         _print_errors(errors)
+        if found is not None:
+            found.extend(errors)
         return None
     return task
 
@@ -66,23 +118,25 @@ def _valid_task(data: Any, site: SiteConfig):
 def cmd_run(args: argparse.Namespace) -> int:
     from .agent import Agent
     from .journal import Journal
-    from .model import State
     from .staging.outputs import safe_extract
 
     site = _load(args.config)
     setup_logging(site.logging.format, "DEBUG" if args.verbose else "WARNING")
     data = _read_task(args.task, args.executor)
-    task = _valid_task(data, site)
+    task_id = data.get("id") if isinstance(data, dict) else None
+    errors: list[Any] = []
+    task = _valid_task(data, site, errors)
     if task is None:
-        return EX_REJECTED
+        return _rejected(args, task_id, [{"field": e.field, "message": e.message} for e in errors], "task rejected")
     journal = Journal(site.journal_path, outbox=False)
     known = journal.get(task.id)
     if known is not None:
         # Task ids are idempotency keys on a node: a second run of the same id would mix two
         # runs' files in one work dir, so it is refused.
-        print(f"task id {task.id!r} already exists on this node (state {known.state.value}, work dir "
-              f"{known.workdir}); task ids are idempotency keys, use a new id", file=sys.stderr)
-        return EX_REJECTED
+        why = (f"task id {task.id!r} already exists on this node (state {known.state.value}, work dir "
+               f"{known.workdir}); task ids are idempotency keys, use a new id")
+        print(why, file=sys.stderr)
+        return _rejected(args, task.id, [{"field": "task.id", "message": why}], why)
     agent = Agent(site, journal)
     t0 = time.monotonic()
 
@@ -103,7 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.record is None:
         _print_errors(result.errors)
         agent.close()
-        return EX_REJECTED
+        return _rejected(args, task.id, [{"field": e.field, "message": e.message} for e in result.errors],
+                         "task rejected")
 
     def interrupt(signum: int, frame: Any) -> None:
         print(f"signal {signum}: cancelling {task.id}", file=sys.stderr)
@@ -117,18 +172,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent.close()
     assert record is not None
     workdir = Path(record.workdir or "")
+    reason = record.reason
+    unpacked = None
     if record.result_json:
         res = json.loads(record.result_json)
+        reason = res.get("reason") or reason
         if args.outputs and (workdir / ".fem" / "outputs.tar.gz").exists():
             names = safe_extract(workdir / ".fem" / "outputs.tar.gz", Path(args.outputs))
+            unpacked = len(names)
             print(f"outputs: {len(names)} entries in {args.outputs}", file=sys.stderr)
         if res.get("reason"):
             print(f"reason: {res['reason']}: {record.message or ''}", file=sys.stderr)
-    if record.state == State.COMPLETED:
-        return 0
-    if record.exit_code is not None and 0 < record.exit_code < 256:
-        return record.exit_code
-    return 1
+    state = record.state.value
+    return _finish(args, FinalReport(task_id=task.id, state=state, reason=reason, exit_code=record.exit_code,
+                                     message=record.message, exit_status=_exit_status(state, record.exit_code),
+                                     outputs=unpacked))
 
 
 # -- render ---------------------------------------------------------------------------------
@@ -189,8 +247,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- the orchestrator side ---------------------------------------------------------------------
-EX_TIMEOUT = 3
-
 
 def _client(args: argparse.Namespace):
     from .client import Client
@@ -229,32 +285,39 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     setup_logging("text", "WARNING")
     task = _read_task(args.task, args.executor)
+    task_id = task.get("id") if isinstance(task, dict) else None
+    task_id = task_id if isinstance(task_id, str) else None
     with _client(args) as client:
         if not args.wait:
             client.submit(task, wait=False)
-            print(task.get("id") if isinstance(task, dict) else "")
+            print(task_id or "")
             return 0
         try:
             res = client.submit(task, timeout=args.timeout, outputs_dir=args.outputs, on_event=_ProgressLine())
         except Timeout as exc:
             print(f"timed out: {exc}", file=sys.stderr)
-            return EX_TIMEOUT
+            return _finish(args, FinalReport(task_id=task_id, message=f"timed out: {exc}", exit_status=EX_TIMEOUT))
         except ClientError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return _finish(args, FinalReport(task_id=task_id, message=f"error: {exc}", exit_status=EX_FAILED))
     assert res is not None
+    result = res.result
     if res.state == "REJECTED":
-        for e in res.result.get("errors", []):
+        for e in result.get("errors", []):
             print(f"  - {e['field']}: {e['message']}", file=sys.stderr)
-        return EX_REJECTED
     if res.outputs:
         print(f"outputs: {len(res.outputs)} entries in {args.outputs}", file=sys.stderr)
-    if res.state == "COMPLETED":
-        return 0
-    if res.result.get("reason"):
-        print(f"{res.state}: {res.result['reason']}", file=sys.stderr)
-    code = res.exit_code
-    return code if code is not None and 0 < code < 256 else 1
+    if res.state not in ("COMPLETED", "REJECTED") and result.get("reason"):
+        print(f"{res.state}: {result['reason']}", file=sys.stderr)
+    errors = [{"field": str(e.get("field")), "message": str(e.get("message"))} for e in result.get("errors", [])]
+    # The result carries no message; the final status event does (e.g. "deleted in PBS by ...").
+    message = next((e["message"] for e in reversed(res.events) if e.get("type") == "status" and e.get("message")),
+                   None)
+    return _finish(args, FinalReport(task_id=result.get("task_id") or task_id, state=res.state,
+                                     reason=result.get("reason"), exit_code=res.exit_code,
+                                     message=message, errors=errors,
+                                     exit_status=_exit_status(res.state, res.exit_code),
+                                     outputs=len(res.outputs) if args.outputs else None))
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -269,7 +332,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.broker:
         if not args.task_id:
             print("status over the broker needs a TASK_ID", file=sys.stderr)
-            return EX_REJECTED
+            return EX_USAGE
         setup_logging("text", "WARNING")
         with _client(args) as client:
             reply = client.status(args.task_id, timeout=args.timeout or 30)
@@ -277,7 +340,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0 if reply.get("state") != "UNKNOWN" else 1
     if not args.config:
         print("status needs --config F (the local journal) or --broker URL --node N TASK_ID", file=sys.stderr)
-        return EX_REJECTED
+        return EX_USAGE
     from .status import print_status
 
     return print_status(_load(args.config), task_id=args.task_id, all_tasks=args.all, as_json=args.json)
@@ -305,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", "-e")
     run.add_argument("--outputs", "-o", help="unpack the outputs and logs into this directory")
     run.add_argument("--verbose", "-v", action="store_true")
+    run.add_argument("--json", action="store_true", help="print the final state as one JSON object on stdout")
     run.set_defaults(func=cmd_run)
 
     render = sub.add_parser("render", help="print the job script a task would run")
@@ -325,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--executor", "-e")
     submit.add_argument("--wait", action="store_true", help="follow the task to its result")
     submit.add_argument("--outputs", "-o", help="with --wait: unpack the outputs here")
+    submit.add_argument("--json", action="store_true", help="with --wait: print the final state as one JSON object")
     submit.set_defaults(func=cmd_submit)
 
     cancel = sub.add_parser("cancel", help="cancel a task on a node")
@@ -357,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
 
 
 if __name__ == "__main__":
