@@ -76,7 +76,7 @@ class Listener:
             self.final[job.task.id] = outcome
             self._cond.notify_all()
 
-    def wait(self, what, timeout: float = 4.0) -> None:
+    def wait(self, what, timeout: float = 10.0) -> None:
         with self._cond:
             assert self._cond.wait_for(lambda: what(self), timeout), (self.running, self.pending, self.final)
 
@@ -154,7 +154,11 @@ def test_history_off_jobs_stay_tracked_and_end_by_their_markers(tmp_path, run_tr
     assert job.native_id == job_id
     tracker, seen = run_tracker(ex, [job])
     seen.wait(lambda s: s.running == ["histoff"])
-    time.sleep(1.5)  # > lost_grace 0.6 s and > lost_grace_seconds 1 s: several polls
+    started, deadline = time.monotonic(), time.monotonic() + 10
+    # well past lost_grace (0.6 s), over several polls
+    while (tracker.poll_count < 4 or time.monotonic() - started < 1.5) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tracker.poll_count >= 4
     assert seen.final == {} and tracker.tracking("histoff")
     assert ex.history is False and ex.unfiltered is False
     marker(job, 0)
@@ -165,7 +169,6 @@ def test_history_off_jobs_stay_tracked_and_end_by_their_markers(tmp_path, run_tr
     assert calls[0]["argv"] == [*IDS, job_id] and all("-x" not in c["argv"] for c in calls[1:])
     assert all(c["rc"] == 0 for c in calls)  # every call was what the script expected
     assert len(calls) == tracker.poll_count + 1  # one per cycle, plus the retry without -x once
-    assert tracker.poll_count >= 4
 
 
 def test_partial_reply_falls_back_to_one_unfiltered_qstat_per_cycle(tmp_path, run_tracker):
@@ -188,7 +191,7 @@ def test_partial_reply_falls_back_to_one_unfiltered_qstat_per_cycle(tmp_path, ru
     marker(jobs["exit3"], 3)
     marker(jobs["walltime"], 143, "TERM", seconds=21)
     marker(jobs["qdel-running2"], 143, "TERM")
-    tracker, seen = run_tracker(ex, list(jobs.values()), marker_grace=0.8)
+    tracker, seen = run_tracker(ex, list(jobs.values()), marker_grace=1.5)
     seen.wait(lambda s: len(s.final) == len(names))
     got = {tid.removeprefix("p-"): (o.state, o.reason, o.exit_code) for tid, o in seen.final.items()}
     assert got == {
@@ -207,7 +210,7 @@ def test_partial_reply_falls_back_to_one_unfiltered_qstat_per_cycle(tmp_path, ru
     assert [c["argv"] for c in calls[:2]] == [[*IDS, *ids], IDS]
     assert all(c["argv"] == IDS for c in calls[1:]) and all(c["rc"] == 0 for c in calls)
     assert len(calls) == tracker.poll_count + 1  # the fallback once inside the first cycle, then one each
-    assert tracker.poll_count >= 3  # the never-started jobs waited marker_grace over several cycles
+    assert tracker.poll_count >= 2  # the never-started jobs waited marker_grace over more than one cycle
 
 
 def test_outside_qdel_of_a_running_job_is_cancelled_with_who(tmp_path, run_tracker):
