@@ -13,10 +13,18 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError, SiteConfig
+from .exits import (
+    EX_CONFIG,
+    EX_INTERRUPTED,
+    EX_REJECTED,
+    EX_USAGE,
+    FinalReport,
+    exit_status,
+    finish,
+    read_task,
+    rejected,
+)
 from .logs import setup_logging
-
-EX_CONFIG = 78  # sysexits: configuration error
-EX_REJECTED = 2
 
 
 def _load(path: str) -> SiteConfig:
@@ -30,28 +38,15 @@ def _load(path: str) -> SiteConfig:
     return site
 
 
-def _read_task(path: str, executor: str | None) -> Any:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        print(f"cannot read task file {path}: {exc.strerror}", file=sys.stderr)
-        sys.exit(EX_REJECTED)
-    except json.JSONDecodeError as exc:
-        print(f"task file {path} is not valid JSON: {exc}", file=sys.stderr)
-        sys.exit(EX_REJECTED)
-    if executor and isinstance(data, dict):
-        data["executor"] = executor
-    return data
-
-
 def _print_errors(errors: list[Any]) -> None:
     print("task rejected:", file=sys.stderr)
     for e in errors:
         print(f"  - {e.field}: {e.message}", file=sys.stderr)
 
 
-def _valid_task(data: Any, site: SiteConfig):
-    """The task if it is valid and allowed on this site; else None, with the problems printed."""
+def _valid_task(data: Any, site: SiteConfig, found: list[Any] | None = None):
+    """The task if it is valid and allowed on this site; else None, with the problems printed
+    (and appended to `found`)."""
     from .model import parse_task
     from .policy import check_policy
 
@@ -60,6 +55,8 @@ def _valid_task(data: Any, site: SiteConfig):
         errors = check_policy(task, site)
     if task is None or errors:
         _print_errors(errors)
+        if found is not None:
+            found.extend(errors)
         return None
     return task
 
@@ -68,28 +65,31 @@ def _valid_task(data: Any, site: SiteConfig):
 def cmd_run(args: argparse.Namespace) -> int:
     from .journal import Journal
     from .lifecycle.agent import Agent
-    from .model import State
     from .staging.git import stage_source
     from .staging.outputs import safe_extract
 
     site = _load(args.config)
     setup_logging(site.logging.format, "DEBUG" if args.verbose else "WARNING")
-    data = _read_task(args.task, args.executor)
-    task = _valid_task(data, site)
+    data = read_task(args.task, args.executor)
+    errors: list[Any] = []
+    task = _valid_task(data, site, errors)
     if task is None:
-        return EX_REJECTED
+        task_id = data.get("id") if isinstance(data, dict) else None
+        return rejected(args, task_id, [{"field": e.field, "message": e.message} for e in errors], "task rejected")
     journal = Journal(site.journal_path, outbox=False)
     known = journal.get(task.id)
+    why = None
     if known is None and (tomb := journal.retention.tombstone(task.id)) is not None:
-        print(f"task id {task.id!r} already ran on this node and {tomb.note()} (state {tomb.state.value}); "
-              "task ids are idempotency keys, use a new id", file=sys.stderr)
-        return EX_REJECTED
-    if known is not None:
+        why = (f"task id {task.id!r} already ran on this node and {tomb.note()} (state {tomb.state.value}); "
+               "task ids are idempotency keys, use a new id")
+    elif known is not None:
         # Task ids are idempotency keys on a node: a second run of the same id would mix two
         # runs' files in one work dir, so it is refused.
-        print(f"task id {task.id!r} already exists on this node (state {known.state.value}, work dir "
-              f"{known.workdir}); task ids are idempotency keys, use a new id", file=sys.stderr)
-        return EX_REJECTED
+        why = (f"task id {task.id!r} already exists on this node (state {known.state.value}, work dir "
+               f"{known.workdir}); task ids are idempotency keys, use a new id")
+    if why is not None:
+        print(why, file=sys.stderr)
+        return rejected(args, task.id, [{"field": "task.id", "message": why}], why)
     agent = Agent(site, journal, steps=[stage_source])
     t0 = time.monotonic()
 
@@ -107,7 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.record is None:
         _print_errors(result.errors)
         agent.close()
-        return EX_REJECTED
+        return rejected(args, task.id, [{"field": e.field, "message": e.message} for e in result.errors],
+                        "task rejected")
 
     def interrupt(signum: int, frame: Any) -> None:
         print(f"signal {signum}: cancelling {task.id}", file=sys.stderr)
@@ -121,18 +122,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent.close()
     assert record is not None
     workdir = Path(record.workdir or "")
+    reason = record.reason
+    unpacked = None
     if record.result_json:
         res = json.loads(record.result_json)
+        reason = res.get("reason") or reason
         if args.outputs and (workdir / ".fem" / "outputs.tar.gz").exists():
             names = safe_extract(workdir / ".fem" / "outputs.tar.gz", Path(args.outputs))
+            unpacked = len(names)
             print(f"outputs: {len(names)} entries in {args.outputs}", file=sys.stderr)
         if res.get("reason"):
             print(f"reason: {res['reason']}: {record.message or ''}", file=sys.stderr)
-    if record.state == State.COMPLETED:
-        return 0
-    if record.exit_code is not None and 0 < record.exit_code < 256:
-        return record.exit_code
-    return 1
+    state = record.state.value
+    return finish(args, FinalReport(task_id=task.id, state=state, reason=reason, exit_code=record.exit_code,
+                                    message=record.message, exit_status=exit_status(state, record.exit_code),
+                                    outputs=unpacked))
 
 
 # -- render ---------------------------------------------------------------------------------
@@ -144,7 +148,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .render import render_job
 
     site = _load(args.config)
-    task = _valid_task(_read_task(args.task, args.executor), site)
+    task = _valid_task(read_task(args.task, args.executor), site)
     if task is None:
         return EX_REJECTED
     task = effective_task(task, site)
@@ -223,218 +227,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(site)
 
 
-# -- the orchestrator side ---------------------------------------------------------------------
-EX_TIMEOUT = 3
-
-
-def _client(args: argparse.Namespace, node: str | None = None):
-    from .client import Client
-
-    tls = None
-    if args.ca_file:
-        from .config import TLSConfig
-
-        tls = TLSConfig(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
-    # pika logs its own view of a lost connection (errors, sometimes tracebacks); the client says
-    # what happened in one warning line and reconnects, so pika's lines would only alarm the user.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
-    return Client(args.broker, node if node is not None else args.node, queue=args.queue, tls=tls)
-
-
-class _ProgressLine:
-    """One line per task and state: elapsed time, native id; with several nodes, the node first.
-    A single task on a tty keeps one live line."""
-
-    def __init__(self, nodes: list[str] | None = None) -> None:
-        self.t0 = time.monotonic()
-        self.width = max((len(n) for n in nodes), default=0) if nodes and len(nodes) > 1 else 0
-        self.tty = sys.stderr.isatty() and not self.width
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("type") != "status":
-            return
-        node = f"{event.get('node', '?'):<{self.width}}  " if self.width else ""
-        line = (f"{node}{event['task_id']}  {event['state']:<11} {time.monotonic() - self.t0:7.1f}s"
-                f"  native={event.get('native_id') or '-'}" + (f"  {event['message']}" if event.get("message") else ""))
-        if self.tty:
-            sys.stderr.write("\r\033[K" + line)
-            if event["state"] in ("COMPLETED", "FAILED", "CANCELLED", "REJECTED"):
-                sys.stderr.write("\n")
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-
-def _submit_targets(args: argparse.Namespace) -> list[tuple[str, str, Any]] | int:
-    """(node, queue, TASK) for every node of this submit, or an exit status after printing why not."""
-    from .plan import PlanError, load_plan
-
-    if args.plan:
-        if args.task or args.node:
-            print("give either --plan PLAN or TASK with --node, not both", file=sys.stderr)
-            return EX_REJECTED
-        try:
-            plan = load_plan(args.plan)
-            tasks = plan.tasks()
-        except PlanError as exc:
-            print(f"plan {args.plan} is invalid:", file=sys.stderr)
-            for problem in exc.problems:
-                print(f"  - {problem}", file=sys.stderr)
-            return EX_REJECTED
-        targets = []
-        for node, (queue, task) in tasks.items():
-            if args.executor:
-                task["executor"] = args.executor
-            targets.append((node, queue, task))
-        return targets
-    if not args.task or not args.node:
-        print("submit needs TASK and at least one --node (or --plan PLAN)", file=sys.stderr)
-        return EX_REJECTED
-    if args.queue and len(args.node) > 1:
-        print("--queue names one node's queue; with several --node, use a plan file", file=sys.stderr)
-        return EX_REJECTED
-    if len(set(args.node)) != len(args.node):
-        print(f"a node is named twice: {args.node}", file=sys.stderr)
-        return EX_REJECTED
-    task = _read_task(args.task, args.executor)
-    return [(n, args.queue or n, task) for n in args.node]
-
-
-def _run_status(run: Any) -> int:
-    """A followed run's exit status: 0, the task's exit code, 2 rejected, 3 no answer in time."""
-    if run.result is None:
-        return EX_TIMEOUT if run.timed_out else 1
-    if run.state == "COMPLETED":
-        return 0
-    if run.state == "REJECTED":
-        return EX_REJECTED
-    code = run.result.exit_code
-    return code if code is not None and 0 < code < 256 else 1
-
-
-def _report_run(run: Any, outputs: str | None, *, named: bool) -> None:
-    who = f"{run.node}: " if named else ""
-    if run.result is None:
-        print(f"{who}{'timed out: ' if run.timed_out else 'error: '}{run.error}", file=sys.stderr)
-        return
-    if run.state == "REJECTED":
-        print(f"{who}task rejected:", file=sys.stderr)
-        for e in run.result.result.get("errors", []):
-            print(f"  - {e['field']}: {e['message']}", file=sys.stderr)
-    if run.result.outputs:
-        print(f"{who}outputs: {len(run.result.outputs)} entries in {outputs}", file=sys.stderr)
-    if run.state not in ("COMPLETED", "REJECTED") and run.result.result.get("reason"):
-        print(f"{who}{run.state}: {run.result.result['reason']}", file=sys.stderr)
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    from .client import ClientError
-    from .plan import outcome, worst
-
-    setup_logging("text", "WARNING")
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # a stopped `submit --wait` cancels like Ctrl-C
-    targets = _submit_targets(args)
-    if isinstance(targets, int):
-        return targets
-    multi = len(targets) > 1 or bool(args.plan)
-    try:
-        client = _client(args, targets[0][0])
-    except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    with client:
-        progress = _ProgressLine([t[0] for t in targets])
-        runs = []
-        for node, queue, task in targets:
-            # Several nodes: outputs per node in DIR/<node>/; one node: in DIR itself, as ever.
-            out = (Path(args.outputs) / node if multi else Path(args.outputs)) if args.outputs else None
-            try:
-                runs.append(client.start(task, node=node, queue=queue, outputs_dir=out, on_event=progress))
-            except ClientError as exc:
-                if not multi:
-                    print(f"error: {exc}", file=sys.stderr)
-                    return 1
-                print(f"{node}: not sent: {exc}", file=sys.stderr)
-                runs.append(_Unsent(node, str(exc)))
-        if not args.wait:
-            for run in runs:
-                if not isinstance(run, _Unsent):
-                    client._forget(run.waiter)
-                    print(f"{run.node} {run.task_id}" if multi else (run.task_id or ""))
-            return 1 if any(isinstance(r, _Unsent) for r in runs) else 0
-        followed = [r for r in runs if not isinstance(r, _Unsent)]
-        try:
-            client.follow_all(followed, timeout=args.timeout)
-        except KeyboardInterrupt:
-            _cancel_open(client, followed)
-            return 130
-        except ClientError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    for run in runs:
-        _report_run(run, str(Path(args.outputs) / run.node) if multi and args.outputs else args.outputs, named=multi)
-    if multi:
-        print("summary:", file=sys.stderr)
-        for run in runs:
-            native = run.native_id or "-"
-            print(f"  {run.node:<{max(len(r.node) for r in runs)}}  {outcome(run):<10} exit={_run_status(run):<3} "
-                  f"native={native}", file=sys.stderr)
-    bad = worst(runs)
-    return _run_status(bad) if bad is not None else 0
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-class _Unsent:
-    """A node whose submit could not even be sent (e.g. its queue does not exist)."""
-
-    def __init__(self, node: str, error: str):
-        self.node, self.error = node, error
-        self.result = None
-        self.timed_out = False
-        self.state = None
-        self.native_id = None
-        self.task_id = None
-
-
-def _cancel_open(client: Any, runs: list[Any]) -> None:
-    """Interrupted while following: cancel every node's task that is not final yet."""
-    open_runs = [r for r in runs if not r.done and r.task_id]
-    print(f"interrupted: cancelling {len(open_runs)} task(s)", file=sys.stderr)
-    for run in open_runs:
-        try:
-            reply = client.cancel(run.task_id, timeout=10, node=run.waiter.queue)
-            print(f"  {run.node}: {reply.get('state')} {reply.get('message') or ''}".rstrip(), file=sys.stderr)
-        except Exception as exc:  # one node's failure must not keep the others running
-            print(f"  {run.node}: cancel not confirmed ({exc})", file=sys.stderr)
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    setup_logging("text", "WARNING")
-    with _client(args) as client:
-        reply = client.cancel(args.task_id, timeout=args.timeout or 30)
-    print(json.dumps(reply, indent=2))
-    return 0
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     if args.broker:
-        if not args.task_id:
-            print("status over the broker needs a TASK_ID", file=sys.stderr)
-            return EX_REJECTED
-        setup_logging("text", "WARNING")
-        with _client(args) as client:
-            reply = client.status(args.task_id, timeout=args.timeout or 30)
-        print(json.dumps(reply, indent=2))
-        return 0 if reply.get("state") != "UNKNOWN" else 1
+        from .orchestrate import status_over_broker
+
+        return status_over_broker(args)
     if not args.config:
         print("status needs --config F (the local journal) or --broker URL --node N TASK_ID", file=sys.stderr)
-        return EX_REJECTED
+        return EX_USAGE
     from .ops.status import print_status
 
     return print_status(_load(args.config), task_id=args.task_id, all_tasks=args.all, as_json=args.json)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .orchestrate import cmd_submit as submit
+
+    return submit(args)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .orchestrate import cmd_cancel as cancel
+
+    return cancel(args)
 
 
 def _broker_args(p: argparse.ArgumentParser, required: bool = True, multi: bool = False) -> None:
@@ -462,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", "-e")
     run.add_argument("--outputs", "-o", help="unpack the outputs and logs into this directory")
     run.add_argument("--verbose", "-v", action="store_true")
+    run.add_argument("--json", action="store_true", help="print the final state as one JSON object on stdout")
     run.set_defaults(func=cmd_run)
 
     render = sub.add_parser("render", help="print the job script a task would run")
@@ -483,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--executor", "-e")
     submit.add_argument("--wait", action="store_true", help="follow the task to its result")
     submit.add_argument("--outputs", "-o", help="with --wait: unpack the outputs here (DIR/<node>/ with several nodes)")
+    submit.add_argument("--json", action="store_true",
+                        help="with --wait: print each node's final state as one JSON object (a line each)")
     submit.set_defaults(func=cmd_submit)
 
     cancel = sub.add_parser("cancel", help="cancel a task on a node")
@@ -521,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def test_stage_source_takes_plain_values(tmp_path, repo, git_site) -> None:
 def test_url_not_allowed_is_rejected(tmp_path, repo, site, cli, write_config, write_task) -> None:
     site["policy"] = {"git": ["https://git.example.org/*"]}
     proc = run_task(cli, write_config, write_task, site, show_version_task("nogit", {"git": repo.url}))
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 65, proc.stderr
     assert "task.source.git:" in proc.stderr and "policy.git" in proc.stderr
     assert not Path(site["work_root"]).exists()
     assert not (Path(site["state_dir"]) / "git").exists()  # nothing was fetched

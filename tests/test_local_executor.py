@@ -162,11 +162,11 @@ def test_command_not_found(site, cli, write_config, write_task) -> None:
         ({"resources": {"memory": "4GB"}}, "task.resources.memory", "4GB"),
     ],
 )
-def test_rejected_exits_2_and_creates_nothing(tmp_path: Path, site, cli, write_config, write_task,
+def test_rejected_exits_65_and_creates_nothing(tmp_path: Path, site, cli, write_config, write_task,
                                              change: dict[str, Any], field: str, words: str) -> None:
     task = {"id": "rej-1", "command": ["touch", str(tmp_path / "ran")], **change}
     proc = run(cli, write_config, write_task, site, task)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 65, proc.stderr
     assert "task rejected:" in proc.stderr
     line = next(ln for ln in proc.stderr.splitlines() if ln.startswith(f"  - {field}:"))
     assert words in line
@@ -179,9 +179,9 @@ def test_bad_task_file(tmp_path: Path, site, cli, write_config) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     proc = cli("run", "--config", write_config(site), bad)
-    assert proc.returncode == 2 and "not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 65 and "not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("run", "--config", write_config(site), tmp_path / "missing.json")
-    assert proc.returncode == 2 and "cannot read task file" in proc.stderr
+    assert proc.returncode == 66 and "cannot read task file" in proc.stderr
 
 
 def test_same_task_id_twice_is_refused(tmp_path: Path, site, cli, write_config, write_task) -> None:
@@ -194,7 +194,7 @@ def test_same_task_id_twice_is_refused(tmp_path: Path, site, cli, write_config, 
     second = {"id": "twice", "command": ["sh", "-c", "echo second > result.txt; echo x > extra.txt"],
               "outputs": ["result.txt"]}
     proc = run(cli, write_config, write_task, site, second, tmp_path / "out2")
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 65, proc.stderr
     assert "task id 'twice' already exists on this node" in proc.stderr
     assert "COMPLETED" in proc.stderr  # it says which state the first run is in
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in wd.rglob("*") if p.is_file()}

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from fem_hpc.executors import pbs_cmds as pc
+from fem_hpc.executors import pbs_parse as pp
 from fem_hpc.executors.base import Job
 from fem_hpc.layout import read_marker
 from fem_hpc.model import Reason, State, Task
@@ -116,39 +117,39 @@ def test_qstat_argv() -> None:
 
 
 def test_parse_qstat_json_recorded_finished() -> None:
-    jobs = pc.parse_qstat_json(fixture("openpbs-19-qstat-x-f-F-json-finished.json"))
+    jobs = pp.parse_qstat_json(fixture("openpbs-19-qstat-x-f-F-json-finished.json"))
     assert list(jobs) == ["40.pbs"]
     job = jobs["40.pbs"]
     assert (job.state, job.exit_code, job.reason, job.job_name) == (State.COMPLETED, 0, None, "pbs_sleep")
 
 
 def test_parse_qstat_json_queued() -> None:
-    job = pc.parse_qstat_json(fixture("openpbs-qstat-x-f-F-json-queued.json"))["41.pbs"]
+    job = pp.parse_qstat_json(fixture("openpbs-qstat-x-f-F-json-queued.json"))["41.pbs"]
     assert job.state is State.SUBMITTED
     assert job.message is not None and job.message.startswith("Not Running: Insufficient amount of resource")
     assert job.job_name == "fem-queued"
 
 
 def test_parse_qstat_json_running() -> None:
-    job = pc.parse_qstat_json(fixture("openpbs-qstat-x-f-F-json-running.json"))["42.pbs"]
+    job = pp.parse_qstat_json(fixture("openpbs-qstat-x-f-F-json-running.json"))["42.pbs"]
     assert (job.state, job.exit_code, job.job_name) == (State.RUNNING, None, "fem-running")
 
 
 def test_parse_qstat_json_walltime() -> None:
-    job = pc.parse_qstat_json(fixture("openpbs-qstat-x-f-F-json-walltime.json"))["43.pbs"]
+    job = pp.parse_qstat_json(fixture("openpbs-qstat-x-f-F-json-walltime.json"))["43.pbs"]
     assert (job.state, job.reason) == (State.FAILED, Reason.TIMEOUT)
     assert job.exit_code == 128 + 15
     assert job.message is not None and "271" in job.message and "walltime" in job.message
 
 
 def test_parse_qstat_json_exec_failure() -> None:
-    job = pc.parse_qstat_json(fixture("openpbs-qstat-x-f-F-json-execfail.json"))["44.pbs"]
+    job = pp.parse_qstat_json(fixture("openpbs-qstat-x-f-F-json-execfail.json"))["44.pbs"]
     assert (job.state, job.reason, job.exit_code) == (State.FAILED, Reason.NODE_FAIL, None)
     assert job.message is not None and "-1" in job.message
 
 
 def test_parse_qstat_json_mixed() -> None:
-    jobs = pc.parse_qstat_json(fixture("openpbs-qstat-x-f-F-json-mixed.json"))
+    jobs = pp.parse_qstat_json(fixture("openpbs-qstat-x-f-F-json-mixed.json"))
     summary = {k: (v.state, v.reason, v.exit_code) for k, v in jobs.items()}
     assert summary == {
         "40.pbs": (State.COMPLETED, None, 0),
@@ -232,7 +233,7 @@ def pbs_doc(**job: Any) -> str:
 def test_pbspro_states_and_exit_status(
     job: dict[str, Any], state: State, reason: Reason | None, exit_code: int | None
 ) -> None:
-    status = pc.parse_qstat_json(pbs_doc(Job_Name="fem-x", **job))["7.pbs"]
+    status = pp.parse_qstat_json(pbs_doc(Job_Name="fem-x", **job))["7.pbs"]
     assert (status.state, status.reason, status.exit_code) == (state, reason, exit_code)
     assert status.job_name == "fem-x"
     if job.get("job_state") in ("S", "U"):
@@ -242,22 +243,22 @@ def test_pbspro_states_and_exit_status(
 
 
 def test_parse_qstat_json_robustness() -> None:
-    assert pc.parse_qstat_json("") == {}
-    assert pc.parse_qstat_json('{"timestamp": 1, "pbs_version": "19.0.0", "pbs_server": "pbs"}') == {}
-    assert pc.parse_qstat_json('{"Jobs": {"1.pbs": "not an object", "2.pbs": {"job_state": "R"}}}').keys() == {"2.pbs"}
+    assert pp.parse_qstat_json("") == {}
+    assert pp.parse_qstat_json('{"timestamp": 1, "pbs_version": "19.0.0", "pbs_server": "pbs"}') == {}
+    assert pp.parse_qstat_json('{"Jobs": {"1.pbs": "not an object", "2.pbs": {"job_state": "R"}}}').keys() == {"2.pbs"}
     # a raw control character inside a string (seen in some OpenPBS versions' Variable_List)
     raw = '{"Jobs": {"3.pbs": {"job_state": "R", "Variable_List": {"X": "a\tb"}}}}'
-    assert pc.parse_qstat_json(raw)["3.pbs"].state is State.RUNNING
+    assert pp.parse_qstat_json(raw)["3.pbs"].state is State.RUNNING
     for bad in ["{", "qstat: Unknown Job Id 9.pbs", "[1, 2]", '{"Jobs": [1]}']:
         with pytest.raises(ValueError):
-            pc.parse_qstat_json(bad)
+            pp.parse_qstat_json(bad)
 
 
 # --- Torque text --------------------------------------------------------------------------------
 
 
 def test_parse_torque_recorded_debian_mixed() -> None:
-    jobs = pc.parse_qstat_torque(fixture("slurm-wlm-torque-qstat-f-mixed.txt"))
+    jobs = pp.parse_qstat_torque(fixture("slurm-wlm-torque-qstat-f-mixed.txt"))
     assert set(jobs) == {"2", "3", "4", "5", "6", "7", "9", "14"}
     # Debian's wrapper: every ended job is C without exit_status -> COMPLETED, exit unknown (marker decides)
     for job_id in ("2", "3", "7"):
@@ -268,20 +269,20 @@ def test_parse_torque_recorded_debian_mixed() -> None:
 
 
 def test_parse_torque_recorded_debian_running_and_finished() -> None:
-    running = pc.parse_qstat_torque(fixture("slurm-wlm-torque-qstat-f-running.txt"))
+    running = pp.parse_qstat_torque(fixture("slurm-wlm-torque-qstat-f-running.txt"))
     assert {k: (v.state, v.job_name) for k, v in running.items()} == {"23": (State.RUNNING, "fem-qd1")}
-    finished = pc.parse_qstat_torque(fixture("slurm-wlm-torque-qstat-f-finished.txt"))
+    finished = pp.parse_qstat_torque(fixture("slurm-wlm-torque-qstat-f-finished.txt"))
     assert {k: (v.state, v.job_name) for k, v in finished.items()} == {
         "17": (State.COMPLETED, "fem-p-torque"),
         "23": (State.COMPLETED, "fem-qd1"),
         "25": (State.COMPLETED, "fem-to2"),
     }
-    blocks = pc.parse_torque_blocks(fixture("slurm-wlm-torque-qstat-f-finished.txt"))
+    blocks = pp.parse_torque_blocks(fixture("slurm-wlm-torque-qstat-f-finished.txt"))
     assert blocks["25"]["Resource_List.walltime"] == "00:01:00"
 
 
 def test_parse_torque_native_format() -> None:
-    jobs = pc.parse_qstat_torque(fixture("torque-qstat-f.txt"))
+    jobs = pp.parse_qstat_torque(fixture("torque-qstat-f.txt"))
     summary = {k.split(".")[0]: (v.state, v.reason, v.exit_code, v.job_name) for k, v in jobs.items()}
     assert summary == {
         "101": (State.COMPLETED, None, 0, "fem-done"),
@@ -296,7 +297,7 @@ def test_parse_torque_native_format() -> None:
 
 
 def test_parse_torque_continuation_lines() -> None:
-    blocks = pc.parse_torque_blocks(fixture("torque-qstat-f.txt"))
+    blocks = pp.parse_torque_blocks(fixture("torque-qstat-f.txt"))
     variables = blocks["101.torque.example.org"]["Variable_List"]
     assert variables.startswith("PBS_O_QUEUE=batch,")
     assert "PBS_O_WORKDIR=/home/alice," in variables
@@ -325,24 +326,24 @@ def test_torque_states(state: str, exit_status: str | None, expected: State, rea
     text = f"Job Id: 5.host\n    Job_Name = fem-x\n    job_state = {state}\n"
     if exit_status is not None:
         text += f"    exit_status = {exit_status}\n"
-    job = pc.parse_qstat_torque(text)["5.host"]
+    job = pp.parse_qstat_torque(text)["5.host"]
     assert (job.state, job.reason) == (expected, reason)
 
 
 def test_parse_torque_robustness() -> None:
-    assert pc.parse_qstat_torque("") == {}
+    assert pp.parse_qstat_torque("") == {}
     garbage = "qstat: Unknown Job Id 99.host\nrandom words\n    indented = before any job\n"
-    assert pc.parse_qstat_torque(garbage) == {}
+    assert pp.parse_qstat_torque(garbage) == {}
     text = garbage + "Job Id: 6.host\n    job_state = R\n  not an attribute line\nJob Id:\t7\n\tjob_state = Q\n"
-    jobs = pc.parse_qstat_torque(text)
+    jobs = pp.parse_qstat_torque(text)
     assert jobs["6.host"].state is State.RUNNING and jobs["7"].state is State.SUBMITTED
 
 
 def test_parse_qstat_dispatch() -> None:
-    assert pc.parse_qstat("torque", fixture("slurm-wlm-torque-qstat-f-running.txt"))["23"].state is State.RUNNING
-    assert pc.parse_qstat("pbspro", fixture("openpbs-qstat-x-f-F-json-running.json"))["42.pbs"].state is State.RUNNING
+    assert pp.parse_qstat("torque", fixture("slurm-wlm-torque-qstat-f-running.txt"))["23"].state is State.RUNNING
+    assert pp.parse_qstat("pbspro", fixture("openpbs-qstat-x-f-F-json-running.json"))["42.pbs"].state is State.RUNNING
     with pytest.raises(ValueError):
-        pc.parse_qstat("lsf", "")  # type: ignore[arg-type]
+        pp.parse_qstat("lsf", "")  # type: ignore[arg-type]
 
 
 # --- directives ---------------------------------------------------------------------------------
@@ -400,7 +401,7 @@ def test_directives_minimal() -> None:
         {"extra_directives": ["-l place=scatter\nrm -rf /"]},
     ],
 )
-def test_directives_reject_hostile_values(dialect: pc.Dialect, kwargs: dict[str, Any]) -> None:
+def test_directives_reject_hostile_values(dialect: pp.Dialect, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         pc.directives(make_task(), WORKDIR, dialect, **kwargs)
 
@@ -427,7 +428,7 @@ def test_directives_job_name_and_extras() -> None:
 # --- the template -------------------------------------------------------------------------------
 
 
-def render(tmp_path: Path, task: Task, dialect: pc.Dialect) -> Job:
+def render(tmp_path: Path, task: Task, dialect: pp.Dialect) -> Job:
     job = Job(task=task, workdir=tmp_path / "work" / task.id)
     job.fem_dir.mkdir(parents=True)
     context = base_context(job)
@@ -437,7 +438,7 @@ def render(tmp_path: Path, task: Task, dialect: pc.Dialect) -> Job:
 
 
 @pytest.mark.parametrize("dialect", ["pbspro", "torque"])
-def test_template_renders_valid_sh(tmp_path: Path, dialect: pc.Dialect) -> None:
+def test_template_renders_valid_sh(tmp_path: Path, dialect: pp.Dialect) -> None:
     task = make_task(
         command=["sh", "-c", "pwd > here.txt", "x", "$(id) `id` 'q' \"d\" ; | & \n {{ 1+1 }}"],
         env={"A": "b c", "B": "$(id)"},
@@ -491,7 +492,7 @@ def test_real_qsub_round_trip(tmp_path: Path) -> None:
     status = None
     while time.monotonic() < deadline:
         listing = subprocess.run(pc.qstat_argv("torque", [job_id]), capture_output=True, text=True, timeout=30)
-        status = pc.parse_qstat_torque(listing.stdout).get(job_id)
+        status = pp.parse_qstat_torque(listing.stdout).get(job_id)
         if status is not None and status.state.final:
             break
         time.sleep(0.5)

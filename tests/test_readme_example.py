@@ -19,7 +19,7 @@ def test_readme_example_runs(cli, tmp_path):
     assert states[:1] == ["RECEIVED"] and states[-1] == "COMPLETED"
     # The same id again is refused, and says why.
     again = cli("run", "--config", config, ROOT / "examples/hello.json")
-    assert again.returncode == 2 and "already exists on this node" in again.stderr
+    assert again.returncode == 65 and "already exists on this node" in again.stderr
 
 
 def test_help_and_plugins(cli):

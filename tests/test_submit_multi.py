@@ -108,7 +108,8 @@ def test_plan_to_two_nodes_and_a_missing_one(tmp_path):
                               b.node, "--wait", "--timeout", "60", str(task)], capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr
-        assert out.stderr.count("COMPLETED") == 4  # a progress line and a summary line per node
+        # per node: a progress line, the final line and a summary line
+        assert out.stderr.count("COMPLETED") == 6
     finally:
         a.stop()
         b.stop()
@@ -118,11 +119,11 @@ def test_submit_arguments_are_checked(tmp_path, cli):
     task = tmp_path / "t.json"
     task.write_text(json.dumps({"id": "x", "command": ["true"]}))
     out = cli("submit", "--broker", BROKER_URL, str(task))
-    assert out.returncode == 2 and "at least one --node" in out.stderr
+    assert out.returncode == 64 and "at least one --node" in out.stderr  # EX_USAGE
     out = cli("submit", "--broker", BROKER_URL, "--node", "a", "--node", "a", str(task))
-    assert out.returncode == 2 and "named twice" in out.stderr
+    assert out.returncode == 64 and "named twice" in out.stderr
     out = cli("submit", "--broker", BROKER_URL, "--plan", str(_plan(tmp_path, {"nodes": {"a": {}}})))
-    assert out.returncode == 2 and "nodes.a: task.id" in out.stderr
+    assert out.returncode == 65 and "nodes.a: task.id" in out.stderr  # EX_DATAERR: the plan's task is invalid
 
 
 @pytest.mark.rabbitmq

@@ -3,7 +3,21 @@
 Two dialects:
 
 - ``pbspro``: OpenPBS / PBS Pro. Status is `qstat -f -F json -x IDS` (-x keeps finished jobs while
-  the server keeps job history), with `Exit_status` in the JSON.
+  the server keeps job history), with `Exit_status` in the JSON. Checked against a real OpenPBS
+  23.06 (tests/fixtures/openpbs-23.06/):
+
+  * A job PBS itself ends has a negative `Exit_status`, one of the `JOB_EXEC_*` codes of OpenPBS's
+    src/include/job.h: -29 walltime, -27 mem, -28 cput kill, -1/-2 could not start, -3 retry and
+    -11 rerun (the server requeues the job: it is back in Q, not finished). exec_code() is that table.
+  * `qdel` (by anyone) ends a job `F` with substate 91 (JOB_SUBSTATE_TERMINATED) and a comment
+    ending "... and terminated [by user@host]"; a qdel of a running job also has Exit_status 271.
+  * With `job_history_enable = False` (the OpenPBS default) `qstat -x IDS` prints no job at all,
+    not even running ones, exits 0 and says "PBS is not configured to maintain job history" on
+    stderr; without -x a finished job is gone at once ("Unknown Job Id", or rc 35 "Job has
+    finished" while history is on).
+  * qstat exits 153 for an unknown id ("qstat: Unknown Job Id ID") and still prints the others.
+  * The master branch's qstat prints only the FIRST of several ids (openpbs/openpbs#2672; the
+    v23.06.06 release client prints all): the executor falls back to one unfiltered qstat.
 - ``torque``: Torque's `qstat -f IDS` text. This is also what Debian's ``slurm-wlm-torque`` prints:
   its qsub/qstat/qdel are Perl wrappers over Slurm. What they do, read from /usr/bin/qsub,
   /usr/bin/qstat and /usr/bin/qdel (slurm-wlm 22.05) and checked on the real Slurm here:
@@ -31,19 +45,15 @@ Two dialects:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
 
 from ..layout import FEM_DIR, job_name
-from ..model import Reason, State, Task, format_walltime
+from ..model import Task, format_walltime
 from .base import NativeStatus
 from .directive_checks import SAFE_WORD_RE, check_path, check_plain, directive_lines, reject_control
-
-Dialect = Literal["pbspro", "torque"]
-DIALECTS: tuple[str, ...] = ("pbspro", "torque")
+from .pbs_parse import DIALECTS, Dialect
 
 # --- submit ------------------------------------------------------------------------------------
 
@@ -85,216 +95,94 @@ def qdel_argv(job_id: str) -> list[str]:
 # --- status ------------------------------------------------------------------------------------
 
 
-def qstat_argv(dialect: Dialect, job_ids: list[str]) -> list[str]:
+def qstat_argv(dialect: Dialect, job_ids: list[str], *, history: bool = True) -> list[str]:
     """ONE qstat for all tracked jobs: pbspro `qstat -f -F json -x IDS`, torque `qstat -f IDS`.
     Ids the server no longer knows are reported on stderr (and make qstat exit non-zero) while the
-    others are still printed: the caller parses stdout whatever the exit status."""
+    others are still printed: the caller parses stdout whatever the exit status. `history=False`
+    drops -x (a server without job history prints nothing at all with it)."""
     if not job_ids:
         raise ValueError("qstat_argv needs at least one job id")
     ids = [_check_job_id(j) for j in job_ids]
     if dialect == "pbspro":
-        return ["qstat", "-f", "-F", "json", "-x", *ids]
+        return ["qstat", "-f", "-F", "json", *(["-x"] if history else []), *ids]
     if dialect == "torque":
         return ["qstat", "-f", *ids]
     raise ValueError(f"unknown PBS dialect {dialect!r} (expected one of {DIALECTS})")
 
 
-# PBS / Torque exit_status < 0: the server or MoM could not run the job (JOB_EXEC_* codes).
-_EXEC_FAILURES = {
-    -1: "job exec failed before files, no retry",
-    -2: "job exec failed after files, no retry",
-    -3: "job exec failed, retry",
-    -4: "job aborted on MoM initialization",
-    -10: "invalid UID/GID for the job",
-}
-
-_SECONDS_RE = re.compile(r"^(?:(\d+):)?(?:(\d+):)?(\d+)$")
+def qstat_all_argv(*, history: bool = True) -> list[str]:
+    """OpenPBS `qstat -f -F json [-x]` without ids: every job the server shows this user, one call
+    (the fallback for a qstat that prints fewer of the asked ids than it should)."""
+    return ["qstat", "-f", "-F", "json", *(["-x"] if history else [])]
 
 
-def _seconds(value: Any) -> int | None:
-    """PBS durations: `HH:MM:SS`, `MM:SS` or seconds."""
-    if isinstance(value, int):
-        return value
-    if not isinstance(value, str):
-        return None
-    m = _SECONDS_RE.fullmatch(value.strip())
-    if not m:
-        return None
-    parts = [int(p) for p in m.groups() if p is not None]
-    total = 0
-    for p in parts:
-        total = total * 60 + p
-    return total
+def qstat_server_argv() -> list[str]:
+    """`qstat -B -f`: the server's attributes, readable by any user (job_history_enable among them)."""
+    return ["qstat", "-B", "-f"]
 
 
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
-        return int(value.strip())
-    return None
+_HISTORY_OFF_RE = re.compile(r"not configured to maintain job history", re.IGNORECASE)
+# Ids qstat names on stderr: "qstat: Unknown Job Id 9999.pbs-vm", "qstat: 3.pbs-vm Job has finished,
+# use -x ...", "qstat: PBS is not configured to maintain job history 88.pbs-vm".
+_STDERR_ID_RES = (
+    re.compile(r"Unknown Job Id:?\s+(\S+)", re.IGNORECASE),
+    re.compile(r"^qstat:\s+(\S+)\s+Job has finished", re.IGNORECASE | re.MULTILINE),
+    re.compile(r"maintain job history\s+(\S+)", re.IGNORECASE),
+)
 
 
-def _get(job: Mapping[str, Any], group: str, key: str) -> Any:
-    """`Resource_List.walltime` from JSON (nested) or Torque text (flat, dotted)."""
-    nested = job.get(group)
-    if isinstance(nested, Mapping) and key in nested:
-        return nested[key]
-    return job.get(f"{group}.{key}")
+def history_disabled(stderr: str) -> bool:
+    """Whether qstat said the server keeps no job history (then -x shows no job at all)."""
+    return bool(_HISTORY_OFF_RE.search(stderr or ""))
 
 
-def _final_status(job_id: str, job: Mapping[str, Any], name: str | None) -> NativeStatus:
-    """A finished job (OpenPBS F/X, Torque C), decided by its exit status.
-
-    0..127 is the job script's own exit; 128..255 usually the shell's report of a child killed by
-    signal (status - 128); >= 256 a job killed by PBS with signal (status - 256), e.g. 271 =
-    SIGTERM after a walltime kill; < 0 PBS could not run the job. No exit status at all (Debian's
-    Torque wrapper, or a job deleted before it ran): the exit-code marker decides.
-    """
-    comment = job.get("comment")
-    comment = comment if isinstance(comment, str) and comment else None
-    raw = job.get("Exit_status", job.get("exit_status"))
-    status = _int(raw)
-
-    def out(
-        state: State, reason: Reason | None = None, code: int | None = None, message: str | None = None
-    ) -> NativeStatus:
-        return NativeStatus(
-            native_id=job_id, state=state, reason=reason, exit_code=code, message=message, job_name=name
-        )
-
-    if status is None:
-        if comment and "delet" in comment.lower():
-            return out(State.CANCELLED, message=comment)
-        return out(State.COMPLETED, message=comment)
-    if status == 0:
-        return out(State.COMPLETED, code=0)
-    if status < 0:
-        what = _EXEC_FAILURES.get(status, "PBS could not run the job")
-        text = f"Exit_status {status}: {what}" + (f"; {comment}" if comment else "")
-        return out(State.FAILED, Reason.NODE_FAIL, message=text)
-    if status < 128:
-        return out(State.FAILED, Reason.EXIT_CODE, code=status, message=comment)
-    signal = status - 256 if status >= 256 else status - 128
-    code = 128 + signal
-    text = f"Exit_status {status} (signal {signal})" + (f"; {comment}" if comment else "")
-    lowered = (comment or "").lower()
-    used = _seconds(_get(job, "resources_used", "walltime"))
-    limit = _seconds(_get(job, "Resource_List", "walltime"))
-    if "walltime" in lowered or (used is not None and limit and used >= limit):
-        return out(State.FAILED, Reason.TIMEOUT, code=code, message=text)
-    if "mem" in lowered and "exceed" in lowered:
-        return out(State.FAILED, Reason.OUT_OF_MEMORY, code=code, message=text)
-    return out(State.FAILED, Reason.EXIT_CODE, code=code, message=text)
+def ids_named_on_stderr(stderr: str) -> set[str]:
+    """Job ids qstat explained on stderr (unknown, finished without -x, no history): a job that is
+    absent from stdout for a reason qstat gave, as opposed to one it silently left out."""
+    found: set[str] = set()
+    for pattern in _STDERR_ID_RES:
+        found.update(m.group(1).rstrip(".,;") for m in pattern.finditer(stderr or ""))
+    return found
 
 
-_PBSPRO_FINAL = frozenset({"F", "X"})
-_TORQUE_FINAL = frozenset({"C"})
+def same_job(asked: str, printed: str) -> bool:
+    """`123.pbs` and `123.pbs.example.org` are one job: qsub and qstat may name the server with or
+    without its domain. The sequence number must match exactly."""
+    if asked == printed:
+        return True
+    a_seq, _, a_server = asked.partition(".")
+    p_seq, _, p_server = printed.partition(".")
+    if a_seq != p_seq or not a_server or not p_server:
+        return False
+    return a_server.startswith(p_server + ".") or p_server.startswith(a_server + ".")
 
 
-def _job_status(job_id: str, job: Mapping[str, Any], final_states: frozenset[str]) -> NativeStatus:
-    state = str(job.get("job_state", "")).strip().upper()
-    name = job.get("Job_Name")
-    name = name if isinstance(name, str) and name else None
-    comment = job.get("comment")
-    comment = comment if isinstance(comment, str) and comment else None
-    if state in final_states:
-        return _final_status(job_id, job, name)
-    if state in ("Q", "H", "W", "T", "M"):
-        label = {"Q": None, "H": "held", "W": "waiting", "T": "in transit", "M": "moved"}[state]
-        message = "; ".join(p for p in (label, comment) if p) or None
-        return NativeStatus(native_id=job_id, state=State.SUBMITTED, message=message, job_name=name)
-    if state in ("R", "E", "B"):
-        return NativeStatus(native_id=job_id, state=State.RUNNING, job_name=name)
-    if state in ("S", "U"):
-        return NativeStatus(native_id=job_id, state=State.RUNNING, message="suspended", job_name=name)
-    return NativeStatus(
-        native_id=job_id,
-        state=State.RUNNING,
-        message=f"unknown PBS job_state {state or '(none)'}",
-        job_name=name,
-    )
-
-
-def parse_qstat_json(text: str) -> dict[str, NativeStatus]:
-    """OpenPBS `qstat -f -F json -x` -> {job id: status}. Raises ValueError only when the whole
-    text is not JSON (a failed poll); one malformed job entry is skipped."""
-    if not text.strip():
-        return {}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:  # some OpenPBS versions print raw control characters inside strings
-            data = json.loads(text, strict=False)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"qstat -F json printed invalid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError("qstat -F json did not print a JSON object")
-    jobs = data.get("Jobs") or {}
-    if not isinstance(jobs, dict):
-        raise ValueError("qstat -F json: 'Jobs' is not an object")
+def pick(statuses: Mapping[str, NativeStatus], job_ids: Sequence[str]) -> dict[str, NativeStatus]:
+    """The statuses of the asked ids only, keyed by the id as asked (an unfiltered qstat lists
+    every job the user may see)."""
     out: dict[str, NativeStatus] = {}
-    for job_id, job in jobs.items():
-        if not isinstance(job, dict) or not isinstance(job_id, str):
+    for job_id in job_ids:
+        if job_id in statuses:
+            out[job_id] = statuses[job_id]
             continue
-        out[job_id] = _job_status(job_id, job, final_states=_PBSPRO_FINAL)
+        for printed, status in statuses.items():
+            if same_job(job_id, printed):
+                out[job_id] = status.model_copy(update={"native_id": job_id})
+                break
     return out
 
 
-_JOB_ID_LINE_RE = re.compile(r"^Job Id:\s*(\S+)\s*$")
-_ATTR_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*) = ?(.*)$")
+_HISTORY_SETTING_RE = re.compile(r"^\s*(?:set server\s+)?job_history_enable\s*=\s*(\S+)", re.IGNORECASE | re.MULTILINE)
 
 
-def parse_torque_blocks(text: str) -> dict[str, dict[str, str]]:
-    """Torque `qstat -f` text -> {job id: {attribute: value}}, with dotted keys
-    (`Resource_List.walltime`). Attribute lines are indented (4 spaces in Torque, a tab in Debian's
-    wrapper); in Torque a long value continues on lines indented by a tab, which are joined."""
-    blocks: dict[str, dict[str, str]] = {}
-    current: dict[str, str] | None = None
-    last_key: str | None = None
-    tab_attrs = False  # this block's attribute lines are tab-indented (Debian's wrapper)
-    first_attr = True
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        m = _JOB_ID_LINE_RE.match(line)
-        if m:
-            current = blocks.setdefault(m.group(1), {})
-            last_key, first_attr, tab_attrs = None, True, False
-            continue
-        if current is None or not line[0].isspace():
-            continue  # outside a job block (a header, an error line): ignored
-        body = line.strip()
-        attr = _ATTR_RE.match(body)
-        starts_with_tab = line.startswith("\t")
-        if attr and first_attr:
-            tab_attrs = starts_with_tab
-            first_attr = False
-        if attr and (not starts_with_tab or tab_attrs):
-            last_key = attr.group(1)
-            current[last_key] = attr.group(2).strip()
-        elif last_key is not None:  # a continuation line
-            current[last_key] += body
-    return blocks
+def parse_history_setting(text: str) -> bool:
+    """`job_history_enable` from `qstat -B -f` (or `qmgr -c 'print server'`). An attribute that is
+    not set is not printed, and its default is False."""
+    m = _HISTORY_SETTING_RE.search(text or "")
+    return bool(m) and m.group(1).strip().lower() in ("true", "t", "1", "y", "yes")
 
 
-def parse_qstat_torque(text: str) -> dict[str, NativeStatus]:
-    """Torque `qstat -f` text -> {job id: status}. `C` with no exit_status (Debian's wrapper)
-    is COMPLETED with exit_code None: the marker decides."""
-    return {
-        job_id: _job_status(job_id, attrs, final_states=_TORQUE_FINAL)
-        for job_id, attrs in parse_torque_blocks(text).items()
-    }
-
-
-def parse_qstat(dialect: Dialect, text: str) -> dict[str, NativeStatus]:
-    if dialect == "pbspro":
-        return parse_qstat_json(text)
-    if dialect == "torque":
-        return parse_qstat_torque(text)
-    raise ValueError(f"unknown PBS dialect {dialect!r} (expected one of {DIALECTS})")
+HISTORY_FIX = "qmgr -c 'set server job_history_enable=True'"
 
 
 # --- job script directives ---------------------------------------------------------------------
@@ -304,6 +192,50 @@ def parse_qstat(dialect: Dialect, text: str) -> dict[str, NativeStatus]:
 # Values are restricted to characters that are plain in all of them instead of being quoted.
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,235}$")  # PBS: starts with a letter, <= 236
+
+# GPUs in a select chunk. `ngpus` is not built into OpenPBS: a site defines its GPU resource
+# (`ngpus` by convention, `gpus`, `nvidia_gpus`, ...) or asks for a fragment such as
+# `ngpus={gpus}:gpu_model=a100`.
+DEFAULT_GPU_RESOURCE = "ngpus"
+_RESOURCE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_CHUNK_ITEM_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}=[A-Za-z0-9_.+-]{1,64}")
+
+
+def gpu_select(gpu_resource: str, gpus: int) -> str:
+    """The select-chunk part that asks for `gpus` GPUs: `ngpus=2` for a resource name, or the
+    site's fragment with `{gpus}` replaced (`ngpus={gpus}:gpu_model=a100` -> `ngpus=2:gpu_model=a100`)."""
+    reject_control("gpu_resource", gpu_resource)
+    if _RESOURCE_NAME_RE.fullmatch(gpu_resource):
+        return f"{gpu_resource}={int(gpus)}"
+    if gpu_resource.count("{gpus}") != 1:
+        raise ValueError(f"gpu_resource {gpu_resource!r} is neither a resource name (e.g. ngpus) nor a select "
+                         "fragment with one {gpus} in it (e.g. ngpus={gpus}:gpu_model=a100)")
+    fragment = gpu_resource.replace("{gpus}", str(int(gpus)))
+    if not all(_CHUNK_ITEM_RE.fullmatch(item) for item in fragment.split(":")):
+        raise ValueError(f"gpu_resource {gpu_resource!r} is not a select fragment of name=value items joined "
+                         "by ':' (letters, digits, _ . + - only)")
+    return fragment
+
+
+_UNKNOWN_RESOURCE_RE = re.compile(
+    r"(?:unknown|undefined) resource:?[ \t]*(?:Resource_List\.)?([A-Za-z_][A-Za-z0-9_]*)?", re.IGNORECASE)
+
+
+def qsub_error_hint(stderr: str, *, gpus: int, gpu_resource: str, executor: str) -> str | None:
+    """For a qsub refusal naming an unknown resource ("qsub: Unknown resource Resource_List.ngpus"):
+    which setting of `executors.<executor>` asked for it."""
+    m = _UNKNOWN_RESOURCE_RE.search(stderr or "")
+    if not m:
+        return None
+    named = m.group(1)
+    gpu_names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*(?==)", gpu_select(gpu_resource, 1))) if gpus else set()
+    if gpus and (named is None or named in gpu_names):
+        return (f"the task asks for {gpus} GPU(s) and this PBS server does not define the resource fem-hpc "
+                f"asked for ({gpu_resource!r}): set executors.{executor}.gpu_resource to the GPU resource this "
+                "server defines (a name such as ngpus, or a select fragment such as 'ngpus={gpus}:gpu_model=a100'; "
+                "`qmgr -c 'list resource'` lists them)")
+    return (f"this PBS server does not define the resource {named or '(unnamed)'}: check "
+            f"executors.{executor}.extra_directives against the resources it defines (`qmgr -c 'list resource'`)")
 
 
 def _path(what: str, value: str | os.PathLike[str]) -> str:
@@ -318,10 +250,12 @@ def directives(
     queue: str | None = None,
     account: str | None = None,
     extra_directives: Sequence[str] = (),
+    gpu_resource: str = DEFAULT_GPU_RESOURCE,
 ) -> list[str]:
     """The `#PBS` lines for one task, in order.
 
-    pbspro: `-l select=<nodes>:ncpus=<cpus>[:mem=<MiB>mb][:ngpus=N]` (per chunk = per node);
+    pbspro: `-l select=<nodes>:ncpus=<cpus>[:mem=<MiB>mb][:<gpu_resource>=N]` (per chunk = per
+    node; `gpu_resource` is the site's GPU resource name or select fragment, see gpu_select());
     torque: `-l nodes=<nodes>:ppn=<cpus>[:gpus=N]` and `-l mem=<nodes x MiB>mb` (a job total in
     Torque). Both: `-l walltime=HH:MM:SS` (hours may exceed 24), `-S /bin/sh` (PBS runs a script
     with the user's login shell otherwise), `-q`, `-A`, `-o`/`-e` into the task's .fem dir.
@@ -356,7 +290,7 @@ def directives(
         if mem is not None:
             select += f":mem={mem}mb"
         if gpus:
-            select += f":ngpus={gpus}"
+            select += f":{gpu_select(gpu_resource, gpus)}"
         lines.append(f"-l {select}")
     else:
         spec = f"nodes={nodes}:ppn={cpus}"

@@ -45,8 +45,13 @@ def decide(marker: Marker | None, status: NativeStatus | None, cancel_requested:
     finished = marker.finished if marker else None
     exit_code = marker.exit_code if marker else (status.exit_code if status else None)
     if cancel_requested or (status is not None and status.state == State.CANCELLED):
-        return Outcome(State.CANCELLED, None, exit_code, "cancelled", started, finished)
-    if status is not None and status.state == State.FAILED and status.reason not in (None, Reason.EXIT_CODE):
+        # Cancelled outside fem-hpc (qdel/scancel by the user or an admin): the scheduler says by whom.
+        outside = status.message if status is not None and not cancel_requested else None
+        return Outcome(State.CANCELLED, None, exit_code, outside or "cancelled", started, finished)
+    # The scheduler's reason for a stop (TIMEOUT, OUT_OF_MEMORY) beats the bare exit code, but its
+    # NODE_FAIL ("could not run the job") is a guess a marker disproves: the command ran and ended.
+    if (status is not None and status.state == State.FAILED and status.reason not in (None, Reason.EXIT_CODE)
+            and not (marker is not None and status.reason == Reason.NODE_FAIL)):
         return Outcome(State.FAILED, status.reason, exit_code, status.message or status.reason.value,
                        started, finished)
     if marker is not None:

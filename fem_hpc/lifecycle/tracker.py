@@ -67,6 +67,7 @@ class Tracker:
         self.stale = False
         self.clock = clock  # injected so tests drive grace periods without sleeping
         self.poll_errors = 0
+        self.poll_count = 0  # successful batched polls (the scheduler-call budget of tests and benches)
         self._jobs: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -169,6 +170,7 @@ class Tracker:
             return False
         finally:
             metrics.poll_cycle(self.executor.name, time.monotonic() - start, ok)
+        self.poll_count += 1
         if self.stale:
             log.info("poll of %s works again", self.executor.name)
         self.stale = False
