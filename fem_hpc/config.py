@@ -183,12 +183,20 @@ class LegacyConfig(_Section):
     sandbox_path: Path | None = None  # defaults to work_root
     reply_chunk_size: int = Field(default=512 * 1024, ge=64)
     submit_waits: bool = True
+    # A document with an image runs on `executor` (docker, apptainer, or slurm/pbs with containers;
+    # default: default_executor); one without an image on `executor_no_image`, and is refused when
+    # that is not set (a plain command on the login node is the site's choice, never a default).
     executor: str | None = None
+    executor_no_image: str | None = None
     token_env: str | None = None  # pass the request's token to the task under this env name
     send_files_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     # The `$NAME`s task documents may use (never the service's own environment); NODE_NAME and
     # SANDBOX_PATH are always there and come from `node` and `sandbox_path`.
     variables: dict[str, LegacyVariable] = Field(default_factory=dict)
+
+    def mountable(self) -> dict[str, LegacyVariable]:
+        """The declared variables a task may mount (an absolute path with mode ro or rw)."""
+        return {name: v for name, v in self.variables.items() if v.mode != "none" and v.value.startswith("/")}
 
     @field_validator("variables")
     @classmethod
@@ -295,6 +303,16 @@ class SiteConfig(_Section):
         executors = info.data.get("executors")
         if executors is not None and v not in executors:
             raise ValueError(f"{v!r} is not configured under executors (configured: {sorted(executors)})")
+        return v
+
+    @field_validator("legacy")
+    @classmethod
+    def _legacy_executors(cls, v: LegacyConfig, info: ValidationInfo) -> LegacyConfig:
+        executors = info.data.get("executors")
+        for key in ("executor", "executor_no_image"):
+            name = getattr(v, key)
+            if executors is not None and name is not None and name not in executors:
+                raise ValueError(f"{key}: {name!r} is not configured under executors (configured: {sorted(executors)})")
         return v
 
     @field_validator("image_mirrors")

@@ -425,7 +425,7 @@ def test_batch_job_launch_line_runs_in_docker(tmp_path, node, data_dir):
     job.fem_dir.mkdir(parents=True)
     image = stage_image("docker", site, TEST_IMAGE)
     assert image == TEST_IMAGE
-    launch, env = container_launch("docker", job, image, resolve_volumes(t, site), node=node)
+    launch, env = container_launch("docker", job, image, resolve_volumes(t, site, job.workdir), node=node)
     ctx = base_context(job)
     ctx.update(launch=launch, env_exports=env)
     script = environment(site).get_template("local.sh.j2").render(**ctx)

@@ -76,7 +76,8 @@ def legacy(tmp_path: Path):
     services.require("rabbitmq")
     node = unique_node("leg")
     s = ServeProcess(tmp_path, node, {"legacy": {"enabled": True, "sandbox_path": str(tmp_path / "sandbox"),
-                                                 "reply_chunk_size": 100, "token_env": "FEM_TOKEN"}})
+                                                 "reply_chunk_size": 100, "token_env": "FEM_TOKEN",
+                                                 "executor_no_image": "local"}})
     (tmp_path / "sandbox").mkdir()
     s.start()
     orch = LegacyOrchestrator(node)
@@ -89,7 +90,9 @@ def test_submit_run_status_report_and_files(legacy):
     s, orch, tmp = legacy
     reply = orch.call(body("submit_run", TASK_INFO))
     assert reply["status"] == "success", reply
-    assert reply["return_code"] == 0 and reply["result"]["exit_code"] == 0
+    # The original's shape (FEM-REAL.md): `result` is what the command printed (no JSON: its stdout)
+    assert reply["return_code"] == 0 and reply["result"] == {"stdout": "hi\n"}
+    assert reply["fem_hpc"]["state"] == "COMPLETED" and reply["task_id"] == "abc123"
     assert reply["execution_id"] == "ex1" and reply["tool_id"] == "tool1" and reply["user_id"] == "user7"
     assert len(reply["starting_time"]) == 19 and reply["starting_time"][10] == " "
     # The work dir is <sandbox>/<user_id>/<execution_id>/ as with the original client.
@@ -117,7 +120,7 @@ def test_token_reaches_the_task_only_through_the_configured_env(legacy):
     info = TASK_INFO.replace("echo hi; mkdir -p model; echo w > model/w.txt", 'echo "tok=$FEM_TOKEN"')
     reply = orch.call(body("submit_run", info, execution='{"execution_id": "ex2", "process_info": []}'))
     assert reply["status"] == "success"
-    assert reply["stdout"] == "tok=tok-SECRET-123\n"
+    assert reply["result"] == {"stdout": "tok=tok-SECRET-123\n"}
     workdir = tmp / "sandbox/user7/ex2"
     for path in workdir.rglob("*"):
         if path.is_file() and path.name != "stdout":
@@ -173,15 +176,15 @@ def test_submit_waits_false_replies_once_the_job_is_submitted(tmp_path):
     node = unique_node("legs")
     (tmp_path / "sandbox").mkdir()
     s = ServeProcess(tmp_path, node, {"legacy": {"enabled": True, "sandbox_path": str(tmp_path / "sandbox"),
-                                                 "submit_waits": False}}).start()
+                                                 "submit_waits": False, "executor_no_image": "local"}}).start()
     orch = LegacyOrchestrator(node)
     try:
         info = TASK_INFO.replace("echo hi; mkdir -p model; echo w > model/w.txt", "sleep 5; echo late")
         start = time.monotonic()
         reply = orch.call(body("submit_run", info, execution='{"execution_id": "ex9"}'), timeout=30)
         assert time.monotonic() - start < 4, "the reply did not wait for the task's end"
-        assert reply["status"] == "success" and reply["result"]["native_id"]
-        assert reply["return_code"] is None and reply["message"] == "submitted"
+        assert reply["status"] == "success" and reply["fem_hpc"]["native_id"]
+        assert reply["return_code"] is None and reply["fem_hpc"]["message"] == "submitted"
         status = orch.call(body("run_status", "{'_id': 'abc123'}", execution='{"execution_id": "ex9"}'))
         assert status["state"] in ("SUBMITTED", "RUNNING")
         deadline = time.monotonic() + 30
