@@ -248,10 +248,32 @@ class GitCredential(_Section):
     known_hosts: Path | None = None
 
 
+_GIT_PREFIX = re.compile(r"^(?:[a-z][a-z0-9+.-]*://[^\s]+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^\s]*|/[^\s]*)$")
+
+
 class GitConfig(_Section):
     submodules: bool = False
     timeout_seconds: int = Field(default=600, ge=1)
     credentials: dict[str, GitCredential] = Field(default_factory=dict)  # by host name
+    # Fetch a source whose URL starts with a key from the value instead (the rest of the URL kept):
+    # a site's own mirror of the repositories its documents name. Policy (policy.git) is checked
+    # against the URL the task named; credentials are those of the mirror's host.
+    mirrors: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirrors(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            for text in (key, value):
+                if not _GIT_PREFIX.fullmatch(text):
+                    raise ValueError(f"{text!r} is not a git URL prefix (scheme://host/path/, user@host:path or "
+                                     "/abs/path)")
+        return v
+
+    def fetch_url(self, url: str) -> str:
+        """`url` with the longest matching `mirrors` prefix replaced (unchanged when none matches)."""
+        best = max((key for key in self.mirrors if url.startswith(key)), key=len, default=None)
+        return url if best is None else self.mirrors[best] + url[len(best):]
 
 
 class MetricsConfig(_Section):

@@ -1,61 +1,21 @@
 """The legacy FEM orchestrator's protocol against the real `fem-hpc serve` and RabbitMQ.
 
-The orchestrator side here is written from the wire facts only (DESIGN.md, "Legacy FEM
-protocol"): a pipe-separated body on the node queue, an exclusive auto-named reply queue, a
-uuid4 correlation id, and a chunked reply joined by index and checked against its sha256.
+The orchestrator side (brokerkit.LegacyOrchestrator) is written from the wire facts only
+(DESIGN.md, "Legacy FEM protocol", and FEM-REAL.md).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import time
-import uuid
 from pathlib import Path
 
 import pika
 import pytest
 import services
-from brokerkit import BROKER_URL, ServeProcess, unique_node
+from brokerkit import LegacyOrchestrator, ServeProcess, unique_node
 
 pytestmark = pytest.mark.rabbitmq
-
-
-class LegacyOrchestrator:
-    def __init__(self, queue: str):
-        self.queue = queue
-        self.conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
-        self.ch = self.conn.channel()
-        self.reply_queue = self.ch.queue_declare("", exclusive=True).method.queue
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def call(self, body: str | bytes, timeout: float = 60) -> dict:
-        corr = str(uuid.uuid4())
-        self.ch.basic_publish("", self.queue, body if isinstance(body, bytes) else body.encode(),
-                              pika.BasicProperties(reply_to=self.reply_queue, correlation_id=corr))
-        start, chunks = None, {}
-        deadline = time.monotonic() + timeout
-        for method, props, raw in self.ch.consume(self.reply_queue, inactivity_timeout=0.5):
-            if time.monotonic() > deadline:
-                raise AssertionError("no complete legacy reply in time")
-            if method is None:
-                continue
-            self.ch.basic_ack(method.delivery_tag)
-            if props.correlation_id != corr:
-                continue
-            msg = json.loads(raw)
-            if msg["type"] == "chunk_start":
-                start = msg
-            else:
-                chunks[msg["index"]] = base64.b64decode(msg["data"])
-            if start is not None and len(chunks) == start["total"]:
-                data = b"".join(chunks[i] for i in range(start["total"]))
-                assert hashlib.sha256(data).hexdigest() == start["checksum"]
-                return json.loads(data)
-        raise AssertionError("unreachable")
 
 
 def body(action: str, task_info: str = "{}", execution: str = '{"execution_id": "ex1", "process_info": []}',

@@ -144,14 +144,15 @@ def stage_source(task: Task, workdir: Path, site: SiteConfig, progress: Callable
     src = task.source
     if src is None:
         return
+    url = site.git.fetch_url(src.git)  # the site's mirror of the repository, when it has one
     if progress is not None:
-        action = "fetching" if (mirror_path(site, src.git) / "HEAD").exists() else "cloning"
-        progress(f"{action} {redact(src.git)}")
+        action = "fetching" if (mirror_path(site, url) / "HEAD").exists() else "cloning"
+        progress(f"{action} {redact(url)}" + (f" (mirror of {redact(src.git)})" if url != src.git else ""))
     dest = source_dir(task, workdir)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    sha = checkout(site, src.git, src.ref, src.commit, dest)
+    sha = checkout(site, url, src.ref, src.commit, dest)
     if src.path and not (dest / src.path).is_dir():
         raise GitStageError(f"source path {src.path!r} is not a directory at commit {sha[:12]}")
-    log.info("%s: %s checked out at %s", task.id, redact(src.git), sha[:12], extra={"task_id": task.id})
+    log.info("%s: %s checked out at %s", task.id, redact(url), sha[:12], extra={"task_id": task.id})
     if progress is not None:
         progress(f"checked out {sha[:12]}")

@@ -54,16 +54,17 @@ def submit_payload(node: str, view: TaskView, result: ResultEvent | None, messag
                    user_id=labels.get("legacy_user_id", task.user_id), node=node)
     native_id = view.native_id or (result.native_id if result is not None else None)
     note = labels.get("legacy_ports_note")
+    ports = [f"{p.host_port}->{p.container_port}/{p.protocol}" for p in task.ports] or None
     if result is None:
         fem = FemFields(task_id=task.id, native_id=native_id, state=State.SUBMITTED.value, message="submitted",
-                        ports_note=note)
+                        ports=ports, ports_note=note)
         return reply_body(ids, result={}, status="success", return_code=None, started=None, finished=None, fem=fem)
     outputs = None
     if result.outputs is not None:
         outputs = {"workdir": str(view.workdir), "files": task.outputs, "size": result.outputs.size,
                    "sha256": result.outputs.sha256}
     fem = FemFields(task_id=task.id, native_id=native_id, state=result.state.value, outputs=outputs,
-                    message=message, stderr_tail=result.stderr_tail or None, ports_note=note)
+                    message=message, stderr_tail=result.stderr_tail or None, ports=ports, ports_note=note)
     ok = result.state == State.COMPLETED and result.exit_code == 0
     return reply_body(ids, result=command_result(read_stdout(view.workdir)), status="success" if ok else "error",
                       return_code=result.exit_code, started=result.started, finished=result.finished, fem=fem)
