@@ -6,13 +6,17 @@ RabbitMQ; every test has its own node, so its queue is its own."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import services
-from brokerkit import ServeProcess, rabbitmqctl, unique_node
+from brokerkit import BROKER_URL, ServeProcess, rabbitmqctl, unique_node
+
+from fem_hpc.broker.connection import run_connected
+from fem_hpc.config import BrokerConfig
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -123,3 +127,27 @@ def test_a_second_service_for_the_node_waits_instead_of_sharing_the_queue(tmp_pa
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_session_the_broker_ends_at_once_backs_off() -> None:
+    """A refused consume (the queue held) ends the session right after connecting: the reconnect
+    backs off instead of looping connect-refuse-connect as fast as the broker answers."""
+    services.require("rabbitmq")
+    cfg = BrokerConfig(url=BROKER_URL, reconnect_max_seconds=1)
+    stop, connected = threading.Event(), threading.Event()
+    sessions: list[float] = []
+
+    def session(conn: Any) -> None:
+        sessions.append(time.monotonic())
+        raise RuntimeError("refused at once")
+
+    thread = threading.Thread(target=run_connected, args=(cfg, "test", session, stop, connected),
+                              kwargs={"name": unique_node("bo")})
+    thread.start()
+    time.sleep(3)
+    stop.set()
+    thread.join(15)
+    assert not thread.is_alive()
+    # delays of about 0.5 s then 1 s (jittered): a handful of sessions in 3 s, not hundreds
+    assert 2 <= len(sessions) <= 8, len(sessions)
+    assert all(b - a >= 0.2 for a, b in zip(sessions, sessions[1:], strict=False))
