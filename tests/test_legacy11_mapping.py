@@ -162,3 +162,14 @@ def test_read_stdout_is_bounded(tmp_path: Path) -> None:
 ])
 def test_the_2024_colon_form_is_recognised(body: bytes, ids: dict[str, str] | None) -> None:
     assert colon_form(body) == ids
+
+
+def test_a_source_given_as_a_plain_url_is_mounted_too(tmp_path: Path) -> None:
+    doc = flcore_document()
+    doc["source_code"] = doc["source_code"]["url"]  # the short form the mapping also reads
+    task, errors = to_task(request(repr(doc)), make_site(tmp_path))
+    assert errors == [] and task["volumes"][0] == {"kind": "checkout", "target": "/flcore", "mode": "rw"}
+    doc["source_code"] = ""  # no source: <sandbox>/flcore is then just another path in the sandbox
+    _, errors = to_task(request(repr(doc)), make_site(tmp_path))
+    assert [e.field for e in errors] == ["task_info.volumes[0].host_path"]
+    assert "inside the sandbox" in errors[0].message

@@ -386,9 +386,11 @@ def _volumes(info: dict[str, Any], site: SiteConfig, workdir: Path, variables: S
     raw = info.get("volumes")
     if raw is None or raw == "" or raw == []:
         return []
-    url = (info.get("source_code") or {}).get("url") if isinstance(info.get("source_code"), dict) else None
+    code = info.get("source_code")
+    url = code.get("url") if isinstance(code, dict) else code  # {'url': ...} or the URL itself
+    url = url if isinstance(url, str) and source is not None else None
     rules = HostPathRules.build(sandbox=workdir.parents[1], workdir=workdir, variables=variables,
-                                site_volumes=site.volumes, source_url=url if source is not None else None,
+                                site_volumes=site.volumes, source_url=url,
                                 protected=[site.state_dir, site.work_root])
     mounts, problems = map_volumes(raw, rules)
     errors.extend(problems)
