@@ -27,7 +27,7 @@ SERIES = [
     "fem_scheduler_command_errors_total", "fem_poll_cycle_seconds", "fem_poll_errors_total", "fem_tracked_jobs",
     "fem_tracker_stale", "fem_outbox_depth", "fem_outbox_published_total", "fem_broker_connected",
     "fem_broker_reconnects_total", "fem_stage_in_bytes_total", "fem_stage_in_seconds", "fem_stage_out_bytes_total",
-    "fem_stage_out_seconds",
+    "fem_stage_out_seconds", "fem_legacy_requests_total",
 ]
 
 
