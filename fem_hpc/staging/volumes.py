@@ -87,7 +87,8 @@ def resolve_volumes(task: Task, site: SiteConfig, workdir: Path) -> list[Mount]:
                 raise VolumeError(f"volume {req.name!r} is read-only on this site")
             source = _under(Path(vol.path), req.subpath, what)
             read_only = not (req.mode == "rw" and vol.mode == "rw")
-        if not source.exists():
+        # (a checkout is made at stage-in: `fem-hpc render` shows the launch line before it exists)
+        if not source.exists() and req.kind != "checkout":
             raise VolumeError(f"{what}: host path {str(source)!r} does not exist")
         check_bind_path(str(source), f"{what}: host path")
         check_bind_path(req.target, f"{what}: target")
