@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from .config_retention import DiskGuardConfig, RetentionConfig
 from .model import ENV_NAME_PATTERN, ID_PATTERN, Resources, errors_from_validation, memory_mib, walltime_seconds
 
 
@@ -183,12 +184,20 @@ class LegacyConfig(_Section):
     sandbox_path: Path | None = None  # defaults to work_root
     reply_chunk_size: int = Field(default=512 * 1024, ge=64)
     submit_waits: bool = True
+    # A document with an image runs on `executor` (docker, apptainer, or slurm/pbs with containers;
+    # default: default_executor); one without an image on `executor_no_image`, and is refused when
+    # that is not set (a plain command on the login node is the site's choice, never a default).
     executor: str | None = None
+    executor_no_image: str | None = None
     token_env: str | None = None  # pass the request's token to the task under this env name
     send_files_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     # The `$NAME`s task documents may use (never the service's own environment); NODE_NAME and
     # SANDBOX_PATH are always there and come from `node` and `sandbox_path`.
     variables: dict[str, LegacyVariable] = Field(default_factory=dict)
+
+    def mountable(self) -> dict[str, LegacyVariable]:
+        """The declared variables a task may mount (an absolute path with mode ro or rw)."""
+        return {name: v for name, v in self.variables.items() if v.mode != "none" and v.value.startswith("/")}
 
     @field_validator("variables")
     @classmethod
@@ -240,10 +249,32 @@ class GitCredential(_Section):
     known_hosts: Path | None = None
 
 
+_GIT_PREFIX = re.compile(r"^(?:[a-z][a-z0-9+.-]*://[^\s]+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^\s]*|/[^\s]*)$")
+
+
 class GitConfig(_Section):
     submodules: bool = False
     timeout_seconds: int = Field(default=600, ge=1)
     credentials: dict[str, GitCredential] = Field(default_factory=dict)  # by host name
+    # Fetch a source whose URL starts with a key from the value instead (the rest of the URL kept):
+    # a site's own mirror of the repositories its documents name. Policy (policy.git) is checked
+    # against the URL the task named; credentials are those of the mirror's host.
+    mirrors: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirrors(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            for text in (key, value):
+                if not _GIT_PREFIX.fullmatch(text):
+                    raise ValueError(f"{text!r} is not a git URL prefix (scheme://host/path/, user@host:path or "
+                                     "/abs/path)")
+        return v
+
+    def fetch_url(self, url: str) -> str:
+        """`url` with the longest matching `mirrors` prefix replaced (unchanged when none matches)."""
+        best = max((key for key in self.mirrors if url.startswith(key)), key=len, default=None)
+        return url if best is None else self.mirrors[best] + url[len(best):]
 
 
 class MetricsConfig(_Section):
@@ -261,63 +292,6 @@ class MetricsConfig(_Section):
 class LoggingConfig(_Section):
     format: Literal["text", "json"] = "text"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-
-class CacheLimits(_Section):
-    """One cache: entries are evicted least-recently-used first when the cache is over `max_bytes`,
-    and any entry unused for `max_age_days`; never one a task is using. None = no limit."""
-
-    max_bytes: int | None = Field(default=None, ge=0)
-    max_age_days: float | None = Field(default=30.0, ge=0)
-
-
-class CachesConfig(_Section):
-    git: CacheLimits = Field(default_factory=lambda: CacheLimits(max_bytes=10 * 1024**3))
-    sif: CacheLimits = Field(default_factory=lambda: CacheLimits(max_bytes=50 * 1024**3))
-    docker: CacheLimits = Field(default_factory=lambda: CacheLimits(max_bytes=50 * 1024**3))
-
-
-class RetentionConfig(_Section):
-    """How long what fem-hpc writes is kept (every `*_days` may be None: kept forever).
-
-    The clock of a final task starts when fem-hpc sees its result confirmed by the broker (the
-    task's outbox rows are all published and gone), not when it ended: nothing is removed before
-    the orchestrator had it."""
-
-    workdirs_days: float | None = Field(default=7.0, ge=0)  # work dirs (and .fem/) of COMPLETED/CANCELLED tasks
-    keep_failed_days: float | None = Field(default=14.0, ge=0)  # work dirs of FAILED tasks
-    journal_days: float | None = Field(default=30.0, ge=0)  # then the task's rows become a tombstone
-    idempotency_days: float | None = Field(default=365.0, ge=0)  # tombstones: a late duplicate runs nothing
-    interval_seconds: float = Field(default=3600.0, ge=0)  # periodic pass in `serve`; 0 = only `fem-hpc gc`
-    max_items_per_pass: int = Field(default=500, ge=1)  # per kind (work dirs, tasks, tombstones, cache entries)
-    caches: CachesConfig = Field(default_factory=CachesConfig)
-
-    @model_validator(mode="after")
-    def _order(self) -> RetentionConfig:
-        # The journal row is what tells the GC which work dir is whose: it may not go first. And a
-        # tombstone only makes sense once the row is gone.
-        if self.journal_days is not None:
-            for name in ("workdirs_days", "keep_failed_days"):
-                value = getattr(self, name)
-                if value is None or value > self.journal_days:
-                    raise ValueError(f"journal_days ({self.journal_days:g}) must be at least {name} "
-                                     f"({'never' if value is None else f'{value:g}'}): a task's journal row "
-                                     "names its work dir, so it is kept until the work dir is gone")
-            if self.idempotency_days is not None and self.idempotency_days < self.journal_days:
-                raise ValueError(f"idempotency_days ({self.idempotency_days:g}) must be at least journal_days "
-                                 f"({self.journal_days:g}): the tombstone outlives the task's row")
-        return self
-
-
-class DiskGuardConfig(_Section):
-    """Below these, new tasks are not started: the areas are state_dir, work_root, the legacy
-    sandbox, the SIF caches and `paths`. Running tasks finish. 0 and 0 turn the guard off."""
-
-    min_free_bytes: int = Field(default=1024**3, ge=0)
-    min_free_percent: float = Field(default=1.0, ge=0, lt=100)
-    on_low_disk: Literal["queue", "reject"] = "queue"
-    check_seconds: float = Field(default=2.0, gt=0, le=60)  # a check is reused this long (intake stays fast)
-    paths: dict[str, Path] = Field(default_factory=dict)  # more areas to watch, by name
 
 
 class SiteConfig(_Section):
@@ -354,6 +328,16 @@ class SiteConfig(_Section):
         executors = info.data.get("executors")
         if executors is not None and v not in executors:
             raise ValueError(f"{v!r} is not configured under executors (configured: {sorted(executors)})")
+        return v
+
+    @field_validator("legacy")
+    @classmethod
+    def _legacy_executors(cls, v: LegacyConfig, info: ValidationInfo) -> LegacyConfig:
+        executors = info.data.get("executors")
+        for key in ("executor", "executor_no_image"):
+            name = getattr(v, key)
+            if executors is not None and name is not None and name not in executors:
+                raise ValueError(f"{key}: {name!r} is not configured under executors (configured: {sorted(executors)})")
         return v
 
     @field_validator("image_mirrors")

@@ -1,8 +1,9 @@
 """The work-dir contract shared by the wrapper, the executors, the tracker and stage-out.
 
 A task runs in `<work_root>/<user_id>/<execution>/<task_id>`; everything fem-hpc itself writes
-there lives under `.fem/`: the job script, stdout/stderr, the wrapper's exit-code marker and the
-output archive. This module is the one place that knows those names.
+there lives under `.fem/`: the job script, stdout/stderr, the wrapper's exit-code marker, the
+output archive and, for a task that mounts its source (a `checkout` volume), the source checkout.
+This module is the one place that knows those names.
 """
 
 from __future__ import annotations
@@ -18,10 +19,18 @@ FEM_DIR = ".fem"
 ARCHIVE_NAME = "outputs.tar.gz"
 MARKER_NAME = "exit_code"
 SCRIPT_NAME = "job.sh"
+SOURCE_NAME = "source"  # .fem/source: the checkout of a task that mounts its source (a `checkout` volume)
 
 
 def task_workdir(work_root: Path, task: Task) -> Path:
     return work_root / task.user_id / task.execution / task.id
+
+
+def source_dir(task: Task, workdir: Path) -> Path:
+    """Where a task's source is checked out: the work dir itself (v1's default), or `.fem/source`
+    when the task mounts its source with a `checkout` volume, so the code never mixes with (or is
+    returned as) the task's own files."""
+    return workdir / FEM_DIR / SOURCE_NAME if task.checkout is not None else workdir
 
 
 def job_name(task_id: str) -> str:

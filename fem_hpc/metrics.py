@@ -16,6 +16,9 @@ Hook points (all cheap, all thread-safe):
 - ``poll_cycle(executor, seconds, ok)``: one batched poll of an executor's tracker.
 - ``broker_reconnect(connection)``: the consumer or the publisher reconnected.
 - ``stage_in(executor, seconds, workdir)`` / ``stage_out(executor, seconds, nbytes)``.
+- ``legacy_request(action, outcome)``: a legacy FEM request was answered ``ok`` or with an ``error``
+  (``action`` is the request's action, ``invalid`` for a body that is not one, ``colon-form-2024``
+  for the 2024 form ``tool:task:execution`` that fem-hpc cannot run).
 
 Series (all on the service's own registry, not prometheus_client's global one):
 
@@ -38,6 +41,7 @@ Series (all on the service's own registry, not prometheus_client's global one):
 ``fem_stage_in_seconds{executor}``                 histogram of stage-in (checkout, image pull)
 ``fem_stage_out_bytes_total{executor}``            bytes of the output archives
 ``fem_stage_out_seconds{executor}``                histogram of stage-out (archive, sha256)
+``fem_legacy_requests_total{action,outcome}``      legacy FEM requests by action, ok / error
 ``process_*``                                      the service process (CPU, memory, fds)
 =================================================  ======================================================
 """
@@ -62,6 +66,7 @@ from .model import State
 log = logging.getLogger("fem_hpc.metrics")
 
 INTAKE_OUTCOMES = ("accepted", "rejected", "duplicate")
+LEGACY_OUTCOMES = ("ok", "error")
 CONNECTIONS = ("consumer", "publisher")
 _LABEL_OK = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
@@ -129,6 +134,14 @@ def stage_out(executor: str | None, seconds: float, nbytes: int) -> None:
         m._safe(m._stage_out, executor, seconds, nbytes)
 
 
+def legacy_request(action: str, outcome: str) -> None:
+    """A legacy FEM request (``action``: its action, ``invalid`` or ``colon-form-2024``) was taken
+    (``ok``: answered, or its task committed) or refused (``error``)."""
+    m = _active
+    if m is not None:
+        m._safe(m._legacy, action, outcome)
+
+
 def _tree_bytes(root: Path, limit: int = 200_000) -> int:
     """Total size of the regular files under root (symlinks not followed), at most `limit` entries."""
     total = 0
@@ -189,6 +202,9 @@ class Metrics:
                                        "logs).", ["executor"], registry=r)
         self.stage_out_seconds = Histogram("fem_stage_out_seconds", "Duration of stage-out (archive and sha256).",
                                            ["executor"], buckets=_STAGE_BUCKETS, registry=r)
+        self.legacy_requests = Counter("fem_legacy_requests", "Legacy FEM requests by action and outcome (ok, "
+                                       "error); action colon-form-2024 counts the 2024 form fem-hpc cannot run.",
+                                       ["action", "outcome"], registry=r)
         ProcessCollector(registry=r)
         r.register(_ServiceCollector(self))
         # Known label values start at 0, so rates and alerts work before the first event.
@@ -231,6 +247,9 @@ class Metrics:
 
     def _reconnect(self, connection: str) -> None:
         self.reconnects.labels(_label(connection)).inc()
+
+    def _legacy(self, action: str, outcome: str) -> None:
+        self.legacy_requests.labels(_label(action, "other"), outcome if outcome in LEGACY_OUTCOMES else "error").inc()
 
     def _stage_in(self, executor: str | None, seconds: float, workdir: Path | None) -> None:
         name = _label(executor)

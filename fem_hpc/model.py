@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -123,21 +124,81 @@ class Resources(_Strict):
         return walltime_seconds(self.walltime) if self.walltime else None
 
 
+VolumeKind = Literal["volume", "workdir", "checkout", "variable"]
+_SUBPATH_BREAKERS = ("\0", "\n", ":", ",")
+
+
+def _bind_target(v: str, what: str = "target") -> str:
+    if not v.startswith("/"):
+        raise ValueError(f"{what} {v!r} must be an absolute path")
+    if ".." in v.split("/"):
+        raise ValueError(f"{what} {v!r} must not contain '..'")
+    if any(c in v for c in _SUBPATH_BREAKERS):
+        raise ValueError(f"{what} {v!r} contains a forbidden character (NUL, newline, ':' or ',')")
+    return v
+
+
 class VolumeRequest(_Strict):
-    name: Ident
+    """One mount of a task. What is mounted (`kind`, additive to v1's named site volumes):
+
+    * ``volume`` (the default): the site volume ``name`` (config ``volumes``);
+    * ``variable``: the host path of the site variable ``name`` (config ``legacy.variables``, declared
+      with mode ro or rw): a site-declared path, never one the task names;
+    * ``workdir``: the task's own work dir (so a container sees it where the tool expects it);
+    * ``checkout``: the task's ``source``, which is then checked out beside the work dir (in
+      ``.fem/source``, never part of the outputs) instead of into it; the command runs from this
+      target (``source.path`` below it), as an image whose WORKDIR is the code expects.
+
+    ``subpath`` selects a directory below a volume's, a variable's or the work dir's root; it never
+    leaves that root (``..`` is refused, symlinks out of it are refused when it is mounted)."""
+
+    kind: VolumeKind = "volume"  # before name: the name's rule depends on it
+    name: str | None = Field(default=None, validate_default=True)
+    subpath: str | None = None
     target: str
     mode: Literal["ro", "rw"] = "ro"
 
     @field_validator("target")
     @classmethod
     def _target(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError(f"target {v!r} must be an absolute path")
-        if ".." in v.split("/"):
-            raise ValueError(f"target {v!r} must not contain '..'")
-        if any(c in v for c in "\0\n:,"):
-            raise ValueError(f"target {v!r} contains a forbidden character (NUL, newline, ':' or ',')")
+        return _bind_target(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind", "volume")
+        if kind == "volume" and (v is None or not re.fullmatch(ID_PATTERN, v)):
+            raise ValueError(f"value {v!r} does not match {ID_PATTERN}" if v is not None else
+                             "a site volume needs its name")
+        if kind == "variable" and (v is None or not re.fullmatch(ENV_NAME_PATTERN, v)):
+            raise ValueError(f"a variable volume needs the variable's name matching {ENV_NAME_PATTERN}, not {v!r}")
+        if kind in ("workdir", "checkout") and v is not None:
+            raise ValueError(f"a {kind} volume has no name")
         return v
+
+    @field_validator("subpath")
+    @classmethod
+    def _subpath(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v or v.startswith("/") or ".." in v.split("/") or any(c in v for c in _SUBPATH_BREAKERS):
+            raise ValueError(f"subpath {v!r} must be a relative path without '..', NUL, newline, ':' or ','")
+        return v
+
+    @model_validator(mode="after")
+    def _checkout(self) -> VolumeRequest:
+        if self.kind == "checkout" and self.subpath is not None:
+            raise ValueError("a checkout volume has no subpath (use source.path to run from a subdirectory)")
+        return self
+
+
+class PortMapping(_Strict):
+    """A port a container publishes on the host (docker executor on a bridge or named network,
+    within the site's `policy.ports`)."""
+
+    host_port: int = Field(ge=1, le=65535)
+    container_port: int = Field(ge=1, le=65535)
+    protocol: Literal["tcp", "udp"] = "tcp"
 
 
 class Source(_Strict):
@@ -172,6 +233,7 @@ class Task(_Strict):
     command: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
     volumes: list[VolumeRequest] = Field(default_factory=list)
+    ports: list[PortMapping] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
     queue: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.@-]{1,128}$")] | None = None
     account: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.@-]{1,128}$")] | None = None
@@ -210,7 +272,21 @@ class Task(_Strict):
         targets = [v.target for v in self.volumes]
         if len(targets) != len(set(targets)):
             raise ValueError("two volumes share one target")
+        checkouts = [v for v in self.volumes if v.kind == "checkout"]
+        if checkouts and self.source is None:
+            raise ValueError("a checkout volume needs the task's source")
+        if len(checkouts) > 1:
+            raise ValueError("the source can be mounted once (two checkout volumes)")
+        ports = [(p.host_port, p.protocol) for p in self.ports]
+        if len(ports) != len(set(ports)):
+            raise ValueError("two ports share one host port")
         return self
+
+    @property
+    def checkout(self) -> VolumeRequest | None:
+        """The volume that mounts the source, when the task has one (the source then lives beside
+        the work dir, not in it)."""
+        return next((v for v in self.volumes if v.kind == "checkout"), None)
 
     @property
     def execution(self) -> str:

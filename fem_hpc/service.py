@@ -66,9 +66,12 @@ class Service:
         self.v1 = V1Dispatch(site, self.journal, self.agent, self.health, legacy_enabled=site.legacy.enabled)
         self.legacy = LegacyHandler(site, self.journal, self.agent, self.health) if site.legacy.enabled else None
         self.reconnects = 0
-        self.publisher = Publisher(site.broker, self.journal, on_reconnect=self._reconnected)
+        # The connections carry the node's name: the orchestrator's "heartbeat" lists a node's
+        # connections on the broker (FEM-REAL.md), the consumer's under the node name itself.
+        self.publisher = Publisher(site.broker, self.journal, on_reconnect=self._reconnected,
+                                   connection_name=f"{site.node} (events)")
         self.consumer = Consumer(site.broker, site.queue, self.handle, workers=min(8, site.workers),
-                                 on_reconnect=self._reconnected)
+                                 on_reconnect=self._reconnected, connection_name=site.node)
         self.metrics: Metrics | None = None
         self.gc = PeriodicGC(site)  # retention: a low-priority pass every retention.interval_seconds
         self._stop = threading.Event()

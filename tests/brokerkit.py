@@ -6,6 +6,8 @@ Every test gets its own node name, so its queue, its dead-letter queue and its r
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import signal
@@ -62,16 +64,20 @@ class ServeProcess:
         self.log_path = tmp / f"{node}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ServeProcess:
+    def start(self, ready: str | None = "consuming queue") -> ServeProcess:
+        """Start the service and wait until its log shows `ready` (None: return at once, for a
+        service that is expected not to consume yet)."""
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen([*fem_hpc_command(), "serve", "--config", str(self.config_path), *self.args],
                                      stdout=log, stderr=log, env=env)
         log.close()
+        if ready is None:
+            return self
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if "consuming queue" in self.log():
+            if ready in self.log():
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"fem-hpc serve exited {self.proc.returncode}:\n{self.log()}")
@@ -174,6 +180,46 @@ class EventTap:
             conn.close()
         except Exception:
             pass
+
+
+class LegacyOrchestrator:
+    """The legacy FEM orchestrator's side, written from the wire facts only (FEM-REAL.md): a
+    pipe-separated body on the node queue, an exclusive auto-named reply queue, a uuid4 correlation
+    id, and a chunked reply joined by index and checked against its sha256."""
+
+    def __init__(self, queue: str):
+        self.queue = queue
+        self.conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+        self.ch = self.conn.channel()
+        self.reply_queue = self.ch.queue_declare("", exclusive=True).method.queue
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def call(self, body: str | bytes, timeout: float = 60) -> dict:
+        corr = str(uuid.uuid4())
+        self.ch.basic_publish("", self.queue, body if isinstance(body, bytes) else body.encode(),
+                              pika.BasicProperties(reply_to=self.reply_queue, correlation_id=corr))
+        start, chunks = None, {}
+        deadline = time.monotonic() + timeout
+        for method, props, raw in self.ch.consume(self.reply_queue, inactivity_timeout=0.5):
+            if time.monotonic() > deadline:
+                raise AssertionError("no complete legacy reply in time")
+            if method is None:
+                continue
+            self.ch.basic_ack(method.delivery_tag)
+            if props.correlation_id != corr:
+                continue
+            msg = json.loads(raw)
+            if msg["type"] == "chunk_start":
+                start = msg
+            else:
+                chunks[msg["index"]] = base64.b64decode(msg["data"])
+            if start is not None and len(chunks) == start["total"]:
+                data = b"".join(chunks[i] for i in range(start["total"]))
+                assert hashlib.sha256(data).hexdigest() == start["checksum"]
+                return json.loads(data)
+        raise AssertionError("unreachable")
 
 
 def get_all(queue: str, timeout: float = 10, expect: int = 1) -> list[tuple[Any, bytes]]:

@@ -424,7 +424,7 @@ def test_batch_job_launch_line_runs_in_docker(tmp_path, node, data_dir):
     job.fem_dir.mkdir(parents=True)
     image = stage_image("docker", site, TEST_IMAGE)
     assert image == TEST_IMAGE
-    launch, env = container_launch("docker", job, image, resolve_volumes(t, site), node=node)
+    launch, env = container_launch("docker", job, image, resolve_volumes(t, site, job.workdir), node=node)
     ctx = base_context(job)
     ctx.update(launch=launch, env_exports=env)
     script = environment(site).get_template("local.sh.j2").render(**ctx)
@@ -447,3 +447,56 @@ def test_stage_image_docker_missing_image(tmp_path, node, data_dir):
     site = site_from_dict(site_dict(tmp_path, node, data_dir))
     with pytest.raises(ImageError, match="cannot pull image 127.0.0.1:5000/fem/nonexistent:2"):
         stage_image("docker", site, "127.0.0.1:5000/fem/nonexistent:2")
+
+
+# -- published ports ----------------------------------------------------------------------------------
+@pytest.fixture
+def bridge() -> Any:
+    """A bridge network of the test's own (the test bed's dockerd has no default bridge: --bridge=none)."""
+    name = f"fem-test-{uuid.uuid4().hex[:10]}"
+    subprocess.run(["docker", "network", "create", name], check=True, capture_output=True, timeout=60)
+    yield name
+    subprocess.run(["docker", "network", "rm", name], capture_output=True, timeout=60)
+
+
+def test_a_task_port_is_published_on_the_configured_address(tmp_path, node, data_dir, bridge):
+    import socket
+
+    from sshkit import free_port
+
+    port = free_port()
+    cfg = site_dict(tmp_path, node, data_dir, network=bridge, publish_host="127.0.0.1")
+    cfg["policy"]["ports"] = [port]
+    agent = new_agent(cfg)
+    try:
+        result = agent.intake(task("port1", ["sh", "-c", "echo hello-from-the-task | nc -l -p 4433"],
+                                   ports=[{"host_port": port, "container_port": 4433}]))
+        assert result.errors == []
+        wait_state(agent, "port1", State.RUNNING, timeout=60)
+        deadline, got = time.monotonic() + 30, b""
+        while time.monotonic() < deadline and not got:
+            try:  # docker-proxy listens at once; the container's nc a moment later
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                    got = conn.recv(100)
+            except OSError:
+                time.sleep(0.2)
+        assert got == b"hello-from-the-task\n"
+        rec = agent.wait("port1", 60)
+        assert rec is not None and rec.state == State.COMPLETED, rec and rec.message
+    finally:
+        agent.close()
+
+
+def test_ports_are_refused_where_they_cannot_be_published(tmp_path, node, data_dir):
+    cfg = site_dict(tmp_path, node, data_dir)  # network none, the default
+    cfg["policy"]["ports"] = ["4000-4999"]
+    agent = new_agent(cfg)
+    try:
+        errors = agent.intake(task("port2", ["true"], ports=[{"host_port": 4433, "container_port": 4433}])).errors
+        assert [(e.field, e.message) for e in errors] == [
+            ("task.ports", "executor 'docker' runs containers with network 'none', where ports cannot be published")]
+        errors = agent.intake(task("port3", ["true"], ports=[{"host_port": 5000, "container_port": 80}])).errors
+        assert ("task.ports.0.host_port", "host port 5000 is not allowed by site policy (policy.ports: "
+                "['4000-4999'])") in [(e.field, e.message) for e in errors]
+    finally:
+        agent.close()

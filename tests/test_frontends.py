@@ -61,8 +61,9 @@ def test_duplicate_legacy_submit_sends_only_legacy_frames(tmp_path: Path) -> Non
     assert v1 == [], [r.properties for r in v1]
     for corr in ("c1", "c2"):  # the first answer, and the duplicate's: the same final reply
         reply = legacy_reply(rows, corr)
-        assert reply["status"] == "success" and reply["state"] == "COMPLETED" and reply["return_code"] == 0
-        assert reply["task_id"] == "dup1" and "out" in reply["stdout"]
+        assert reply["status"] == "success" and reply["fem_hpc"]["state"] == "COMPLETED" and reply["return_code"] == 0
+        # the original's shape: `result` is what the command printed (not JSON here: its stdout)
+        assert reply["task_id"] == "dup1" and reply["result"] == {"stdout": "out\n"}
     # fem.events subscribers still see every v1 event of the task, and the chunks, on the topic exchange
     topic = [r for r in journal.pending(limit=10_000) if any(ex == "fem.events" for ex, _ in r.destinations)]
     assert {r.properties["type"] for r in topic} >= {"status", "result", "chunk"}
@@ -105,7 +106,7 @@ def test_legacy_reply_survives_a_failed_final_write(tmp_path: Path, monkeypatch:
     rows = rows_to(journal, "legacy-q")
     starts = [r for r in rows if json.loads(r.payload())["type"] == "chunk_start"]
     assert len(starts) == 1
-    assert legacy_reply(rows, "c1")["state"] == "COMPLETED"
+    assert legacy_reply(rows, "c1")["fem_hpc"]["state"] == "COMPLETED"
 
 
 def test_final_write_failing_until_restart_is_answered_after_it(tmp_path: Path, monkeypatch: Any) -> None:
@@ -134,7 +135,7 @@ def test_final_write_failing_until_restart_is_answered_after_it(tmp_path: Path, 
         assert agent2.wait("dup1", 30).state == State.COMPLETED
     finally:
         agent2.close()
-    assert legacy_reply(rows_to(journal2, "legacy-q"), "c1")["state"] == "COMPLETED"
+    assert legacy_reply(rows_to(journal2, "legacy-q"), "c1")["fem_hpc"]["state"] == "COMPLETED"
 
 
 def delivery(body: bytes) -> Delivery:

@@ -57,7 +57,7 @@ def test_dry_run_lists_and_sizes_then_gc_removes_exactly_that(tmp_path: Path, cl
     assert json.loads(cli("gc", "--config", config, "--json").stdout)["items"] == []
 
     again = cli("run", "--config", config, ok)
-    assert again.returncode == 2
+    assert again.returncode == 65  # EX_DATAERR: a task id the node has seen
     assert "already ran on this node and finished on " in again.stderr and "outputs expired" in again.stderr
     assert not workdirs[0].exists(), "nothing ran"
 

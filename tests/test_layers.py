@@ -18,7 +18,7 @@ PKG = ROOT / "fem_hpc"
 # Bottom first. A module belongs to the first entry that is it or its package.
 LAYERS: list[tuple[str, ...]] = [
     ("fem_hpc", "fem_hpc.model", "fem_hpc.layout", "fem_hpc.logs", "fem_hpc.backoff"),
-    ("fem_hpc.config", "fem_hpc.journal", "fem_hpc.metrics"),
+    ("fem_hpc.config_retention", "fem_hpc.config", "fem_hpc.journal", "fem_hpc.metrics"),
     ("fem_hpc.policy", "fem_hpc.diskguard", "fem_hpc.staging", "fem_hpc.broker"),
     ("fem_hpc.executors", "fem_hpc.render"),
     ("fem_hpc.lifecycle",),

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from fem_hpc.config import SiteConfig, config_from_dict
 from fem_hpc.model import parse_task
 from fem_hpc.protocols.legacy.codec import (
     LEGACY_ACTIONS,
@@ -23,11 +24,28 @@ from fem_hpc.protocols.legacy.codec import (
     encode_reply,
 )
 from fem_hpc.protocols.legacy.mapping import legacy_task_id, sanitize_id, to_task
-from fem_hpc.protocols.legacy.replies import error_reply, legacy_time, submit_reply
+from fem_hpc.protocols.legacy.replies import error_reply, legacy_time
+from fem_hpc.protocols.legacy.result import FemFields, ReplyIds, reply_body
 
 MAX = 1024 * 1024
 TOKEN = "secret-token-5f1d"
 SITE_VOLUMES = {"datasets": "/srv/data/sets", "models": "/srv/models/"}
+
+
+def site_for(executor: str | None = None, *, executor_no_image: str | None = "local") -> SiteConfig:
+    """A docker + local site with the two site volumes (paths never created: the mapping only compares
+    them); `executor` is legacy.executor."""
+    root = "/nonexistent/fem-codec"
+    return config_from_dict({
+        "node": "node-a", "state_dir": f"{root}/state", "work_root": f"{root}/work",
+        "executors": {"docker": {}, "local": {}}, "default_executor": "docker",
+        "volumes": {name: {"path": path} for name, path in SITE_VOLUMES.items()},
+        "legacy": {"enabled": True, "sandbox_path": f"{root}/sandbox", "executor": executor,
+                   "executor_no_image": executor_no_image},
+    }, check_paths=False)
+
+
+SITE = site_for()
 
 TASK_INFO: dict[str, Any] = {
     "_id": "65f0c0ffee00112233445566",
@@ -313,7 +331,7 @@ def test_error_offsets_point_into_the_body() -> None:
 
 def test_realistic_request_maps_to_a_valid_task() -> None:
     req = submit_request()
-    task, errors = to_task(req, site_volumes=SITE_VOLUMES, default_executor="docker")
+    task, errors = to_task(req, site_for("docker"))
     assert errors == []
     parsed, problems = parse_task(task)
     assert problems == [] and parsed is not None
@@ -341,25 +359,20 @@ def test_realistic_request_maps_to_a_valid_task() -> None:
         "legacy_action": "submit_run",
         "legacy_id": "65f0c0ffee00112233445566",
         "legacy_execution_id": "ex1",
+        "legacy_user_id": "user7",
     }
     assert TOKEN not in json.dumps(task)
 
 
 def test_task_id_is_stable_per_parameters_and_differs_between_them() -> None:
     a1 = to_task(
-        submit_request(params={"lr": 0.1, "verbose": True}), site_volumes=SITE_VOLUMES, default_executor=None
-    )
+        submit_request(params={"lr": 0.1, "verbose": True}), SITE)
     a2 = to_task(
-        submit_request(params={"verbose": True, "lr": 0.1}), site_volumes=SITE_VOLUMES, default_executor=None
-    )
+        submit_request(params={"verbose": True, "lr": 0.1}), SITE)
     b = to_task(
-        submit_request(params={"lr": 0.2, "verbose": True}), site_volumes=SITE_VOLUMES, default_executor=None
-    )
+        submit_request(params={"lr": 0.2, "verbose": True}), SITE)
     c = to_task(
-        submit_request(params={"lr": 0.1, "verbose": True}, execution='{"execution_id": "ex2"}'),
-        site_volumes=SITE_VOLUMES,
-        default_executor=None,
-    )
+        submit_request(params={"lr": 0.1, "verbose": True}, execution='{"execution_id": "ex2"}'), SITE)
     assert a1[0]["id"] == a2[0]["id"]  # a redelivery is the same task
     assert a1[0]["id"] != b[0]["id"]  # a sweep over lr is several tasks
     assert a1[0]["id"] != c[0]["id"]
@@ -385,7 +398,7 @@ def test_ids_outside_the_charset_are_mapped_with_a_hash() -> None:
 
     req = submit_request(user_id="bob@lab", execution='{"execution_id": "run 1/2"}', task_info={
         **TASK_INFO, "_id": "tool.v2"})  # fmt: skip
-    task, errors = to_task(req, site_volumes=SITE_VOLUMES, default_executor=None)
+    task, errors = to_task(req, SITE)
     assert errors == []
     assert task["user_id"].startswith("bob_lab-")
     assert task["execution_id"].startswith("run_1_2-")
@@ -421,8 +434,7 @@ def test_ids_outside_the_charset_are_mapped_with_a_hash() -> None:
 def test_argument_rendering(arg: dict[str, Any], params: dict[str, Any], expected: list[str]) -> None:
     info = {**TASK_INFO, "command": {"base": "prog", "args": [arg]}}
     task, errors = to_task(
-        submit_request(task_info=info, params=params), site_volumes=SITE_VOLUMES, default_executor=None
-    )
+        submit_request(task_info=info, params=params), SITE)
     assert errors == []
     assert task["command"] == ["prog", *expected]
 
@@ -437,8 +449,7 @@ def test_argument_order_is_position_then_list_order() -> None:
     ]
     info = {**TASK_INFO, "command": {"base": "prog", "args": args}}
     task, errors = to_task(
-        submit_request(task_info=info, params={}), site_volumes=SITE_VOLUMES, default_executor=None
-    )
+        submit_request(task_info=info, params={}), SITE)
     assert errors == []
     assert task["command"] == ["prog", "z", "a1", "a2", "b", "c"]
 
@@ -465,8 +476,7 @@ def test_argument_errors_name_the_argument(
 ) -> None:
     info = {**TASK_INFO, "command": {"base": "prog", "args": [arg]}}
     _, errors = to_task(
-        submit_request(task_info=info, params=params), site_volumes=SITE_VOLUMES, default_executor=None
-    )
+        submit_request(task_info=info, params=params), SITE)
     assert len(errors) == 1
     assert errors[0].field.startswith("task_info.command.args[0]")
     assert fragment in errors[0].message
@@ -488,19 +498,35 @@ def test_argument_errors_name_the_argument(
 )
 def test_image_reference(image: Any, expected: str) -> None:
     task, errors = to_task(
-        submit_request(task_info={**TASK_INFO, "image": image}),
-        site_volumes=SITE_VOLUMES,
-        default_executor=None,
-    )
+        submit_request(task_info={**TASK_INFO, "image": image}), SITE)
     assert errors == []
     assert task["image"] == expected
 
 
 def test_no_image_and_no_source() -> None:
-    info = {k: v for k, v in TASK_INFO.items() if k not in ("image", "source_code")}
-    task, errors = to_task(submit_request(task_info=info), site_volumes=SITE_VOLUMES, default_executor=None)
+    info = {k: v for k, v in TASK_INFO.items() if k not in ("image", "source_code", "volumes")}
+    task, errors = to_task(submit_request(task_info=info), SITE)
     assert errors == []
     assert "image" not in task and "source" not in task
+    assert task["executor"] == "local"  # legacy.executor_no_image
+
+
+def test_no_image_needs_executor_no_image_and_mounts_nothing() -> None:
+    info = {k: v for k, v in TASK_INFO.items() if k not in ("image", "source_code", "volumes")}
+    _, errors = to_task(submit_request(task_info=info), site_for(executor_no_image=None))
+    assert [e.field for e in errors] == ["task_info.image"]
+    assert "legacy.executor_no_image" in errors[0].message and "not set" in errors[0].message
+    info["volumes"] = TASK_INFO["volumes"]  # a host path with no container to mount it in
+    _, errors = to_task(submit_request(task_info=info), SITE)
+    assert [e.field for e in errors] == ["task_info.volumes"]
+    assert "names no image" in errors[0].message
+
+
+def test_an_image_needs_a_container_executor() -> None:
+    local = site_for("local")
+    _, errors = to_task(submit_request(), local)
+    assert [e.field for e in errors] == ["task_info.image"]
+    assert "legacy.executor names 'local'" in errors[0].message
 
 
 @pytest.mark.parametrize(
@@ -514,26 +540,17 @@ def test_no_image_and_no_source() -> None:
 )
 def test_source_code(url: str, expected: dict[str, str]) -> None:
     task, errors = to_task(
-        submit_request(task_info={**TASK_INFO, "source_code": {"url": url}}),
-        site_volumes=SITE_VOLUMES,
-        default_executor=None,
-    )
+        submit_request(task_info={**TASK_INFO, "source_code": {"url": url}}), SITE)
     assert errors == []
     assert task["source"] == expected
 
 
 def test_source_code_with_unknown_options_or_bad_ref_is_an_error() -> None:
     _, errors = to_task(
-        submit_request(task_info={**TASK_INFO, "source_code": {"url": "https://h/r.git --upload-pack=evil"}}),
-        site_volumes=SITE_VOLUMES,
-        default_executor=None,
-    )
+        submit_request(task_info={**TASK_INFO, "source_code": {"url": "https://h/r.git --upload-pack=evil"}}), SITE)
     assert [e.field for e in errors] == ["task_info.source_code.url"]
     _, errors = to_task(
-        submit_request(task_info={**TASK_INFO, "source_code": {"url": "https://h/r.git -b --upload-pack=x"}}),
-        site_volumes=SITE_VOLUMES,
-        default_executor=None,
-    )
+        submit_request(task_info={**TASK_INFO, "source_code": {"url": "https://h/r.git -b --upload-pack=x"}}), SITE)
     assert errors and "ref" in errors[0].message
 
 
@@ -549,26 +566,17 @@ def test_source_code_with_unknown_options_or_bad_ref_is_an_error() -> None:
 )
 def test_environment(var_envs: Any, expected: dict[str, str] | None) -> None:
     task, errors = to_task(
-        submit_request(task_info={**TASK_INFO, "var_envs": var_envs}),
-        site_volumes=SITE_VOLUMES,
-        default_executor=None,
-    )
+        submit_request(task_info={**TASK_INFO, "var_envs": var_envs}), SITE)
     assert errors == []
     assert task.get("env") == expected
 
 
 def test_bad_env_names_are_reported_by_the_task_model() -> None:
     _, errors = to_task(
-        submit_request(task_info={**TASK_INFO, "var_envs": {"BAD-NAME": "x"}}),
-        site_volumes=SITE_VOLUMES,
-        default_executor=None,
-    )
+        submit_request(task_info={**TASK_INFO, "var_envs": {"BAD-NAME": "x"}}), SITE)
     assert [e.field for e in errors] == ["task.env"]
     _, errors = to_task(
-        submit_request(task_info={**TASK_INFO, "var_envs": ["NOEQUALS"]}),
-        site_volumes=SITE_VOLUMES,
-        default_executor=None,
-    )
+        submit_request(task_info={**TASK_INFO, "var_envs": ["NOEQUALS"]}), SITE)
     assert [e.field for e in errors] == ["task_info.var_envs[0]"]
 
 
@@ -593,10 +601,7 @@ def test_bad_env_names_are_reported_by_the_task_model() -> None:
 )
 def test_memory(memory: Any, expected: str | None) -> None:
     task, errors = to_task(
-        submit_request(task_info={**TASK_INFO, "memory": memory}),
-        site_volumes=SITE_VOLUMES,
-        default_executor=None,
-    )
+        submit_request(task_info={**TASK_INFO, "memory": memory}), SITE)
     assert errors == []
     assert task["resources"].get("memory") == expected
 
@@ -604,10 +609,7 @@ def test_memory(memory: Any, expected: str | None) -> None:
 @pytest.mark.parametrize("memory", ["lots", "4B", "-1G", "0", True, "4 X"])
 def test_bad_memory(memory: Any) -> None:
     _, errors = to_task(
-        submit_request(task_info={**TASK_INFO, "memory": memory}),
-        site_volumes=SITE_VOLUMES,
-        default_executor=None,
-    )
+        submit_request(task_info={**TASK_INFO, "memory": memory}), SITE)
     assert [e.field for e in errors] == ["task_info.memory"]
 
 
@@ -623,14 +625,14 @@ def test_bad_memory(memory: Any) -> None:
 )
 def test_cpus_and_gpus(cpus: Any, gpus: Any, expected: dict[str, int]) -> None:
     info = {**TASK_INFO, "cpus": cpus, "gpus": gpus, "memory": None}
-    task, errors = to_task(submit_request(task_info=info), site_volumes=SITE_VOLUMES, default_executor=None)
+    task, errors = to_task(submit_request(task_info=info), SITE)
     assert errors == []
     assert task.get("resources", {}) == expected
 
 
 def test_bad_counts() -> None:
     info = {**TASK_INFO, "cpus": "many", "gpus": 1.5}
-    _, errors = to_task(submit_request(task_info=info), site_volumes=SITE_VOLUMES, default_executor=None)
+    _, errors = to_task(submit_request(task_info=info), SITE)
     assert sorted(e.field for e in errors) == ["task_info.cpus", "task_info.gpus"]
 
 
@@ -642,7 +644,7 @@ def test_volumes_only_for_configured_site_paths() -> None:
             {"container_path": "/models", "host_path": "/srv/models/./"},
         ],
     }
-    task, errors = to_task(submit_request(task_info=info), site_volumes=SITE_VOLUMES, default_executor=None)
+    task, errors = to_task(submit_request(task_info=info), SITE)
     assert errors == []
     assert task["volumes"] == [
         {"name": "datasets", "target": "/data", "mode": "ro"},
@@ -653,19 +655,22 @@ def test_volumes_only_for_configured_site_paths() -> None:
         {"container_path": "/x", "host_path": "/srv/data/sets/../../../etc"},
         {"container_path": "/y", "host_path": "/srv/data"},
     ]
-    _, errors = to_task(submit_request(task_info=info), site_volumes=SITE_VOLUMES, default_executor=None)
+    _, errors = to_task(submit_request(task_info=info), SITE)
+    outside = ("is not the task's work area, its source checkout, under a path variable of this site "
+               "(legacy.variables) or a site volume")
     assert [e.message for e in errors] == [
-        "host_path /etc is not a configured site volume",
-        "host_path /srv/data/sets/../../../etc is not a configured site volume",
-        "host_path /srv/data is not a configured site volume",
+        f"host_path '/etc' {outside}",
+        "host_path '/srv/data/sets/../../../etc' contains '..'",
+        f"host_path '/srv/data' {outside}",
     ]
-    assert errors[0].field == "task_info.volumes[0].host_path"
+    assert [e.field for e in errors] == [f"task_info.volumes[{i}].host_path" for i in range(3)]
 
 
-def test_volume_target_is_checked_by_the_task_model() -> None:
+def test_volume_target_is_checked() -> None:
     info = {**TASK_INFO, "volumes": [{"container_path": "relative", "host_path": "/srv/models"}]}
-    _, errors = to_task(submit_request(task_info=info), site_volumes=SITE_VOLUMES, default_executor=None)
-    assert errors and errors[0].field.startswith("task.volumes")
+    _, errors = to_task(submit_request(task_info=info), SITE)
+    assert [e.field for e in errors] == ["task_info.volumes[0].container_path"]
+    assert "must be an absolute path" in errors[0].message
 
 
 @pytest.mark.parametrize(
@@ -680,7 +685,7 @@ def test_volume_target_is_checked_by_the_task_model() -> None:
 )
 def test_outputs(model_dir: str | None, expected: list[str] | None) -> None:
     info = {**TASK_INFO, "outputs": {"model_dir": model_dir, "move_to": "/somewhere"}}
-    task, errors = to_task(submit_request(task_info=info), site_volumes=SITE_VOLUMES, default_executor=None)
+    task, errors = to_task(submit_request(task_info=info), SITE)
     assert errors == []
     assert task.get("outputs") == expected
 
@@ -688,21 +693,20 @@ def test_outputs(model_dir: str | None, expected: list[str] | None) -> None:
 @pytest.mark.parametrize("model_dir", ["/abs/models", "../up", "a/../../b"])
 def test_outputs_outside_the_work_dir_are_refused(model_dir: str) -> None:
     info = {**TASK_INFO, "outputs": {"model_dir": model_dir}}
-    _, errors = to_task(submit_request(task_info=info), site_volumes=SITE_VOLUMES, default_executor=None)
+    _, errors = to_task(submit_request(task_info=info), SITE)
     assert [e.field for e in errors] == ["task_info.outputs.model_dir"]
 
 
 def test_missing_ids_and_command() -> None:
     info = {k: v for k, v in TASK_INFO.items() if k not in ("_id", "command")}
     _, errors = to_task(
-        submit_request(task_info=info, execution="{}"), site_volumes=SITE_VOLUMES, default_executor=None
-    )
+        submit_request(task_info=info, execution="{}"), SITE)
     assert sorted(e.field for e in errors) == ["execution.execution_id", "task_info._id", "task_info.command"]
 
 
 def test_unsplittable_base_is_an_error() -> None:
     info = {**TASK_INFO, "command": {"base": "python 'unclosed", "args": []}}
-    _, errors = to_task(submit_request(task_info=info), site_volumes=SITE_VOLUMES, default_executor=None)
+    _, errors = to_task(submit_request(task_info=info), SITE)
     assert [e.field for e in errors] == ["task_info.command.base"]
 
 
@@ -710,44 +714,17 @@ def test_unsplittable_base_is_an_error() -> None:
 # Replies
 
 
-PAYLOAD = submit_reply(
-    execution_id="ex1",
-    tool_id="tool1",
-    task_id="ex1.abc.0123456789ab",
-    user_id="user7",
-    node="node-a",
-    exit_code=0,
-    native_id="1234",
-    outputs=["models/w.bin", "ünïcödé ✓.txt"],
-    starting_time="2026-11-30T10:00:00.123456Z",
-    finish_time="2026-11-30T10:05:09Z",
-    message=None,
+# A submit_run reply as the frontend builds it (.result.reply_body; its shape is tested in
+# test_legacy11_result.py), with non-ASCII text, as a payload for the framing tests.
+PAYLOAD = reply_body(
+    ReplyIds(execution_id="ex1", tool_id="tool1", task_id="abc", user_id="user7", node="node-a"),
+    result={"files": ["models/w.bin", "ünïcödé ✓.txt"], "score": 0.93},
+    status="success",
+    return_code=0,
+    started="2026-11-30T10:00:00.123456Z",
+    finished="2026-11-30T10:05:09Z",
+    fem=FemFields(task_id="ex1.abc.0123456789ab", native_id="1234"),
 )
-
-
-def test_submit_reply_shape() -> None:
-    assert PAYLOAD == {
-        "execution_id": "ex1",
-        "action": "submit_run",
-        "tool_id": "tool1",
-        "task_id": "ex1.abc.0123456789ab",
-        "user_id": "user7",
-        "node": "node-a",
-        "result": {"exit_code": 0, "native_id": "1234", "outputs": ["models/w.bin", "ünïcödé ✓.txt"]},
-        "status": "success",
-        "return_code": 0,
-        "starting_time": "2026-11-30 10:00:00",
-        "finish_time": "2026-11-30 10:05:09",
-        "message": None,
-    }
-    failed = submit_reply(
-        execution_id="e", tool_id="t", task_id="x", user_id="u", node="n", exit_code=3, message="boom"
-    )
-    assert failed["status"] == "error" and failed["return_code"] == 3 and failed["starting_time"] is None
-    rejected = submit_reply(
-        execution_id="e", tool_id="t", task_id=None, user_id="u", node="n", exit_code=None, return_code=-1
-    )
-    assert rejected["status"] == "error" and rejected["return_code"] == -1
 
 
 def test_error_reply() -> None:

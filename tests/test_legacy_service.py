@@ -1,61 +1,21 @@
 """The legacy FEM orchestrator's protocol against the real `fem-hpc serve` and RabbitMQ.
 
-The orchestrator side here is written from the wire facts only (DESIGN.md, "Legacy FEM
-protocol"): a pipe-separated body on the node queue, an exclusive auto-named reply queue, a
-uuid4 correlation id, and a chunked reply joined by index and checked against its sha256.
+The orchestrator side (brokerkit.LegacyOrchestrator) is written from the wire facts only
+(DESIGN.md, "Legacy FEM protocol", and FEM-REAL.md).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import time
-import uuid
 from pathlib import Path
 
 import pika
 import pytest
 import services
-from brokerkit import BROKER_URL, ServeProcess, unique_node
+from brokerkit import LegacyOrchestrator, ServeProcess, unique_node
 
 pytestmark = pytest.mark.rabbitmq
-
-
-class LegacyOrchestrator:
-    def __init__(self, queue: str):
-        self.queue = queue
-        self.conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
-        self.ch = self.conn.channel()
-        self.reply_queue = self.ch.queue_declare("", exclusive=True).method.queue
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def call(self, body: str | bytes, timeout: float = 60) -> dict:
-        corr = str(uuid.uuid4())
-        self.ch.basic_publish("", self.queue, body if isinstance(body, bytes) else body.encode(),
-                              pika.BasicProperties(reply_to=self.reply_queue, correlation_id=corr))
-        start, chunks = None, {}
-        deadline = time.monotonic() + timeout
-        for method, props, raw in self.ch.consume(self.reply_queue, inactivity_timeout=0.5):
-            if time.monotonic() > deadline:
-                raise AssertionError("no complete legacy reply in time")
-            if method is None:
-                continue
-            self.ch.basic_ack(method.delivery_tag)
-            if props.correlation_id != corr:
-                continue
-            msg = json.loads(raw)
-            if msg["type"] == "chunk_start":
-                start = msg
-            else:
-                chunks[msg["index"]] = base64.b64decode(msg["data"])
-            if start is not None and len(chunks) == start["total"]:
-                data = b"".join(chunks[i] for i in range(start["total"]))
-                assert hashlib.sha256(data).hexdigest() == start["checksum"]
-                return json.loads(data)
-        raise AssertionError("unreachable")
 
 
 def body(action: str, task_info: str = "{}", execution: str = '{"execution_id": "ex1", "process_info": []}',
@@ -76,7 +36,8 @@ def legacy(tmp_path: Path):
     services.require("rabbitmq")
     node = unique_node("leg")
     s = ServeProcess(tmp_path, node, {"legacy": {"enabled": True, "sandbox_path": str(tmp_path / "sandbox"),
-                                                 "reply_chunk_size": 100, "token_env": "FEM_TOKEN"}})
+                                                 "reply_chunk_size": 100, "token_env": "FEM_TOKEN",
+                                                 "executor_no_image": "local"}})
     (tmp_path / "sandbox").mkdir()
     s.start()
     orch = LegacyOrchestrator(node)
@@ -89,7 +50,9 @@ def test_submit_run_status_report_and_files(legacy):
     s, orch, tmp = legacy
     reply = orch.call(body("submit_run", TASK_INFO))
     assert reply["status"] == "success", reply
-    assert reply["return_code"] == 0 and reply["result"]["exit_code"] == 0
+    # The original's shape (FEM-REAL.md): `result` is what the command printed (no JSON: its stdout)
+    assert reply["return_code"] == 0 and reply["result"] == {"stdout": "hi\n"}
+    assert reply["fem_hpc"]["state"] == "COMPLETED" and reply["task_id"] == "abc123"
     assert reply["execution_id"] == "ex1" and reply["tool_id"] == "tool1" and reply["user_id"] == "user7"
     assert len(reply["starting_time"]) == 19 and reply["starting_time"][10] == " "
     # The work dir is <sandbox>/<user_id>/<execution_id>/ as with the original client.
@@ -117,7 +80,7 @@ def test_token_reaches_the_task_only_through_the_configured_env(legacy):
     info = TASK_INFO.replace("echo hi; mkdir -p model; echo w > model/w.txt", 'echo "tok=$FEM_TOKEN"')
     reply = orch.call(body("submit_run", info, execution='{"execution_id": "ex2", "process_info": []}'))
     assert reply["status"] == "success"
-    assert reply["stdout"] == "tok=tok-SECRET-123\n"
+    assert reply["result"] == {"stdout": "tok=tok-SECRET-123\n"}
     workdir = tmp / "sandbox/user7/ex2"
     for path in workdir.rglob("*"):
         if path.is_file() and path.name != "stdout":
@@ -173,15 +136,15 @@ def test_submit_waits_false_replies_once_the_job_is_submitted(tmp_path):
     node = unique_node("legs")
     (tmp_path / "sandbox").mkdir()
     s = ServeProcess(tmp_path, node, {"legacy": {"enabled": True, "sandbox_path": str(tmp_path / "sandbox"),
-                                                 "submit_waits": False}}).start()
+                                                 "submit_waits": False, "executor_no_image": "local"}}).start()
     orch = LegacyOrchestrator(node)
     try:
         info = TASK_INFO.replace("echo hi; mkdir -p model; echo w > model/w.txt", "sleep 5; echo late")
         start = time.monotonic()
         reply = orch.call(body("submit_run", info, execution='{"execution_id": "ex9"}'), timeout=30)
         assert time.monotonic() - start < 4, "the reply did not wait for the task's end"
-        assert reply["status"] == "success" and reply["result"]["native_id"]
-        assert reply["return_code"] is None and reply["message"] == "submitted"
+        assert reply["status"] == "success" and reply["fem_hpc"]["native_id"]
+        assert reply["return_code"] is None and reply["fem_hpc"]["message"] == "submitted"
         status = orch.call(body("run_status", "{'_id': 'abc123'}", execution='{"execution_id": "ex9"}'))
         assert status["state"] in ("SUBMITTED", "RUNNING")
         deadline = time.monotonic() + 30

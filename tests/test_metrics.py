@@ -27,7 +27,7 @@ SERIES = [
     "fem_scheduler_command_errors_total", "fem_poll_cycle_seconds", "fem_poll_errors_total", "fem_tracked_jobs",
     "fem_tracker_stale", "fem_outbox_depth", "fem_outbox_published_total", "fem_broker_connected",
     "fem_broker_reconnects_total", "fem_stage_in_bytes_total", "fem_stage_in_seconds", "fem_stage_out_bytes_total",
-    "fem_stage_out_seconds",
+    "fem_stage_out_seconds", "fem_legacy_requests_total",
 ]
 
 
@@ -114,6 +114,9 @@ def test_own_registry_and_hooks(tmp_path: Path) -> None:
         metrics.stage_in("local", 0.5, tmp_path)
         metrics.stage_out("local", 0.5, 4096)
         metrics.broker_reconnect("publisher")
+        metrics.legacy_request("submit_run", "ok")
+        metrics.legacy_request("colon-form-2024", "error")
+        metrics.legacy_request("send_files", "weird")  # an unknown outcome counts as an error
     finally:
         m.stop()
     metrics.observe_command("squeue", 1.0, True)  # after stop: not recorded
@@ -131,6 +134,9 @@ def test_own_registry_and_hooks(tmp_path: Path) -> None:
     assert value(samples, "fem_stage_in_bytes_total", executor="local") == 1024
     assert value(samples, "fem_stage_out_bytes_total", executor="local") == 4096
     assert value(samples, "fem_broker_reconnects_total", connection="publisher") == 1
+    assert value(samples, "fem_legacy_requests_total", action="submit_run", outcome="ok") == 1
+    assert value(samples, "fem_legacy_requests_total", action="colon-form-2024", outcome="error") == 1
+    assert value(samples, "fem_legacy_requests_total", action="send_files", outcome="error") == 1
     # Nothing leaked into prometheus_client's global registry.
     assert REGISTRY.get_sample_value("fem_intake_total", {"executor": "local", "outcome": "accepted"}) is None
 

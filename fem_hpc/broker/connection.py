@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -21,10 +22,15 @@ class BrokerAuthError(Exception):
     """The broker refused our credentials: retrying would only lock the account or spam the logs."""
 
 
-def parameters(cfg: BrokerConfig, *, heartbeat: int | None = None) -> pika.URLParameters:
+def parameters(cfg: BrokerConfig, *, heartbeat: int | None = None, name: str | None = None) -> pika.URLParameters:
+    """pika's parameters for `cfg`. `name` is the connection's `connection_name` client property: what
+    the broker (rabbitmqctl list_connections, the management API) shows for it, so an orchestrator
+    that lists a node's connections as its heartbeat sees the node by name."""
     url = urlsplit(cfg.url)
     register_secret(url.password)
     params = pika.URLParameters(cfg.url)
+    if name:
+        params.client_properties = {"connection_name": name}
     params.heartbeat = cfg.heartbeat if heartbeat is None else heartbeat
     params.blocked_connection_timeout = 300
     params.connection_attempts = 1
@@ -45,17 +51,23 @@ def is_auth_error(exc: BaseException) -> bool:
                             pika.exceptions.ProbableAccessDeniedError))
 
 
+STEADY_SECONDS = 10.0  # a session that lasted this long was a working one: the next reconnect is at once
+
+
 def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingConnection], None],
                   stop: threading.Event, connected: threading.Event,
-                  on_reconnect: Callable[[str], None] | None = None) -> BrokerAuthError | None:
-    """Run `session` on a fresh connection until `stop`, reconnecting with jittered backoff after
-    any loss. Returns the error when the broker refuses the credentials (retrying would not help)."""
+                  on_reconnect: Callable[[str], None] | None = None, name: str | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> BrokerAuthError | None:
+    """Run `session` on a fresh connection (named `name`) until `stop`, reconnecting with jittered
+    backoff after any loss. A session that fails soon after it started (the queue is held by an
+    exclusive consumer, a declare is refused) backs off too, so a refusal never turns into a
+    connect loop. Returns the error when the broker refuses the credentials (retrying would not help)."""
     backoff = Backoff(cfg.reconnect_max_seconds)
     first = True
     lost = False  # a loss was already reported: the failed attempts that follow are expected
     while not stop.is_set():
         try:
-            conn = pika.BlockingConnection(parameters(cfg))
+            conn = pika.BlockingConnection(parameters(cfg, name=name))
         except Exception as exc:
             if is_auth_error(exc):
                 return BrokerAuthError(
@@ -71,14 +83,21 @@ def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingC
         if not first and on_reconnect:
             on_reconnect(who)
         first = False
-        backoff.reset()
+        began = clock()
+        delay = 0.0
         try:
             session(conn)
         except Exception as exc:
             if stop.is_set():
                 break
-            log.warning("%s lost the broker connection (%s: %s); reconnecting", who, type(exc).__name__, exc)
-            lost = True
+            if clock() - began >= STEADY_SECONDS:
+                backoff.reset()
+                log.warning("%s lost the broker connection (%s: %s); reconnecting", who, type(exc).__name__, exc)
+                lost = True
+            else:
+                delay = backoff.next()
+                log.warning("%s: the broker ended the session at once (%s: %s); retrying in %.1fs", who,
+                            type(exc).__name__, exc, delay)
         finally:
             connected.clear()
             try:
@@ -86,4 +105,6 @@ def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingC
                     conn.close()
             except Exception:
                 pass
+        if delay:
+            stop.wait(delay)
     return None

@@ -24,6 +24,10 @@ from .connection import run_connected
 log = logging.getLogger("fem_hpc.broker.consumer")
 
 
+class QueueHeld(Exception):
+    """The node queue is consumed by another connection (the consumer is exclusive)."""
+
+
 @dataclass
 class Delivery:
     body: bytes
@@ -37,9 +41,10 @@ class Delivery:
 
 class Consumer:
     def __init__(self, cfg: BrokerConfig, queue: str, handler: Callable[[Delivery], None], *, workers: int = 4,
-                 on_reconnect: Callable[[str], None] | None = None):
+                 on_reconnect: Callable[[str], None] | None = None, connection_name: str | None = None):
         self.cfg = cfg
         self.queue = queue
+        self.connection_name = connection_name  # the node's name, as the broker lists the connection
         self.handler = handler
         self.on_reconnect = on_reconnect
         self.connected = threading.Event()
@@ -66,7 +71,7 @@ class Consumer:
 
     def _run(self) -> None:
         self.fatal = run_connected(self.cfg, "consumer", self._consume, self._stop, self.connected,
-                                   self.on_reconnect)
+                                   self.on_reconnect, name=self.connection_name)
         if self.fatal is not None:
             log.error("%s", self.fatal)
 
@@ -76,7 +81,17 @@ class Consumer:
         channel.queue_declare(queue=self.queue, durable=True)
         channel.queue_declare(queue=f"{self.queue}.rejected", durable=True)
         on_message = functools.partial(self._on_message, conn)
-        tag = channel.basic_consume(queue=self.queue, on_message_callback=on_message)
+        # Exclusive: the node queue has one consumer, ever. After a reconnect whose old connection
+        # the broker has not dropped yet (a half-open TCP, until its heartbeat times out), or with a
+        # second fem-hpc started for the same node, the broker refuses this consume (403) and
+        # run_connected retries with backoff, instead of two consumers splitting the node's tasks.
+        try:
+            tag = channel.basic_consume(queue=self.queue, on_message_callback=on_message, exclusive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 403:
+                raise QueueHeld(f"queue {self.queue} already has a consumer (an earlier connection of this node "
+                                "that the broker has not dropped yet, or another fem-hpc for this node)") from None
+            raise
         self.connected.set()
         log.info("consuming queue %s (prefetch %d)", self.queue, self.cfg.prefetch)
         while not self._stop.is_set():

@@ -35,8 +35,9 @@ def properties(row: OutboxRow) -> pika.BasicProperties:
 
 
 class Publisher:
-    def __init__(self, cfg: BrokerConfig, journal: Journal, *, on_reconnect=None):
+    def __init__(self, cfg: BrokerConfig, journal: Journal, *, on_reconnect=None, connection_name: str | None = None):
         self.cfg = cfg
+        self.connection_name = connection_name
         self.journal = journal
         self.on_reconnect = on_reconnect
         self.connected = threading.Event()
@@ -59,7 +60,7 @@ class Publisher:
 
     def _run(self) -> None:
         self.fatal = run_connected(self.cfg, "publisher", self._publish_loop, self._stop, self.connected,
-                                   self.on_reconnect)
+                                   self.on_reconnect, name=self.connection_name)
 
     def _publish_loop(self, conn: pika.BlockingConnection) -> None:
         channel = conn.channel()

@@ -26,9 +26,9 @@ from ..staging.images import (
     default_sif_cache,
     ensure_image,
     find_runtime_binary,
-    parse_image_ref,
     sif_path,
 )
+from ..staging.mirrors import site_image
 from ..staging.volumes import check_targets, resolve_volumes
 from .base import ExecutorError, Job
 from .containers import container_launch
@@ -75,13 +75,13 @@ class ApptainerExecutor(LocalExecutor):
         return self.settings.cache_dir or default_sif_cache(self.site)
 
     def sif_for(self, job: Job) -> Path:
-        return sif_path(self.cache_dir, parse_image_ref(job.task.image or ""))
+        return sif_path(self.cache_dir, site_image(self.site, job.task.image or ""))
 
     # -- job script -------------------------------------------------------------------------------
     def template_context(self, job: Job) -> dict[str, Any]:
         binary = self._binary_for_render()
         try:
-            mounts = resolve_volumes(job.task, self.site)
+            mounts = resolve_volumes(job.task, self.site, job.workdir)
             sif = self.sif_for(job)
         except StageError as exc:
             raise ExecutorError(str(exc)) from None
@@ -96,8 +96,8 @@ class ApptainerExecutor(LocalExecutor):
             raise ExecutorError("the apptainer executor needs the task's image")
         binary = self.binary()
         try:
-            ref = parse_image_ref(job.task.image)
-            check_targets(resolve_volumes(job.task, self.site), str(job.workdir))
+            ref = site_image(self.site, job.task.image)
+            check_targets(resolve_volumes(job.task, self.site, job.workdir), str(job.workdir))
             ensure_image("apptainer", ref, self.settings.pull_policy, credentials=credentials_for(self.site, ref),
                          progress=progress, binary=binary, cache_dir=self.cache_dir,
                          pull_args=self.settings.pull_args, insecure_registries=self.settings.insecure_registries,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..layout import FEM_DIR, MARKER_NAME, SCRIPT_NAME, job_name
+from ..layout import FEM_DIR, MARKER_NAME, SCRIPT_NAME, job_name, source_dir
 from ..model import Check, Reason, State, Task
 
 if TYPE_CHECKING:
@@ -47,11 +47,28 @@ class Job:
         return self.workdir / FEM_DIR
 
     @property
+    def source_dir(self) -> Path:
+        """Where the task's source is checked out (layout.source_dir)."""
+        return source_dir(self.task, self.workdir)
+
+    @property
     def rundir(self) -> Path:
-        """Where the command runs: the work dir, or the source's subdirectory."""
+        """Where the command runs, on this host: the work dir, or the checkout (a task that mounts
+        its source runs from it), or the source's subdirectory of either."""
+        base = self.source_dir if self.task.source else self.workdir
         if self.task.source and self.task.source.path:
-            return self.workdir / self.task.source.path
-        return self.workdir
+            return base / self.task.source.path
+        return base
+
+    @property
+    def container_rundir(self) -> str | None:
+        """Where the command runs inside a container when that is not a host path bound at its own
+        place: the target of the task's `checkout` volume (with source.path below it); None otherwise."""
+        checkout = self.task.checkout
+        if checkout is None:
+            return None
+        path = self.task.source.path if self.task.source else None
+        return f"{checkout.target.rstrip('/')}/{path}" if path else checkout.target
 
     @property
     def script_path(self) -> Path:

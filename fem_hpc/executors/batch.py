@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..model import Check
 from ..staging.errors import StageError
-from ..staging.images import PullPolicy, default_sif_cache, parse_image_ref, sif_path, stage_image
+from ..staging.images import PullPolicy, default_sif_cache, sif_path, stage_image
+from ..staging.mirrors import site_image
 from ..staging.volumes import VolumeError, resolve_volumes, volume_env
 from .base import Executor, ExecutorError, ExecutorSettings, Job
 from .containers import container_launch, docker_cleanup_argv
@@ -107,7 +108,7 @@ class BatchExecutor(Executor):
     # the image reference), so a re-render after a restart gives the same script.
     def _image_argument(self, job: Job) -> str:
         assert job.task.image
-        ref = parse_image_ref(job.task.image)
+        ref = site_image(self.site, job.task.image)
         if self.settings.container.runtime == "docker":
             return ref.pull_ref
         return str(sif_path(default_sif_cache(self.site), ref))
@@ -124,7 +125,7 @@ class BatchExecutor(Executor):
             c = self.settings.container
             try:
                 launch, env_exports = container_launch(
-                    c.runtime, job, self._image_argument(job), resolve_volumes(job.task, self.site),
+                    c.runtime, job, self._image_argument(job), resolve_volumes(job.task, self.site, job.workdir),
                     binary=c.binary, user=c.docker_user or "auto", node=self.site.node)
             except (StageError, ValueError) as exc:
                 raise ExecutorError(str(exc)) from None
@@ -136,7 +137,8 @@ class BatchExecutor(Executor):
             return
         c = self.settings.container
         try:
-            stage_image(c.runtime, self.site, job.task.image, c.pull_policy, binary=c.binary, progress=progress)
+            image = str(site_image(self.site, job.task.image))
+            stage_image(c.runtime, self.site, image, c.pull_policy, binary=c.binary, progress=progress)
         except StageError as exc:
             raise ExecutorError(str(exc)) from None
 

@@ -70,12 +70,13 @@ def container_launch(
     runtime: "apptainer"/"singularity" (`image` is the SIF path, already staged on the login node)
     or "docker" (`image` a reference the daemon already holds: pulled at stage-in). The work dir is
     bound read-write at its own path, so the wrapper's paths are the same inside and out; `mounts`
-    are the task's named volumes (staging.volumes.resolve_volumes). Raises VolumeError when a
+    are the task's volumes (staging.volumes.resolve_volumes). Ports are never published here: a batch
+    job's container shares no network (docker: `--network none`). Raises VolumeError when a
     volume target would hide the work dir, ValueError for an unknown runtime.
     """
     workdir = check_bind_path(str(job.workdir), "work dir")
     check_targets(list(mounts), workdir)  # VolumeError: a volume would hide the work dir
-    rundir = str(job.rundir)
+    rundir = job.container_rundir or str(job.rundir)  # a mounted checkout is run from its target
     task = job.task
     if runtime in ("apptainer", "singularity"):
         exe = binary or runtime
@@ -125,10 +126,11 @@ def in_container(job: Job, path: Path) -> str:
 
 def docker_create_args(job: Job, image: str, mounts: Sequence[Mount], *, name: str, labels: Mapping[str, str],
                        user: tuple[int, int], network: str, init: bool = True,
-                       cap_add: Sequence[str] = ()) -> dict[str, Any]:
+                       cap_add: Sequence[str] = (), publish_host: str = "0.0.0.0") -> dict[str, Any]:
     """The keyword arguments of `containers.create` for the docker executor: the wrapper script
     (rendered for the inside, see `in_container`) run by /bin/sh as `user`, the work dir bound
-    read-write at WORK_MOUNT, the task's volumes at their targets, never privileged."""
+    read-write at WORK_MOUNT, the task's volumes at their targets, its ports published on
+    `publish_host`, never privileged."""
     import docker.types
 
     task = job.task
@@ -155,6 +157,8 @@ def docker_create_args(job: Job, image: str, mounts: Sequence[Mount], *, name: s
     }
     if cap_add:
         args["cap_add"] = list(cap_add)
+    if task.ports:
+        args["ports"] = {f"{p.container_port}/{p.protocol}": (publish_host, p.host_port) for p in task.ports}
     res = task.resources
     if res.cpus:
         args["nano_cpus"] = int(res.cpus * 1_000_000_000)

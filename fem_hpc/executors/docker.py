@@ -28,6 +28,7 @@ user is then a clear stage-in error instead of a job that cannot write its own d
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -40,7 +41,8 @@ from pydantic import Field, field_validator, model_validator
 from ..layout import FEM_DIR, read_marker
 from ..model import Check, Reason, State
 from ..staging.errors import StageError
-from ..staging.images import PullPolicy, credentials_for, docker_explanation, ensure_image, parse_image_ref
+from ..staging.images import PullPolicy, credentials_for, docker_explanation, ensure_image
+from ..staging.mirrors import site_image
 from ..staging.volumes import check_targets, resolve_volumes, volume_env
 from .base import Executor, ExecutorError, ExecutorSettings, Job, NativeStatus
 from .containers import WORK_MOUNT, container_name, docker_create_args, in_container
@@ -58,6 +60,8 @@ class DockerSettings(ExecutorSettings):
     user: str = "auto"  # "auto" | "UID" | "UID:GID", numeric (see the module docstring)
     network: str = "none"  # "none", "bridge", a named network; "host" needs allow_host_network
     allow_host_network: bool = False
+    # Host address a task's `ports` are published on (bridge or named networks only)
+    publish_host: str = "0.0.0.0"
     pull_policy: PullPolicy = "if-not-present"
     stop_grace_seconds: float = Field(default=10.0, ge=0)  # SIGTERM ... SIGKILL on cancel and walltime
     lost_grace_seconds: float = Field(default=60.0, gt=0)  # a container gone without a marker -> LOST
@@ -71,6 +75,15 @@ class DockerSettings(ExecutorSettings):
     def _user(cls, v: str) -> str:
         if not _USER.fullmatch(v):
             raise ValueError(f"user {v!r} must be 'auto', 'UID' or 'UID:GID' (numeric)")
+        return v
+
+    @field_validator("publish_host")
+    @classmethod
+    def _publish_host(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"publish_host {v!r} is not an IP address (e.g. 0.0.0.0 or 127.0.0.1)") from None
         return v
 
     @field_validator("extra_labels")
@@ -149,7 +162,7 @@ class DockerExecutor(Executor):
 
     # -- job script -------------------------------------------------------------------------------
     def template_context(self, job: Job) -> dict[str, Any]:
-        ctx: dict[str, Any] = {"workdir": WORK_MOUNT, "rundir": in_container(job, job.rundir),
+        ctx: dict[str, Any] = {"workdir": WORK_MOUNT, "rundir": job.container_rundir or in_container(job, job.rundir),
                                "fem_dir": f"{WORK_MOUNT}/{FEM_DIR}"}
         if job.task.volumes:
             ctx["env_exports"] = sorted({**job.task.env, **volume_env(job.task, self.site, in_container=True)}.items())
@@ -163,9 +176,13 @@ class DockerExecutor(Executor):
         if task.resources.gpus and not self.settings.gpus:
             raise ExecutorError(f"the task asks for {task.resources.gpus} GPU(s) but executor {self.name!r} "
                                 "does not pass GPUs to containers (gpus: false)")
+        if task.ports and self.settings.network in ("none", "host"):
+            raise ExecutorError(f"the task publishes ports {', '.join(str(p.host_port) for p in task.ports)}, but "
+                                f"executor {self.name!r} runs containers with network {self.settings.network!r}, "
+                                "where nothing can be published (set executors.<name>.network to a bridge network)")
         try:
-            ref = parse_image_ref(task.image)
-            check_targets(resolve_volumes(task, self.site), WORK_MOUNT)
+            ref = site_image(self.site, task.image)
+            check_targets(resolve_volumes(task, self.site, job.workdir), WORK_MOUNT)
             ensure_image("docker", ref, self.settings.pull_policy, credentials=credentials_for(self.site, ref),
                          progress=progress, docker_client=self._client(), state_dir=self.site.state_dir,
                          base_url=self.settings.base_url)
@@ -186,11 +203,12 @@ class DockerExecutor(Executor):
 
     # -- submit -----------------------------------------------------------------------------------
     def _create_args(self, job: Job) -> dict[str, Any]:
-        image = parse_image_ref(job.task.image or "").pull_ref
-        return docker_create_args(job, image, resolve_volumes(job.task, self.site),
+        image = site_image(self.site, job.task.image or "").pull_ref
+        return docker_create_args(job, image, resolve_volumes(job.task, self.site, job.workdir),
                                   name=container_name(job.task.id, self.site.node), labels=self.labels(job),
                                   user=self.container_user(), network=self.settings.network,
-                                  init=self.settings.init, cap_add=self.settings.cap_add)
+                                  init=self.settings.init, cap_add=self.settings.cap_add,
+                                  publish_host=self.settings.publish_host)
 
     def submit(self, job: Job) -> str:
         import docker.errors

@@ -50,8 +50,9 @@ class Intake:
         if task is None or errors:
             named = (task.executor or self.site.default_executor) if task is not None else None
             executor = named if named in self.site.executors else None
-            log.warning("rejected task %s: %s", data.get("id") if isinstance(data, dict) else "(not an object)",
-                        "; ".join(f"{e.field}: {e.message}" for e in errors))
+            shown = data.get("id") if isinstance(data, dict) else "(not an object)"
+            log.warning("rejected task %s: %s", shown, "; ".join(f"{e.field}: {e.message}" for e in errors),
+                        extra={"task_id": task.id if task is not None else None, "native_id": None})
             metrics.intake(executor, "rejected")
             return IntakeResult(None, False, errors, executor)
         task = effective_task(task, self.site)

@@ -134,7 +134,10 @@ class Pipeline:
             fem = job.fem_dir
             if fem.exists():
                 shutil.rmtree(fem)
-            if job.task.source and any(wd.iterdir()):
+            # A checkout goes into an empty dir. One into the work dir itself empties it; one that
+            # lives in .fem/source (a task that mounts its source) went with .fem, and the work
+            # dir's files (a legacy execution's earlier outputs, received files) stay.
+            if job.task.source and job.source_dir == wd and any(wd.iterdir()):
                 shutil.rmtree(wd)
         wd.mkdir(parents=True, exist_ok=True, mode=0o750)
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import CacheLimits, SiteConfig
+from ..config import SiteConfig
+from ..config_retention import CacheLimits
 from ..diskguard import human_bytes
 from ..journal import Journal
 from ..staging.git import mirror_path

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import git
 
+from ..layout import source_dir
 from ..logs import redact, register_secret
 from .errors import GitStageError
 from .locks import exclusive
@@ -138,18 +139,21 @@ def checkout(site: SiteConfig, url: str, ref: str | None, commit: str | None, de
 
 
 def stage_source(task: Task, workdir: Path, site: SiteConfig, progress: Callable[[str], None] | None = None) -> None:
-    """Check the task's source (if any) out into its work dir. Raises GitStageError (a StageError)
-    with a message for the user."""
+    """Check the task's source (if any) out into its work dir, or into `.fem/source` beside the
+    task's files when the task mounts its source (layout.source_dir). Raises GitStageError (a
+    StageError) with a message for the user."""
     src = task.source
     if src is None:
         return
+    url = site.git.fetch_url(src.git)  # the site's mirror of the repository, when it has one
     if progress is not None:
-        action = "fetching" if (mirror_path(site, src.git) / "HEAD").exists() else "cloning"
-        progress(f"{action} {redact(src.git)}")
-    sha = checkout(site, src.git, src.ref, src.commit, workdir)
-    if src.path and not (workdir / src.path).is_dir():
+        action = "fetching" if (mirror_path(site, url) / "HEAD").exists() else "cloning"
+        progress(f"{action} {redact(url)}" + (f" (mirror of {redact(src.git)})" if url != src.git else ""))
+    dest = source_dir(task, workdir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sha = checkout(site, url, src.ref, src.commit, dest)
+    if src.path and not (dest / src.path).is_dir():
         raise GitStageError(f"source path {src.path!r} is not a directory at commit {sha[:12]}")
-    log.info("%s: %s checked out at %s", task.id, redact(src.git), sha[:12], extra={"task_id": task.id})
+    log.info("%s: %s checked out at %s", task.id, redact(url), sha[:12], extra={"task_id": task.id})
     if progress is not None:
         progress(f"checked out {sha[:12]}")
-

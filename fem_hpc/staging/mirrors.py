@@ -18,13 +18,17 @@ is checked against the reference the task asked for; the mirror is the site's ow
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
 from ..config import ImageMirror
 from .images import DEFAULT_REGISTRY, ImageError, ImageRef, parse_image_ref
 
-__all__ = ["ImageRewrite", "rewrite_image"]
+if TYPE_CHECKING:
+    from ..config import SiteConfig
+
+__all__ = ["ImageRewrite", "rewrite_image", "site_image"]
 
 
 class ImageRewrite(BaseModel):
@@ -70,3 +74,9 @@ def rewrite_image(reference: str, mirrors: Mapping[str, ImageMirror]) -> ImageRe
     except ImageError as exc:
         raise ImageError(f"image_mirrors.{key}: rewriting {reference!r} gives an invalid reference: {exc}") from None
     return ImageRewrite(requested=reference, image=checked.normalized, rule=key)
+
+
+def site_image(site: SiteConfig, image: str) -> ImageRef:
+    """What this site pulls and runs for a task's `image`: its `image_mirrors` applied (the one place
+    the executors ask). Raises ImageError for an invalid reference."""
+    return parse_image_ref(rewrite_image(image, site.image_mirrors).image)

@@ -15,6 +15,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -216,6 +217,28 @@ def decode_request(body: bytes, max_bytes: int) -> LegacyRequest:
         )
     except ValidationError as exc:  # pragma: no cover - the checks above make this unreachable
         raise LegacyError(f"invalid request: {exc.errors()[0]['msg']}", ids=ids) from None
+
+
+_COLON_FORM = re.compile(r"([^\s:|]{1,256}):([^\s:|]{1,256}):([^\s:|]{1,256})")
+COLON_FORM_MESSAGE = (
+    "this is the 2024 request form tool_id:task_id:execution_id, which made the client fetch the task document "
+    "from the orchestrator's REST API; fem-hpc makes no HTTP requests and runs only the 2025 form "
+    f"{_FIELD_LIST}, which carries the document itself")
+
+
+def colon_form(body: bytes) -> dict[str, str] | None:
+    """The ids of a 2024-style request ``tool_id:task_id:execution_id`` (three ':'-separated words and
+    nothing else), else None."""
+    if len(body) > 1024:
+        return None
+    try:
+        text = body.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    m = _COLON_FORM.fullmatch(text)
+    if m is None:
+        return None
+    return {"tool_id": m.group(1), "task_id": m.group(2), "execution_id": m.group(3)}
 
 
 # --------------------------------------------------------------------------------------------------

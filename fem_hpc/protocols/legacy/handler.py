@@ -15,11 +15,12 @@ import platform
 import shutil
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ... import __version__
+from ... import metrics as metrics_hooks
 from ...broker.consumer import Delivery
 from ...config import SiteConfig
 from ...journal import Journal, Route, TaskRecord
@@ -29,11 +30,15 @@ from ...model import FINAL_STATES, FieldError, ResultEvent, State
 from ...staging.images import local_images
 from ...staging.outputs import collect
 from ..v1.dispatch import dead_letter
-from .codec import LegacyError, LegacyRequest, decode_request
+from .codec import COLON_FORM_MESSAGE, LEGACY_ACTIONS, LegacyError, LegacyRequest, colon_form, decode_request
 from .frontend import PROTOCOL, reply_messages, submit_payload
+from .healthcheck import Probes, docker_probe, health_report, inputs_from_site
 from .literal import LiteralError
-from .mapping import legacy_task_id, sanitize_id, to_task
+from .mapping import legacy_task_id, legacy_workdir, sanitize_id, to_task
 from .replies import error_reply, legacy_time
+from .result import FemFields, ReplyIds, reply_body
+
+HEALTH_CHECK = "health-check"  # the tool (and task) the orchestrator runs as the node's built-in checks
 
 log = logging.getLogger("fem_hpc.protocols.legacy")
 
@@ -50,14 +55,18 @@ def redact_token(body: bytes) -> tuple[bytes, str | None]:
 
 
 class LegacyHandler:
-    def __init__(self, site: SiteConfig, journal: Journal, agent: Agent, health: Callable[[], dict[str, Any]]):
+    def __init__(self, site: SiteConfig, journal: Journal, agent: Agent, health: Callable[[], dict[str, Any]],
+                 probes: Callable[[], Probes] | None = None):
         self.site = site
         self.journal = journal
         self.agent = agent
         self.health = health
+        # how the health-check tool looks at the node (replaced in tests)
+        self.probes = probes or (lambda: Probes(docker_images=docker_probe(site)))
         self.cfg = site.legacy
         self.sandbox = (self.cfg.sandbox_path or self.site.work_root).resolve()
-        self.actions: dict[str, Callable[[LegacyRequest, Route], None]] = {
+        # Each action returns its outcome ("ok" or "error") for fem_legacy_requests_total.
+        self.actions: dict[str, Callable[[LegacyRequest, Route], str]] = {
             "submit_run": self.submit_run, "run_status": self.run_status, "cancel_run": self.cancel_run,
             "run_report": self.run_report, "health-check": self.health_check, "send_files": self.send_files,
             "print_images": self.print_images}
@@ -67,6 +76,14 @@ class LegacyHandler:
 
     def handle(self, d: Delivery) -> None:
         to = Route(PROTOCOL, d.reply_to, d.correlation_id)
+        old = colon_form(d.body)
+        if old is not None:
+            log.warning("refused a legacy request in the 2024 form tool:task:execution (%s)", ":".join(old.values()))
+            self.reply(to, error_reply("submit_run", COLON_FORM_MESSAGE, node=self.site.node, **old))
+            dead_letter(self.journal, self.site.queue, d, "2024 legacy form (tool:task:execution)",
+                        [FieldError(field="body", message=COLON_FORM_MESSAGE)])
+            metrics_hooks.legacy_request("colon-form-2024", "error")
+            return
         try:
             req = decode_request(d.body, self.site.broker.max_body_bytes)
         except (LegacyError, LiteralError) as exc:
@@ -79,18 +96,21 @@ class LegacyHandler:
             self.reply(to, error_reply(ids.get("action", "unknown"), message, node=self.site.node, **ids))
             dead_letter(self.journal, self.site.queue, d, "invalid legacy request",
                         [FieldError(field="body", message=message)], body=body)
+            action_name = ids.get("action")
+            metrics_hooks.legacy_request(action_name if action_name in LEGACY_ACTIONS else "invalid", "error")
             return
         action = self.actions.get(req.action)
         if action is None:
             self.reply(to, error_reply(req.action, f"unknown action {req.action!r}", node=self.site.node,
                                        **req.ids()))
+            metrics_hooks.legacy_request("invalid", "error")
             return
-        action(req, to)
+        metrics_hooks.legacy_request(req.action, action(req, to))
 
     # -- lookups ---------------------------------------------------------------------------
     def workdir(self, req: LegacyRequest) -> Path:
         """The legacy protocol gives one work dir per execution: <sandbox>/<user>/<execution>."""
-        return self.sandbox / sanitize_id(req.user_id) / sanitize_id(req.execution_id or "none")
+        return legacy_workdir(self.site, req)
 
     def _find(self, req: LegacyRequest) -> TaskRecord | None:
         """The task a status/cancel/report request is about: by its exact id, else the latest
@@ -113,13 +133,15 @@ class LegacyHandler:
     def _ids(self, req: LegacyRequest, rec: TaskRecord | None) -> dict[str, Any]:
         return {"node": self.site.node, "task_id": rec.id if rec else None, **req.ids()}
 
-    def _not_found(self, req: LegacyRequest, to: Route) -> None:
+    def _not_found(self, req: LegacyRequest, to: Route) -> str:
         self.reply(to, error_reply(req.action, "no such task on this node", **self._ids(req, None)))
+        return "error"
 
     # -- actions -----------------------------------------------------------------------------
-    def submit_run(self, req: LegacyRequest, to: Route) -> None:
-        volumes = {name: str(v.path) for name, v in self.site.volumes.items()}
-        task, errors = to_task(req, site_volumes=volumes, default_executor=self.cfg.executor)
+    def submit_run(self, req: LegacyRequest, to: Route) -> str:
+        if self._is_health_check(req):
+            return self.health_check_tool(req, to)
+        task, errors = to_task(req, self.site)
         if not errors:
             workdir = self.workdir(req)
             busy = [r for r in self.journal.by_execution(task["execution_id"])
@@ -128,7 +150,7 @@ class LegacyHandler:
                 self.reply(to, error_reply(
                     req.action, f"task {busy[0].id} of this execution is still running in {workdir}; "
                     "the legacy protocol gives one work dir per execution", **self._ids(req, None)))
-                return
+                return "error"
             secret = {}
             if self.cfg.token_env and req.token.get_secret_value():
                 secret[self.cfg.token_env] = req.token.get_secret_value()
@@ -141,17 +163,42 @@ class LegacyHandler:
             errors = result.errors
         if errors:
             message = "; ".join(f"{e.field}: {e.message}" for e in errors)
+            log.warning("refused legacy submit_run of %s: %s", req.task_info.get("_id"), message)
             self.reply(to, {**error_reply(req.action, message, **self._ids(req, None)),
                             "errors": [e.model_dump() for e in errors]})
+            return "error"
+        return "ok"
 
-    def run_status(self, req: LegacyRequest, to: Route) -> None:
+    @staticmethod
+    def _is_health_check(req: LegacyRequest) -> bool:
+        """The orchestrator's health-check: tool or task `health-check`, with nothing to run of its own
+        (no image, no command): the node's built-in checks answer it."""
+        info = req.task_info
+        named = req.tool_id == HEALTH_CHECK or info.get("_id") == HEALTH_CHECK
+        return named and not info.get("image") and not info.get("command")
+
+    def health_check_tool(self, req: LegacyRequest, to: Route) -> str:
+        """Run the built-in checks here, in the handler (about a second: no job, no work dir), and
+        reply through the journal's outbox like every reply."""
+        started = datetime.now(UTC)
+        data = self.cfg.variables.get("DATA_PATH")
+        data_path = Path(data.value) if data is not None and data.value.startswith("/") else None
+        report = health_report(inputs_from_site(self.site, data_path=data_path), self.probes())
+        ids = ReplyIds(execution_id=req.execution_id, tool_id=req.tool_id,
+                       task_id=str(req.task_info.get("_id", HEALTH_CHECK)), user_id=req.user_id, node=self.site.node)
+        self.reply(to, reply_body(ids, result=report, status="success", return_code=0, started=started,
+                                  finished=datetime.now(UTC), fem=FemFields(message="the node's built-in checks")))
+        return "ok"
+
+    def run_status(self, req: LegacyRequest, to: Route) -> str:
         rec = self._find(req)
         if rec is None:
             return self._not_found(req, to)
         self.reply(to, {**self._ids(req, rec), "action": req.action, "status": "success", "state": rec.state.value,
                         "native_id": rec.native_id, "return_code": rec.exit_code, "message": rec.message})
+        return "ok"
 
-    def cancel_run(self, req: LegacyRequest, to: Route) -> None:
+    def cancel_run(self, req: LegacyRequest, to: Route) -> str:
         rec = self._find(req)
         if rec is None:
             return self._not_found(req, to)
@@ -160,12 +207,14 @@ class LegacyHandler:
         self.reply(to, {**self._ids(req, rec), "action": req.action, "status": "error" if already else "success",
                         "state": state.value,
                         "message": f"already {rec.state.value.lower()}" if already else "cancel requested"})
+        return "error" if already else "ok"
 
-    def run_report(self, req: LegacyRequest, to: Route) -> None:
+    def run_report(self, req: LegacyRequest, to: Route) -> str:
         rec = self._find(req)
         if rec is None:
             return self._not_found(req, to)
         self.reply(to, {**self._ids(req, rec), **self._report(rec), "action": req.action, "status": "success"})
+        return "ok"
 
     @staticmethod
     def _report(rec: TaskRecord) -> dict[str, Any]:
@@ -177,7 +226,7 @@ class LegacyHandler:
         return {"state": rec.state.value, "exit_code": rec.exit_code, "start_time": legacy_time(rec.started),
                 "stop_time": legacy_time(rec.finished), "elapsed_time_sec": elapsed, "error": error}
 
-    def health_check(self, req: LegacyRequest, to: Route) -> None:
+    def health_check(self, req: LegacyRequest, to: Route) -> str:
         health = self.health()
         paths = {}
         for name, path in (("sandbox", self.sandbox), ("state_dir", self.site.state_dir)):
@@ -193,28 +242,31 @@ class LegacyHandler:
         self.reply(to, {**self._ids(req, None), "action": req.action, "status": "success" if ok else "error",
                         "checks": {"installation": installation, "paths": paths, "resources": resources,
                                    "images": images}})
+        return "ok" if ok else "error"
 
-    def print_images(self, req: LegacyRequest, to: Route) -> None:
+    def print_images(self, req: LegacyRequest, to: Route) -> str:
         self.reply(to, {**self._ids(req, None), "action": req.action, "status": "success",
                         "images": local_images(self.site)})
+        return "ok"
 
-    def send_files(self, req: LegacyRequest, to: Route) -> None:
+    def send_files(self, req: LegacyRequest, to: Route) -> str:
         workdir = self.workdir(req)
         if not workdir.is_dir():
             self.reply(to, error_reply(req.action, f"no staged files for execution {req.execution_id}",
                                        **self._ids(req, None)))
-            return
+            return "error"
         files, skipped = collect(workdir, ["**"])
         total = sum(f.stat().st_size for f in files)
         if total > self.cfg.send_files_max_bytes:
             self.reply(to, error_reply(
                 req.action, f"the execution's files are {total} bytes, over the limit of "
                 f"{self.cfg.send_files_max_bytes} (legacy.send_files_max_bytes)", **self._ids(req, None)))
-            return
+            return "error"
         entries = [{"path": str(f.relative_to(workdir)), "size": f.stat().st_size,
                     "data": base64.b64encode(f.read_bytes()).decode()} for f in files]
         self.reply(to, {**self._ids(req, None), "action": req.action, "status": "success", "files": entries,
                         "skipped": skipped})
+        return "ok"
 
 
 def submit_answer(node: str, record: TaskRecord) -> dict[str, Any]:

@@ -6,15 +6,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import posixpath
 import re
 import shlex
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from ...config import SiteConfig
 from ...model import FieldError, parse_task
 from .codec import LegacyRequest
+from .errors import DocumentError
+from .hostpaths import HostMount, HostPathRules, MountKind, map_volumes
+from .placeholders import PlaceholderContext, SiteVariables, resolve_document
+from .ports import plan_ports, published_ports
 
 _ID_COMPONENT = 57  # two components + 12 hex of parameters + 2 dots = 128 characters at most
 _PARAMS_HASH_LEN = 12
@@ -350,38 +355,90 @@ def _resources(task_info: dict[str, Any], errors: list[FieldError]) -> dict[str,
     return resources
 
 
-def _volumes(
-    task_info: dict[str, Any], site_volumes: Mapping[str, str | os.PathLike[str]], errors: list[FieldError]
-) -> list[dict[str, str]]:
-    raw = task_info.get("volumes")
-    if raw is None or raw == "":
-        return []
-    if not isinstance(raw, list):
-        errors.append(FieldError(field="task_info.volumes", message="must be a list"))
-        return []
-    by_path: dict[str, str] = {}
-    for name in sorted(site_volumes):
-        by_path.setdefault(os.path.normpath(os.fspath(site_volumes[name])), name)
-    out = []
-    for index, entry in enumerate(raw):
-        where = f"task_info.volumes[{index}]"
-        if not isinstance(entry, dict):
-            errors.append(FieldError(field=where, message="must be a dict with container_path and host_path"))
-            continue
-        host, target = entry.get("host_path"), entry.get("container_path")
-        if not isinstance(host, str) or not host or not isinstance(target, str) or not target:
-            errors.append(FieldError(field=where, message="needs string host_path and container_path"))
-            continue
-        name = by_path.get(os.path.normpath(host))
-        if name is None:
-            errors.append(
-                FieldError(
-                    field=f"{where}.host_path", message=f"host_path {host} is not a configured site volume"
-                )
-            )
-            continue
-        out.append({"name": name, "target": target, "mode": "ro"})
+def legacy_workdir(site: SiteConfig, req: LegacyRequest) -> Path:
+    """The legacy protocol's one work dir per execution: ``<sandbox>/<user_id>/<execution_id>`` (the
+    sandbox is ``legacy.sandbox_path``, else ``work_root``), the same dir ``send_files`` returns."""
+    sandbox = (site.legacy.sandbox_path or site.work_root).resolve()
+    return sandbox / sanitize_id(req.user_id or "anonymous") / sanitize_id(req.execution_id or "none")
+
+
+def _v1_volume(mount: HostMount, rules: HostPathRules) -> dict[str, str]:
+    """A mapped host path as the v1 volume that names it (never the host path itself)."""
+    out: dict[str, str] = {"target": mount.target, "mode": mount.mode}
+    if mount.kind == MountKind.WORKDIR:
+        out["kind"] = "workdir"
+        if mount.subpath:
+            out["subpath"] = mount.subpath
+    elif mount.kind == MountKind.CHECKOUT:
+        out["kind"] = "checkout"
+    elif mount.kind == MountKind.VARIABLE:
+        out.update(kind="variable", name=str(mount.name))
+        rel = Path(mount.host_path).relative_to(rules.variables[str(mount.name)].path).as_posix()
+        if rel != ".":
+            out["subpath"] = rel
+    else:
+        out["name"] = str(mount.name)
     return out
+
+
+def _volumes(info: dict[str, Any], site: SiteConfig, workdir: Path, variables: SiteVariables,
+             source: dict[str, str] | None, errors: list[FieldError]) -> list[dict[str, str]]:
+    raw = info.get("volumes")
+    if raw is None or raw == "" or raw == []:
+        return []
+    code = info.get("source_code")
+    url = code.get("url") if isinstance(code, dict) else code  # {'url': ...} or the URL itself
+    url = url if isinstance(url, str) and source is not None else None
+    rules = HostPathRules.build(sandbox=workdir.parents[1], workdir=workdir, variables=variables,
+                                site_volumes=site.volumes, source_url=url,
+                                protected=[site.state_dir, site.work_root])
+    mounts, problems = map_volumes(raw, rules)
+    errors.extend(problems)
+    return [_v1_volume(m, rules) for m in mounts]
+
+
+_CONTAINER_KINDS = ("docker", "apptainer", "slurm", "pbs")  # types that run a document's image
+
+
+def _executor(site: SiteConfig, has_image: bool, has_volumes: bool, errors: list[FieldError]) -> str | None:
+    """The executor a document runs on (legacy.executor, else default_executor / legacy.executor_no_image);
+    None on error."""
+    if has_image:
+        name = site.legacy.executor or site.default_executor
+        kind = site.executor_type(name)
+        if kind == "local":
+            key = "legacy.executor" if site.legacy.executor else "default_executor (legacy.executor is not set)"
+            errors.append(FieldError(field="task_info.image", message=(
+                f"the document runs in an image, but {key} names {name!r}, a local executor that runs no "
+                f"containers; set legacy.executor to an executor of type {', '.join(_CONTAINER_KINDS)}")))
+            return None
+        return name
+    name = site.legacy.executor_no_image
+    if name is None:
+        errors.append(FieldError(field="task_info.image", message=(
+            "the document names no image, and this site runs legacy documents without an image only where "
+            "legacy.executor_no_image says (e.g. local or slurm); it is not set")))
+        return None
+    if has_volumes and site.executor_type(name) not in ("docker", "apptainer"):
+        errors.append(FieldError(field="task_info.volumes", message=(
+            "the document mounts host paths but names no image: paths are mounted only into a container")))
+        return None
+    return name
+
+
+def _ports(info: dict[str, Any], site: SiteConfig, executor: str | None,
+           errors: list[FieldError]) -> tuple[list[dict[str, Any]], str | None]:
+    """(the v1 ports to publish, the note for the reply about what could not be published)."""
+    try:
+        ports = published_ports(info.get("port_mappings"), site.policy.ports)
+    except DocumentError as exc:
+        errors.append(exc.to_field_error())
+        return [], None
+    if not ports or executor is None:
+        return [], None
+    settings = site.executors.get(executor, {})
+    plan = plan_ports(ports, site.executor_type(executor), str(settings.get("network", "none")))
+    return [p.model_dump() for p in plan.publish], plan.note
 
 
 def _outputs(task_info: dict[str, Any], errors: list[FieldError]) -> list[str]:
@@ -433,17 +490,14 @@ def _image(task_info: dict[str, Any], errors: list[FieldError]) -> str | None:
     return f"{ref}:{tag}"
 
 
-def to_task(
-    req: LegacyRequest,
-    *,
-    site_volumes: Mapping[str, str | os.PathLike[str]],
-    default_executor: str | None,
-) -> tuple[dict[str, Any], list[FieldError]]:
-    """Map a legacy ``submit_run`` request to a v1 TASK dict (PROTOCOL.md).
+def to_task(req: LegacyRequest, site: SiteConfig) -> tuple[dict[str, Any], list[FieldError]]:
+    """Map a legacy ``submit_run`` request to a v1 TASK dict (PROTOCOL.md) for this site.
 
     Returns the TASK and the problems found; the TASK is only usable when the list is empty, in which case
     :func:`fem_hpc.model.parse_task` accepted it (its own errors are returned otherwise). Decisions:
 
+    * placeholders (``%%name%%``, ``$NAME`` from ``legacy.variables``) are resolved first
+      (:func:`.placeholders.resolve_document`); any problem there ends the mapping with that problem.
     * ``id``: :func:`legacy_task_id` (``<execution_id>.<_id>.<12 hex of parametric_args>``);
       ``execution_id`` and ``user_id``: :func:`sanitize_id` of the legacy values.
     * ``command``: ``command.base`` split with :func:`shlex.split`, then the ``args`` ordered by
@@ -456,29 +510,39 @@ def to_task(
       dict values and nested lists are errors. Values are rendered with ``str()``.
     * ``memory``: an int is MiB; ``4g``/``4Gi``/``4GB`` -> ``4G``; fractions go to ``M`` or ``K``.
       ``cpus`` of 0 means unspecified. ``var_envs`` entries whose value is None are left unset.
-    * ``volumes``: only host paths that are (after ``os.path.normpath``) a site volume's path, mounted
-      read-only under the site volume's name.
+    * ``volumes``: host paths mapped by rule (:mod:`.hostpaths`) to v1 volumes that name what they mount:
+      the work area (``workdir``), the source checkout (``checkout``: the command then runs from it), a
+      site variable's path (``variable``), a site volume. Nothing is mounted by host path.
+    * executor: with an image ``legacy.executor`` (else ``default_executor``), which must run containers;
+      without one ``legacy.executor_no_image``, which must be set.
+    * ``port_mappings``: every host port inside ``policy.ports``; published where the executor can
+      (docker on a bridge or named network), else the reply says so (label ``legacy_ports_note``).
     * ``labels``: ``legacy_tool_id``, ``legacy_action``, ``legacy_id`` (raw ``_id``),
-      ``legacy_execution_id`` (raw execution id).
+      ``legacy_execution_id`` (raw execution id), ``legacy_user_id`` (raw user id).
     """
     errors: list[FieldError] = []
-    info, params = req.task_info, req.parametric_args
     task: dict[str, Any] = {}
 
-    legacy_id, execution_id = info.get("_id"), req.execution.get("execution_id")
+    legacy_id, execution_id = req.task_info.get("_id"), req.execution.get("execution_id")
     if legacy_id is None or str(legacy_id).strip() == "":
         errors.append(FieldError(field="task_info._id", message="is required"))
     if execution_id is None or str(execution_id).strip() == "":
         errors.append(FieldError(field="execution.execution_id", message="is required"))
     if not errors:
-        task["id"] = legacy_task_id(legacy_id, execution_id, params)
+        task["id"] = legacy_task_id(legacy_id, execution_id, req.parametric_args)
         task["execution_id"] = sanitize_id(execution_id)
     try:
         task["user_id"] = sanitize_id(req.user_id)
     except ValueError:
         task["user_id"] = "anonymous"
-    if default_executor:
-        task["executor"] = default_executor
+
+    workdir = legacy_workdir(site, req)
+    variables = SiteVariables.from_site(site.legacy.variables, node=site.node, sandbox=workdir.parents[1])
+    ctx = PlaceholderContext(user_id=req.user_id or None, execution_id=req.execution_id, node_name=site.node,
+                             task_id=None if legacy_id is None else str(legacy_id), tool_id=req.tool_id or None)
+    info, params, problems = resolve_document(req.task_info, req.parametric_args, ctx, variables)
+    if problems:
+        return task, errors + problems
 
     image = _image(info, errors)
     if image is not None:
@@ -490,20 +554,28 @@ def to_task(
     env = _env(info, errors)
     if env:
         task["env"] = env
-    volumes = _volumes(info, site_volumes, errors)
+    volumes = _volumes(info, site, workdir, variables, source, errors)
     if volumes:
         task["volumes"] = volumes
+    executor = _executor(site, image is not None, bool(volumes), errors)
+    if executor is not None and executor in (site.legacy.executor, site.legacy.executor_no_image):
+        task["executor"] = executor  # else the site's default_executor, left to the task's default
+    ports, note = _ports(info, site, executor, errors)
+    if ports:
+        task["ports"] = ports
     resources = _resources(info, errors)
     if resources:
         task["resources"] = resources
     outputs = _outputs(info, errors)
     if outputs:
         task["outputs"] = outputs
-    labels = {"legacy_tool_id": req.tool_id, "legacy_action": req.action}
+    labels = {"legacy_tool_id": req.tool_id, "legacy_action": req.action, "legacy_user_id": req.user_id}
     if legacy_id is not None:
         labels["legacy_id"] = str(legacy_id)
     if execution_id is not None:
         labels["legacy_execution_id"] = str(execution_id)
+    if note:
+        labels["legacy_ports_note"] = note
     task["labels"] = labels
 
     if not errors:

@@ -54,6 +54,7 @@ class FemFields(BaseModel):
     outputs: dict[str, Any] | None = None  # e.g. {"workdir", "files", "size", "sha256"}
     message: str | None = None
     stderr_tail: str | None = None
+    ports: list[str] | None = None  # what was published, "host->container/protocol"
     ports_note: str | None = None  # what could not be published (ports.plan_ports)
 
 
