@@ -117,7 +117,7 @@ class BatchExecutor(Executor):
         ctx: dict[str, Any] = {"directives": self.directives(job)}
         if job.task.volumes and not job.task.image:
             try:
-                ctx["env_exports"] = sorted({**job.task.env, **volume_env(job.task, self.site,
+                ctx["env_exports"] = sorted({**job.task.env, **volume_env(job.task, self.site, job.workdir,
                                                                          in_container=False)}.items())
             except VolumeError as exc:
                 raise ExecutorError(str(exc)) from None

@@ -165,7 +165,8 @@ class DockerExecutor(Executor):
         ctx: dict[str, Any] = {"workdir": WORK_MOUNT, "rundir": job.container_rundir or in_container(job, job.rundir),
                                "fem_dir": f"{WORK_MOUNT}/{FEM_DIR}"}
         if job.task.volumes:
-            ctx["env_exports"] = sorted({**job.task.env, **volume_env(job.task, self.site, in_container=True)}.items())
+            volumes = volume_env(job.task, self.site, job.workdir, in_container=True)
+            ctx["env_exports"] = sorted({**job.task.env, **volumes}.items())
         return ctx
 
     # -- stage-in ---------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ class LocalExecutor(Executor):
         if not job.task.volumes:
             return {}
         try:
-            extra = volume_env(job.task, self.site, in_container=False)
+            extra = volume_env(job.task, self.site, job.workdir, in_container=False)
         except VolumeError as exc:
             raise ExecutorError(str(exc)) from None
         return {"env_exports": sorted({**job.task.env, **extra}.items())}

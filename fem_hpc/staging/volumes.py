@@ -96,18 +96,19 @@ def resolve_volumes(task: Task, site: SiteConfig, workdir: Path) -> list[Mount]:
     return mounts
 
 
-def volume_env(task: Task, site: SiteConfig, *, in_container: bool) -> dict[str, str]:
+def volume_env(task: Task, site: SiteConfig, workdir: Path, *, in_container: bool) -> dict[str, str]:
     """`FEM_VOLUME_<NAME>` for every volume of the task: where the task finds it. In a container
     that is the volume's target; a plain process (local, or a batch job without an image) cannot
     have anything mounted at the target, so it gets the host path instead. One variable name, so
     the same code finds its data under every executor. (A plain process is not sandboxed: read-only
-    is then up to the file system's permissions, not to a mount.)"""
+    is then up to the file system's permissions, not to a mount.) Only named volumes get one: the
+    work area and a checkout are the task's own directories."""
     if not task.volumes:
         return {}
     if in_container:
-        return {_env_name(req.name): req.target for req in task.volumes}
-    mounts = resolve_volumes(task, site)  # in the task's order
-    return {_env_name(req.name): str(m.source) for req, m in zip(task.volumes, mounts, strict=True)}
+        return {_env_name(req.name): req.target for req in task.volumes if req.name}
+    mounts = resolve_volumes(task, site, workdir)  # in the task's order
+    return {_env_name(req.name): str(m.source) for req, m in zip(task.volumes, mounts, strict=True) if req.name}
 
 
 def _env_name(volume: str) -> str:
