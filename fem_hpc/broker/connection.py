@@ -90,7 +90,11 @@ def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingC
         except Exception as exc:
             if stop.is_set():
                 break
-            if clock() - began >= STEADY_SECONDS:
+            # A broker that shuts down (CONNECTION_FORCED) ended a working session, however short:
+            # a loss, reported once. A session refused at once (an exclusive consumer holds the
+            # queue, a declare is refused) backs off instead, so it never turns into a connect loop.
+            forced = isinstance(exc, pika.exceptions.ConnectionClosedByBroker) and exc.reply_code == 320
+            if forced or clock() - began >= STEADY_SECONDS:
                 backoff.reset()
                 log.warning("%s lost the broker connection (%s: %s); reconnecting", who, type(exc).__name__, exc)
                 lost = True
