@@ -131,6 +131,12 @@ class Listener:
     def on_final(self, job: Job, outcome: Outcome) -> None:
         self.events.append(("final", outcome))
 
+    def on_paused(self, job: Job, message: str) -> None:
+        self.events.append(("paused", message))
+
+    def on_resumed(self, job: Job) -> None:
+        self.events.append(("resumed", job.task.id))
+
     @property
     def final(self) -> Outcome | None:
         return next((o for kind, o in self.events if kind == "final"), None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,7 +18,7 @@ from ..model import Check
 from ..staging.errors import StageError
 from ..staging.images import PullPolicy, default_sif_cache, parse_image_ref, sif_path, stage_image
 from ..staging.volumes import resolve_volumes
-from .base import Executor, ExecutorError, ExecutorSettings, Job
+from .base import Executor, ExecutorError, ExecutorSettings, Job, TransportError
 from .containers import container_launch, docker_cleanup_argv
 from .runners import CommandResult, Runner, RunnerError, SSHSettings, release, runner_for, scrubbed_env
 
@@ -69,8 +70,10 @@ class BatchExecutor(Executor):
     def __init__(self, name: str, settings: Any, site: Any):
         super().__init__(name, settings, site)
         self.runner: Runner = runner_for(settings.ssh)
+        self.host = settings.ssh.host if settings.ssh is not None else "localhost"
         self.calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
+        self._down: TransportError | None = None  # the first link error of the current outage
 
     def command(self, argv: list[str], *, extra_env: dict[str, str] | None = None) -> CommandResult:
         with self._calls_lock:
@@ -78,10 +81,30 @@ class BatchExecutor(Executor):
         env = scrubbed_env({**self.settings.env, **(extra_env or {})}, self.site.pass_env) \
             if self.settings.ssh is None else \
             ({**self.settings.env, **(extra_env or {})} or None)
+        return self.over_link(lambda: self.runner.run(argv, timeout=self.settings.command_timeout, env=env))
+
+    def over_link(self, call: Any) -> Any:
+        """Run `call` (anything using the runner) and keep the link state: a RunnerError that is a
+        link problem becomes a TransportError carrying when the outage began; any answer ends it."""
         try:
-            return self.runner.run(argv, timeout=self.settings.command_timeout, env=env)
+            result = call()
         except RunnerError as exc:
-            raise ExecutorError(str(exc)) from None
+            if not exc.transport:
+                raise ExecutorError(str(exc)) from None
+            with self._calls_lock:
+                if self._down is None:
+                    self._down = TransportError(str(exc), self.host, time.time())
+                since = self._down.since
+            raise TransportError(str(exc), self.host, since) from None
+        if self._down is not None:
+            with self._calls_lock:
+                if self._down is not None:
+                    log.info("%s answers again (unreachable for %.0fs)", self.host, time.time() - self._down.since)
+                self._down = None
+        return result
+
+    def unreachable(self) -> TransportError | None:
+        return self._down
 
     def close(self) -> None:
         release(self.runner)
@@ -89,10 +112,8 @@ class BatchExecutor(Executor):
     def submit_script(self, job: Job) -> None:
         """With SSH the script is (re)written through SFTP, so it exists where the scheduler reads it."""
         if self.settings.ssh is not None:
-            try:
-                self.runner.write_file(job.script_path, job.script_path.read_text())
-            except RunnerError as exc:
-                raise ExecutorError(str(exc)) from None
+            text = job.script_path.read_text()
+            self.over_link(lambda: self.runner.write_file(job.script_path, text))
 
     def poll_interval(self, youngest_age: float) -> float:
         p = self.settings.poll

@@ -18,6 +18,7 @@ from ..journal import Journal, Route, TaskRecord
 from ..model import State
 from .executors import ExecutorPool
 from .intake import Intake, IntakeResult
+from .later import Later, Retries
 from .pipeline import Pipeline
 from .ports import Frontend, StageStep
 from .recovery import Recovery
@@ -44,11 +45,16 @@ class Agent:
         # stage-ins and submits (a slow sbatch would otherwise delay every result).
         self._out_pool = ThreadPoolExecutor(max_workers=max(2, n // 2), thread_name_prefix="fem-stageout")
         self.registry = TaskRegistry(journal)
+        # Retries of submits and stage-outs while a cluster is unreachable wait here, not in a worker.
+        self.later = Later()
+        self.retries = Retries(self.later)
         self.transitions = Transitions(site.node, journal, self.registry, dict(frontends or {}), self.observers)
-        self.results = Results(site, journal, self.registry, self.transitions, self._out_pool, self.closing)
+        self.results = Results(site, journal, self.registry, self.transitions, self._out_pool, self.closing,
+                               lambda name: self.executors.start(name)[0], self.retries)
         self.executors = ExecutorPool(site, self.results)
         self.pipeline = Pipeline(site, journal, self.registry, self.transitions, self.executors, self.results,
-                                 list(steps or []), self.progress_observers, self.closing)
+                                 list(steps or []), self.progress_observers, self.closing, self.retries,
+                                 self._pool.submit)
         self.intake_ = Intake(site, journal, self.registry, self.transitions,
                               lambda task_id: self._pool.submit(self.pipeline.stage_and_submit, task_id))
         self.recovery = Recovery(site, journal, self.registry, self.transitions, self.pipeline, self.results,
@@ -104,6 +110,7 @@ class Agent:
     def close(self) -> None:
         """Stop tracking; jobs keep running and are re-adopted at the next start."""
         self._closing = True
+        self.later.stop()
         self.results.stop()
         self.recovery.stop()
         self._pool.shutdown(wait=True, cancel_futures=False)
