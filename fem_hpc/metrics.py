@@ -40,7 +40,7 @@ Series (all on the service's own registry, not prometheus_client's global one):
 ``fem_stage_out_seconds{executor}``                histogram of stage-out (archive, sha256)
 ``fem_ssh_connects_total{host}``                   SSH connections opened (one per host, reopened after a drop)
 ``fem_ssh_channels_total{host}``                   SSH channels opened: round trips (commands, streams)
-``fem_scheduler_calls_total{executor,kind}``       scheduler calls by kind (submit, poll, cancel, lookup, check)
+``fem_scheduler_calls_total{executor,kind}``       scheduler calls by kind (submit, poll, cancel, find, sacct, check)
 ``fem_budget_wait_seconds_total{executor,kind}``   time calls waited for (or were deferred by) the call budget
 ``fem_executor_unreachable{executor}``             1 while the executor's cluster is unreachable (tasks paused)
 ``fem_executor_unreachable_seconds{executor}``     how long it has been unreachable
@@ -129,12 +129,13 @@ def ssh_channel(host: str) -> None:
         m._safe(m._ssh, m.ssh_channels, host)
 
 
-def scheduler_call(executor: str, kind: str, throttled_seconds: float = 0.0) -> None:
-    """One scheduler call of ``kind`` (submit, poll, cancel, lookup, check) by ``executor``; with
-    ``throttled_seconds`` > 0 the call budget held it (or deferred it) that long."""
+def scheduler_call(executor: str, kind: str, throttled_seconds: float = 0.0, made: bool = True) -> None:
+    """One scheduler call of ``kind`` (submit, poll, cancel, find, sacct, check) by ``executor``;
+    ``throttled_seconds`` is how long the call budget held it, or (``made`` False: the call was
+    deferred, not made) how long until the budget has a token for it."""
     m = _active
     if m is not None:
-        m._safe(m._scheduler_call, executor, kind, throttled_seconds)
+        m._safe(m._scheduler_call, executor, kind, throttled_seconds, made)
 
 
 def broker_reconnect(connection: str) -> None:
@@ -268,8 +269,8 @@ class Metrics:
     def _ssh(self, counter: Any, host: str) -> None:
         counter.labels(_label(host)).inc()
 
-    def _scheduler_call(self, executor: str, kind: str, throttled: float) -> None:
-        if kind != "deferred":
+    def _scheduler_call(self, executor: str, kind: str, throttled: float, made: bool) -> None:
+        if made:
             self.scheduler_calls.labels(_label(executor), _label(kind)).inc()
         if throttled > 0:
             self.throttled_seconds.labels(_label(executor), _label(kind)).inc(throttled)

@@ -8,17 +8,20 @@ executor class only wires them to a runner.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .. import metrics
 from ..model import Check
 from ..staging.errors import StageError
 from ..staging.images import PullPolicy, default_sif_cache, parse_image_ref, sif_path, stage_image
 from ..staging.volumes import resolve_volumes
-from .base import Executor, ExecutorError, ExecutorSettings, Job, TransportError
+from .base import Deferred, Executor, ExecutorError, ExecutorSettings, Job, TransportError
+from .budget import BudgetSettings, CallBudget, budget_for
 from .containers import container_launch, docker_cleanup_argv
 from .runners import CommandResult, Runner, RunnerError, SSHSettings, release, runner_for, scrubbed_env
 
@@ -62,6 +65,30 @@ class BatchSettings(ExecutorSettings):
     env: dict[str, str] = Field(default_factory=dict)  # for the scheduler commands (e.g. SLURM_CONF)
     container: ContainerSettings = Field(default_factory=ContainerSettings)
     lost_grace_seconds: float = Field(default=120.0, ge=0)
+    # The scheduler call budget of this cluster (a token bucket): the shorthand N calls per
+    # minute (bucket N), or the bucket and its refill spelled out.
+    max_scheduler_calls_per_minute: float | None = Field(default=None, gt=0)
+    scheduler_budget: BudgetSettings | None = None
+    budget_wait_seconds: float = Field(default=5.0, ge=0)  # a submit/cancel waits this long, then is re-queued
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BatchSettings:
+        if self.max_scheduler_calls_per_minute is not None and self.scheduler_budget is not None:
+            raise ValueError("give max_scheduler_calls_per_minute or scheduler_budget, not both")
+        return self
+
+    def budget(self) -> BudgetSettings | None:
+        if self.max_scheduler_calls_per_minute is not None:
+            return BudgetSettings.per_minute(self.max_scheduler_calls_per_minute)
+        return self.scheduler_budget
+
+
+# The kind of a scheduler call, by its command (callers name it where the command alone does not
+# say, e.g. squeue as a look-up by name). Calls of WAITING kinds wait a moment for a budget token;
+# the others are deferred at once. "other" (docker rm, the work-dir helpers) is no scheduler call.
+KINDS = {"sbatch": "submit", "qsub": "submit", "squeue": "poll", "qstat": "poll", "scancel": "cancel",
+         "qdel": "cancel", "sacct": "sacct", "sinfo": "check"}
+WAITING = frozenset({"submit", "cancel", "find"})
 
 
 class BatchExecutor(Executor):
@@ -74,8 +101,31 @@ class BatchExecutor(Executor):
         self.calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
         self._down: TransportError | None = None  # the first link error of the current outage
+        self._closing = False
+        budget = settings.budget()
+        cluster = f"{settings.ssh.host}:{settings.ssh.port}" if settings.ssh is not None else "localhost"
+        self.budget: CallBudget | None = budget_for(cluster, budget) if budget is not None else None
 
-    def command(self, argv: list[str], *, extra_env: dict[str, str] | None = None) -> CommandResult:
+    def spend(self, kind: str) -> None:
+        """Take a budget token for one call of `kind`, or raise Deferred."""
+        if kind == "other":
+            return
+        waited = 0.0
+        if self.budget is not None:
+            if kind in WAITING:
+                taken, waited = self.budget.take(self.settings.budget_wait_seconds, cancelled=lambda: self._closing)
+            else:
+                waited = self.budget.try_take()
+                taken = waited == 0.0
+            if not taken:
+                metrics.scheduler_call(self.name, kind, waited, made=False)
+                log.debug("scheduler call %s deferred by the budget (%.1fs to the next token)", kind, waited)
+                raise Deferred(waited)
+        metrics.scheduler_call(self.name, kind, waited)
+
+    def command(self, argv: list[str], *, kind: str | None = None,
+                extra_env: dict[str, str] | None = None) -> CommandResult:
+        self.spend(kind or KINDS.get(os.path.basename(argv[0]), "other"))
         with self._calls_lock:
             self.calls[argv[0]] = self.calls.get(argv[0], 0) + 1
         env = scrubbed_env({**self.settings.env, **(extra_env or {})}, self.site.pass_env) \
@@ -107,6 +157,9 @@ class BatchExecutor(Executor):
         return self._down
 
     def close(self) -> None:
+        self._closing = True
+        if self.budget is not None:
+            self.budget.wake()
         release(self.runner)
 
     def submit_script(self, job: Job) -> None:
@@ -170,7 +223,10 @@ class BatchExecutor(Executor):
 
     def check_command(self, name: str, argv: list[str], fix: str) -> Check:
         try:
-            res = self.command(argv)
+            res = self.command(argv, kind="check")
+        except Deferred as exc:
+            return Check(name=name, status="warning", detail=f"not asked: {exc}",
+                         fix="the scheduler call budget (scheduler_budget) keeps calls for the tasks")
         except ExecutorError as exc:
             return Check(name=name, status="error", detail=str(exc), fix=fix)
         if not res.ok:

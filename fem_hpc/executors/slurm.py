@@ -59,7 +59,7 @@ class SlurmExecutor(BatchExecutor):
                 raise ExecutorError(f"scancel failed: {res.stderr.strip()}")
 
     def find_by_name(self, job: Job) -> str | None:
-        res = self.command(cmds.find_by_name_argv(job.job_name))
+        res = self.command(cmds.find_by_name_argv(job.job_name), kind="find")
         if not res.ok:
             raise ExecutorError(f"squeue failed: {res.stderr.strip()}")
         found = [s for s in cmds.parse_squeue(res.stdout).values() if s.job_name == job.job_name]

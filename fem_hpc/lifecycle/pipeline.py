@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import metrics
 from ..config import SiteConfig
-from ..executors.base import Executor, ExecutorError, Job, TransportError
+from ..executors.base import Deferred, Executor, ExecutorError, Job, TransportError
 from ..journal import Journal, TaskRecord
 from ..model import Reason, State
 from ..render import render_job
@@ -137,6 +137,10 @@ class Pipeline:
         self.journal.update(task_id, intent=1, attempt=attempt + 1)
         try:
             native_id = executor.submit(job)
+        except Deferred as exc:  # the call budget: nothing was sent, the task waits its turn
+            self.journal.update(task_id, intent=0)
+            self._deferred(task_id, exc)
+            return
         except TransportError as exc:
             self._paused(task_id, executor, exc, adopt=True)  # it may have reached the scheduler
             return
@@ -161,6 +165,10 @@ class Pipeline:
             log.warning("%s: %s (%s); submit retried in %.0fs", task_id, message, exc, delay,
                         extra={"task_id": task_id})
 
+    def _deferred(self, task_id: str, exc: Deferred, adopt: bool = False) -> None:
+        self.journal.update(task_id, message=f"waiting for the scheduler call budget ({exc})")
+        self.retries.later.call(exc.retry_after, self.run_later, self._resume_guarded, task_id, adopt)
+
     def _resume_guarded(self, task_id: str, adopt: bool) -> None:
         try:
             self.resume_submit(task_id, adopt, "re-adopted: its submit had reached the scheduler")
@@ -181,6 +189,9 @@ class Pipeline:
             try:
                 native_id = executor.find_by_name(job)
                 marker = executor.read_markers([job]).get(task_id) if native_id is None else None
+            except Deferred as exc:
+                self._deferred(task_id, exc, adopt=True)
+                return
             except Exception as exc:  # unreachable, or the scheduler does not answer yet: later
                 self._paused(task_id, executor, exc, adopt=True)
                 return

@@ -122,8 +122,8 @@ class Tracker:
             t.cancel_requested = True
         try:
             self.executor.cancel(t.job)
-        except TransportError as exc:
-            t.cancel_failed = True  # sent again as soon as the cluster answers
+        except (TransportError, Deferred) as exc:
+            t.cancel_failed = True  # sent again after the next poll that works
             log.warning("cancel of %s must wait: %s", task_id, exc, extra={"task_id": task_id,
                                                                           "native_id": t.job.native_id})
         except Exception as exc:  # the next poll shows whether it took effect
@@ -223,6 +223,10 @@ class Tracker:
                 t.paused = False
                 t.pending_reason = None  # let the next poll say again why it waits
                 self.listener.on_resumed(t.job)
+        self._resend_cancels(tracked)
+
+    def _resend_cancels(self, tracked: list[_Tracked]) -> None:
+        for t in tracked:
             if t.cancel_requested and t.cancel_failed:
                 t.cancel_failed = False
                 self.cancel(t.job.task.id)
@@ -255,6 +259,7 @@ class Tracker:
         if self.stale and self.paused is None:
             log.info("poll of %s works again", self.executor.name)
         self._link_up(tracked)
+        self._resend_cancels(tracked)
         self.stale = False
         self._backoff.reset()
         youngest = min(now - t.job.submitted_at for t in tracked)
@@ -306,6 +311,9 @@ class Tracker:
             t.second_opinion_asked = True
             try:
                 opinion = self.executor.lookup_finished(t.job)
+            except Deferred:  # the call budget: ask again in a later cycle
+                t.second_opinion_asked = False
+                opinion = None
             except Exception as exc:
                 log.info("second opinion on %s failed: %s", t.job.task.id, exc,
                          extra={"task_id": t.job.task.id, "native_id": t.job.native_id})
