@@ -118,7 +118,7 @@ class Service:
             connected=lambda: {"consumer": self.consumer.connected.is_set(),
                                "publisher": self.publisher.connected.is_set()},
             published=lambda: self.publisher.published,
-            trackers=lambda: {name: TrackerGauge(len(t), t.stale, _since(t.executor.unreachable() or t.paused))
+            trackers=lambda: {name: TrackerGauge(len(t), t.stale, _since(t.executor.unreachable()))
                               for name, t in self.agent.executors.trackers().items()})
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -201,5 +201,10 @@ class Executor(ABC):
     def checks(self) -> list[Check]:
         return []
 
+    def health_checks(self) -> list[Check]:
+        """Everything the health report asks: the executor's own checks and its kind's (e.g. the
+        remote work root of a batch executor without a shared file system)."""
+        return self.checks()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -11,21 +11,28 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from pathlib import PurePosixPath
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import metrics
-from ..model import Check
+from ..layout import Marker
+from ..model import Check, State
 from ..staging.errors import StageError
 from ..staging.images import PullPolicy, default_sif_cache, parse_image_ref, sif_path, stage_image
+from ..staging.outputs import Archive
 from ..staging.volumes import resolve_volumes
+from . import remote
 from .base import Deferred, Executor, ExecutorError, ExecutorSettings, Job, TransportError
 from .budget import BudgetSettings, CallBudget, budget_for
 from .containers import container_launch, docker_cleanup_argv
+from .offcluster import RemoteSide
 from .runners import CommandResult, Runner, RunnerError, SSHSettings, release, runner_for, scrubbed_env
 
 log = logging.getLogger("fem_hpc.executors.batch")
+_T = TypeVar("_T")
 
 
 class PollSettings(BaseModel):
@@ -70,11 +77,34 @@ class BatchSettings(ExecutorSettings):
     max_scheduler_calls_per_minute: float | None = Field(default=None, gt=0)
     scheduler_budget: BudgetSettings | None = None
     budget_wait_seconds: float = Field(default=5.0, ge=0)  # a submit/cancel waits this long, then is re-queued
+    # A cluster that shares no file system with this host: work dirs are sent to
+    # <remote_work_root>/<user>/<execution>/<task> over the `ssh:` connection and outputs come back
+    # from there. `shared_fs: false` says the same and requires remote_work_root.
+    remote_work_root: PurePosixPath | None = None
+    shared_fs: bool | None = None
+    remote_cleanup: Literal["always", "on-success", "never"] = "always"  # after the result is committed
+    remote_python: str = "python3"  # on the cluster, for building the outputs archive there (>= 3.6)
+    remote_sif_cache: PurePosixPath | None = None  # default <remote_work_root>/.sif
+    marker_seconds: float = Field(default=1.0, ge=0.2)  # one remote marker read per this many seconds
+    transfer_idle_seconds: float = Field(default=120.0, gt=0)  # a stream silent this long is a lost link
+    pull_timeout: float = Field(default=3600.0, gt=0)  # an image pull on the cluster
 
     @model_validator(mode="after")
     def _one_budget(self) -> BatchSettings:
         if self.max_scheduler_calls_per_minute is not None and self.scheduler_budget is not None:
             raise ValueError("give max_scheduler_calls_per_minute or scheduler_budget, not both")
+        if self.shared_fs is False and self.remote_work_root is None:
+            raise ValueError("shared_fs: false needs remote_work_root (where the work dirs go on the cluster)")
+        if self.remote_work_root is not None:
+            if self.shared_fs:
+                raise ValueError("remote_work_root means the cluster shares no file system: drop shared_fs: true")
+            if self.ssh is None:
+                raise ValueError("remote_work_root needs ssh: (the cluster is reached over SSH)")
+            remote.check_root(self.remote_work_root)
+            for name in ("remote_sif_cache",):
+                value = getattr(self, name)
+                if value is not None and not value.is_absolute():
+                    raise ValueError(f"{name} must be an absolute path on the cluster")
         return self
 
     def budget(self) -> BudgetSettings | None:
@@ -105,6 +135,7 @@ class BatchExecutor(Executor):
         budget = settings.budget()
         cluster = f"{settings.ssh.host}:{settings.ssh.port}" if settings.ssh is not None else "localhost"
         self.budget: CallBudget | None = budget_for(cluster, budget) if budget is not None else None
+        self.remote = RemoteSide(self) if settings.remote_work_root is not None else None
 
     def spend(self, kind: str) -> None:
         """Take a budget token for one call of `kind`, or raise Deferred."""
@@ -133,7 +164,7 @@ class BatchExecutor(Executor):
             ({**self.settings.env, **(extra_env or {})} or None)
         return self.over_link(lambda: self.runner.run(argv, timeout=self.settings.command_timeout, env=env))
 
-    def over_link(self, call: Any) -> Any:
+    def over_link(self, call: Callable[[], _T]) -> _T:
         """Run `call` (anything using the runner) and keep the link state: a RunnerError that is a
         link problem becomes a TransportError carrying when the outage began; any answer ends it."""
         try:
@@ -163,8 +194,9 @@ class BatchExecutor(Executor):
         release(self.runner)
 
     def submit_script(self, job: Job) -> None:
-        """With SSH the script is (re)written through SFTP, so it exists where the scheduler reads it."""
-        if self.settings.ssh is not None:
+        """With SSH the script is (re)written through SFTP, so it exists where the scheduler reads it
+        (off-cluster it came with the work dir)."""
+        if self.settings.ssh is not None and self.remote is None:
             text = job.script_path.read_text()
             self.over_link(lambda: self.runner.write_file(job.script_path, text))
 
@@ -181,18 +213,23 @@ class BatchExecutor(Executor):
     # the image reference), so a re-render after a restart gives the same script.
     def _image_argument(self, job: Job) -> str:
         assert job.task.image
+        if self.remote is not None:
+            return self.remote.image_argument(job.task.image)
         ref = parse_image_ref(job.task.image)
         if self.settings.container.runtime == "docker":
             return ref.pull_ref
         return str(sif_path(default_sif_cache(self.site), ref))
 
     def template_context(self, job: Job) -> dict[str, Any]:
-        ctx: dict[str, Any] = {"directives": self.directives(job)}
+        seen = self.where(job)  # the paths the job script uses: the cluster's
+        ctx: dict[str, Any] = {"directives": self.directives(seen)}
+        if self.remote is not None:
+            ctx.update(workdir=str(seen.workdir), rundir=str(seen.rundir), fem_dir=str(seen.fem_dir))
         if job.task.image:
             c = self.settings.container
             try:
                 launch, env_exports = container_launch(
-                    c.runtime, job, self._image_argument(job), resolve_volumes(job.task, self.site),
+                    c.runtime, seen, self._image_argument(job), resolve_volumes(job.task, self.site),
                     binary=c.binary, user=c.docker_user or "auto", node=self.site.node)
             except (StageError, ValueError) as exc:
                 raise ExecutorError(str(exc)) from None
@@ -201,6 +238,9 @@ class BatchExecutor(Executor):
 
     def stage_in(self, job: Job, progress: Any = None) -> None:
         if not job.task.image:
+            return
+        if self.remote is not None:  # the image is needed where the job runs: on the cluster side
+            self.remote.ensure_image(job, progress)
             return
         c = self.settings.container
         try:
@@ -220,6 +260,42 @@ class BatchExecutor(Executor):
 
     def directives(self, job: Job) -> list[str]:
         raise NotImplementedError
+
+    # -- a cluster without a shared file system (remote_work_root) ----------------------------
+    def where(self, job: Job) -> Job:
+        """The job as the scheduler sees it: under remote_work_root off-cluster, else the job itself."""
+        return self.remote.where(job) if self.remote is not None else job
+
+    def stage_remote(self, job: Job) -> None:
+        if self.remote is not None:
+            self.remote.stage(job)
+
+    def read_markers(self, jobs: list[Job]) -> dict[str, Marker]:
+        if self.remote is None:
+            return super().read_markers(jobs)
+        return self.remote.read_markers(jobs)
+
+    def marker_interval(self) -> float | None:
+        return self.settings.marker_seconds if self.remote is not None else None
+
+    def markers_are_local(self) -> bool:
+        return self.remote is None
+
+    def fetch_outputs(self, job: Job, patterns: list[str], *, max_bytes: int,
+                      compress_level: int | None) -> Archive | None:
+        if self.remote is None:
+            return None
+        return self.remote.fetch(job, patterns, max_bytes=max_bytes, compress_level=compress_level)
+
+    def release(self, job: Job, state: State) -> None:
+        if self.remote is not None:
+            self.remote.release(job, state)
+
+    def has_pending_work(self) -> bool:
+        return self.remote is not None and self.remote.has_pending_work()
+
+    def health_checks(self) -> list[Check]:
+        return ([self.remote.check()] if self.remote is not None else []) + self.checks()
 
     def check_command(self, name: str, argv: list[str], fix: str) -> Check:
         try:

@@ -232,7 +232,7 @@ class SSHRunner(Runner):
                     chan.sendall(stdin)
                 chan.shutdown_write()
                 out, err = self._collect(chan, argv, deadline, timeout)
-                rc = chan.recv_exit_status()
+                rc = self._exit_status(client, chan, argv)
             except RunnerError:
                 observe(argv, time.monotonic() - start, False)
                 raise
@@ -352,7 +352,7 @@ class SSHRunner(Runner):
                 if not chan.closed:
                     chan.shutdown_write()
                 self._drain(chan, out, err, sink, argv, idle_timeout)
-                rc = chan.recv_exit_status()
+                rc = self._exit_status(client, chan, argv)
             except RunnerError:
                 observe(argv, time.monotonic() - start, False)
                 raise
@@ -365,6 +365,17 @@ class SSHRunner(Runner):
         seconds = time.monotonic() - start
         observe(argv, seconds, rc == 0)
         return CommandResult(argv, rc, out.decode(errors="replace"), err.decode(errors="replace"), seconds)
+
+    def _exit_status(self, client: paramiko.SSHClient, chan: paramiko.Channel, argv: list[str]) -> int:
+        """The command's exit status. A channel closed without one (-1) on a connection that died
+        is a lost link, not the command's answer (with the connection alive, -1 is a command killed
+        by a signal: sshd sends exit-signal instead)."""
+        rc = chan.recv_exit_status()
+        if rc == -1:
+            transport = client.get_transport()
+            if transport is None or not transport.is_active():
+                raise paramiko.SSHException(f"the connection closed before {argv[0]} reported its exit status")
+        return rc
 
     def _drain(self, chan: paramiko.Channel, out: bytearray, err: bytearray, sink: Sink | None,
                argv: list[str], idle_timeout: float) -> None:

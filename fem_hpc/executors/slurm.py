@@ -38,7 +38,7 @@ class SlurmExecutor(BatchExecutor):
 
     def submit(self, job: Job) -> str:
         self.submit_script(job)
-        res = self.command(cmds.sbatch_argv(str(job.script_path)), extra_env=job.secret_env)
+        res = self.command(cmds.sbatch_argv(str(self.where(job).script_path)), extra_env=job.secret_env)
         if not res.ok:
             raise ExecutorError(f"sbatch refused the job: {(res.stderr or res.stdout).strip()}")
         try:

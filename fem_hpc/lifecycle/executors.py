@@ -45,10 +45,10 @@ class ExecutorPool:
         for name in self.site.executors:
             try:
                 executor, tracker = self.start(name)
-                down = executor.unreachable() or tracker.paused
-                # While the cluster is unreachable its checks would only time out again: the link
-                # state says it all (and asks nothing of the cluster).
-                checks = [] if down is not None else executor.checks()
+                # The checks also probe the link: an answer ends an outage no job has noticed yet
+                # (and while it lasts, the runner's reconnect backoff makes them fail fast).
+                checks = executor.health_checks()
+                down = executor.unreachable()
                 out[name] = {"works": all(c.status != "error" for c in checks) and not tracker.stale
                              and down is None,
                              "stale": tracker.stale, "tracked": len(tracker),

@@ -74,7 +74,8 @@ class Pipeline:
         if record.cancel_requested:
             self.results.finish_early(task_id, None, "cancelled before it was submitted", state=State.CANCELLED)
             return
-        self.transitions.change(task_id, State.STAGING_IN)
+        if record.state != State.STAGING_IN:  # a retry after an outage is still the same stage-in
+            self.transitions.change(task_id, State.STAGING_IN)
         try:
             executor, _ = self.executors.start(record.executor or self.site.default_executor)
         except (KeyError, ExecutorError) as exc:
@@ -88,6 +89,9 @@ class Pipeline:
                 step(job.task, job.workdir, self.site, progress)
             job.fem_dir.mkdir(parents=True, exist_ok=True)
             executor.stage_in(job, progress)
+        except TransportError as exc:  # e.g. the image pull on an unreachable cluster: later, whole
+            self._paused(task_id, executor, exc, adopt=False, restage=True)
+            return
         except (StageError, ExecutorError, OSError) as exc:
             self.results.finish_early(task_id, Reason.STAGE_IN, str(exc))
             return
@@ -155,12 +159,13 @@ class Pipeline:
         self.transitions.change(task_id, State.SUBMITTED, native_id=native_id)
         self.track(executor.name, job)
 
-    def _paused(self, task_id: str, executor: Executor, exc: TransportError | Exception, *, adopt: bool) -> None:
+    def _paused(self, task_id: str, executor: Executor, exc: TransportError | Exception, *, adopt: bool,
+                restage: bool = False) -> None:
         """Keep the task staged and try again later; the status message says why it waits."""
         message = exc.pause_message if isinstance(exc, TransportError) else f"waiting to look for its job: {exc}"
         self.journal.update(task_id, message=message)
-        delay = self.retries.schedule(task_id, executor.settings.retry_max_seconds, self.run_later,
-                                      self._resume_guarded, task_id, adopt)
+        again = (self.stage_and_submit, task_id) if restage else (self._resume_guarded, task_id, adopt)
+        delay = self.retries.schedule(task_id, executor.settings.retry_max_seconds, self.run_later, *again)
         if delay is not None:
             log.warning("%s: %s (%s); submit retried in %.0fs", task_id, message, exc, delay,
                         extra={"task_id": task_id})
