@@ -71,7 +71,7 @@ def test_the_packer_is_sendable() -> None:
     assert all(isinstance(n, ast.Import) or n.level == 0 for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))
     assert imported <= {"gzip", "os", "sys", "tarfile", "zlib", "fnmatch", "pathlib", "typing"}, imported
     argv = remote.pack_argv("python3", PurePosixPath("/s/u/e/t"), ["a/**", "b"], 1000, None)
-    assert argv[:2] == ["python3", "-c"] and argv[3:] == ["/s/u/e/t", "1000", "auto", "a/**", "b"]
+    assert argv[:4] == ["python3", "-E", "-S", "-c"] and argv[5:] == ["/s/u/e/t", "1000", "auto", "a/**", "b"]
     with pytest.raises(ValueError):
         remote.sif_pull_argv("apptainer", PurePosixPath("/c"), "../x", IMAGE, pull_args=[], force=False, never=False)
 

@@ -107,7 +107,8 @@ def pack_argv(python: str, directory: PurePosixPath, patterns: list[str], max_by
               compress_level: int | None) -> list[str]:
     """packer.py on the cluster: the archive of `patterns` + logs of `directory` on stdout."""
     level = "auto" if compress_level is None else str(int(compress_level))
-    return [python, "-c", PACKER_SOURCE, str(directory), str(int(max_bytes)), level, *patterns]
+    # -E -S: none of the cluster user's PYTHON* variables or site-packages; the packer needs neither.
+    return [python, "-E", "-S", "-c", PACKER_SOURCE, str(directory), str(int(max_bytes)), level, *patterns]
 
 
 def parse_pack_stderr(stderr: str) -> tuple[list[str], str]:
