@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import services
+from apptainerkit import calls, install_fake
 from brokerkit import ServeProcess
 from clusterkit import Runs, isolate, jobs_named, metric, metrics_text, rows, service_sees, slurm_over_ssh, wait_for
 from gitkit import Repo
@@ -171,3 +172,63 @@ def test_sigkill_of_the_service_mid_run_loses_nothing_and_duplicates_nothing(ssh
         assert (tmp_path / "out" / tid / "outputs" / "out.txt").read_text() == f"k {tid[1:].split('-')[0]}\n"
         assert len(jobs_named(f"fem-{tid}")) == 1, (tid, jobs_named(f"fem-{tid}"), states)
     print(f"states at the SIGKILL: {sorted(states.values())}")
+
+
+def test_apptainer_image_pulled_into_the_clusters_sif_cache(sshd: SSHD, tmp_path: Path):
+    """apptainer is not installable here: the FAKE binary (tests/fakes/apptainer, it records its
+    argv and writes a SIF-shaped file) stands on the cluster side, outside the service's view."""
+    fakebin = tmp_path / "cluster-bin"  # the cluster's own software, not under the hidden scratch
+    fake = install_fake(fakebin)
+    serve, root = offcluster(tmp_path, sshd, container={"runtime": "apptainer", "binary": str(fake)})
+    serve.config["policy"]["images"] = ["127.0.0.1:5000/*"]
+    serve.start()
+    node = serve.node
+    tasks = {f"sif{i}-{node}": {"id": f"sif{i}-{node}", "image": services.TEST_IMAGE, "outputs": ["o.txt"],
+                                "command": ["sh", "-c", "pwd > o.txt"]} for i in range(3)}
+    runs = Runs(node)
+    try:
+        runs.submit(tasks)
+        results = runs.wait(list(tasks), 120, tmp_path / "out")
+        sees = service_sees(serve, root.parent)
+    finally:
+        runs.close()
+        serve.stop()
+    assert sees == []
+    for tid, r in results.items():
+        assert r.state == "COMPLETED", (r.result, serve.log()[-3000:])
+        where = (tmp_path / "out" / tid / "outputs" / "o.txt").read_text().strip()
+        assert where == str(root / "anonymous" / tid / tid)
+    pulls = calls(fakebin, "pull")
+    assert len(pulls) == 1, pulls  # three tasks, one pull: the flock on the cluster side
+    sif = Path(pulls[0]["argv"][-2]).name
+    assert pulls[0]["argv"][-1] == f"docker://{services.TEST_IMAGE}"
+    cached = sorted(p.name for p in (root / ".sif").glob("*.sif"))
+    assert len(cached) == 1 and sif.startswith(".") and sif.endswith(".tmp.sif")  # pulled to a temp, renamed
+    execs = calls(fakebin, "exec")
+    assert len(execs) == 3 and all(str(root / ".sif" / cached[0]) in e["argv"] for e in execs), execs
+
+
+@pytest.mark.pbs
+def test_a_torque_pbs_task_without_a_shared_file_system(sshd: SSHD, tmp_path: Path):
+    services.require("pbs")
+    hidden = tmp_path / "cluster"
+    root = hidden / "scratch"
+    root.mkdir(parents=True)
+    serve = slurm_over_ssh(tmp_path, sshd, remote_work_root=str(root), dialect="torque")
+    serve.config["executors"] = {"pbs": {k: v for k, v in serve.config["executors"]["slurm"].items()
+                                         if k != "partition"}}
+    serve.config["default_executor"] = "pbs"
+    isolate(serve, hidden).start()
+    node = serve.node
+    tid = f"pbs-{node}"
+    runs = Runs(node)
+    try:
+        runs.submit({tid: {"id": tid, "outputs": ["out.txt"], "command": ["sh", "-c", "echo pbs > out.txt; echo ok"]}})
+        r = runs.wait([tid], 120, tmp_path / "out")[tid]
+    finally:
+        runs.close()
+        serve.stop()
+    assert r.state == "COMPLETED", (r.result, serve.log()[-3000:])
+    assert (tmp_path / "out" / tid / "outputs" / "out.txt").read_text() == "pbs\n"
+    assert r.result["stdout_tail"] == "ok\n"
+    assert sshd.accepted() == 1
