@@ -254,3 +254,17 @@ def test_reused_job_id_is_not_this_job(rig, tmp_path: Path) -> None:
     run(tracker, clock, 80)
     assert ("running", State.RUNNING) not in listener.events
     assert listener.final is not None and listener.final.reason == Reason.LOST
+
+
+def test_a_job_accounting_knows_alive_is_never_lost(rig, tmp_path: Path) -> None:
+    """Missing from the queue but RUNNING by sacct's word: not gone; asked again, and it ends by
+    the scheduler's word (here CANCELLED by hand), never LOST."""
+    tracker, ex, listener, clock = rig
+    j = job(tmp_path)
+    ex.opinion = NativeStatus(native_id=j.native_id, state=State.RUNNING)
+    tracker.track(j)
+    run(tracker, clock, 300)  # far past the 60 s lost grace
+    assert listener.final is None and ex.opinions_asked > 1
+    ex.opinion = NativeStatus(native_id=j.native_id, state=State.CANCELLED, message="CANCELLED by 0")
+    run(tracker, clock, 15)
+    assert listener.final is not None and listener.final.state == State.CANCELLED

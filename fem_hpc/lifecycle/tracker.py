@@ -311,7 +311,7 @@ class Tracker:
             t.second_opinion_asked = True
             try:
                 opinion = self.executor.lookup_finished(t.job)
-            except Deferred:  # the call budget: ask again in a later cycle
+            except (Deferred, TransportError):  # the call budget, or the link: ask again later
                 t.second_opinion_asked = False
                 opinion = None
             except Exception as exc:
@@ -321,6 +321,9 @@ class Tracker:
             if opinion is not None and opinion.state.final:
                 t.status = opinion
                 t.final_seen_at = now
+                return
+            if opinion is not None:  # accounting knows it alive (pending/running): not gone, ask again later
+                t.missing_since, t.second_opinion_asked = now, False
                 return
         if now - t.missing_since >= self.lost_grace:
             self._finish(t, Outcome(
