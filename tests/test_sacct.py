@@ -61,9 +61,9 @@ def test_a_job_scancelled_by_hand_ends_by_saccts_word_not_lost(tmp_path: Path) -
         time.sleep(5)  # polled and asked sacct meanwhile: RUNNING, so it is alive, not gone
         rec = agent.journal.get("killed-by-hand")
         assert rec is not None and not rec.final
-        # Killed outside fem-hpc with SIGKILL: the wrapper cannot write a marker.
-        subprocess.run(["scancel", "--signal=KILL", "--full", native], check=True, timeout=30)
-        subprocess.run(["scancel", native], check=False, timeout=30)  # ends the allocation too
+        # Killed outside fem-hpc: SIGKILL to the batch shell alone (the wrapper), which so cannot write
+        # a marker; Slurm then ends the job and kills what is left of it.
+        subprocess.run(["scancel", "--signal=KILL", "--batch", native], check=True, timeout=30)
         done = agent.wait("killed-by-hand", timeout=90)
         assert done is not None and done.final, done
         marker = Path(done.workdir or "") / ".fem" / "exit_code"

@@ -36,6 +36,7 @@ from .markers import MarkerWatcher
 from .outcome import Outcome, decide
 
 log = logging.getLogger("fem_hpc.tracker")
+OPINION_RETRY = 10.0  # seconds between two second opinions on one job missing from the queue
 
 
 class Listener(Protocol):
@@ -62,7 +63,8 @@ class _Tracked:
     polled_after_marker: bool = False
     final_seen_at: float | None = None
     missing_since: float | None = None
-    second_opinion_asked: bool = False
+    opinion_at: float = 0.0  # earliest time of the next second opinion
+    opinion: NativeStatus | None = None  # a final word from the second opinion, kept over later polls
     paused: bool = False
     cancel_failed: bool = False  # the cancel could not reach the cluster: sent again when it can
 
@@ -268,7 +270,7 @@ class Tracker:
             st = statuses.get(t.job.native_id or "")
             if st is not None and st.job_name and st.job_name != t.job.job_name:
                 st = None  # the id was reused by another job (e.g. after a controller reset)
-            t.status = st
+            t.status = st if st is not None else t.opinion  # gone from the queue: accounting's word stays
             if t.marker is not None:
                 t.polled_after_marker = True
         return True
@@ -305,25 +307,27 @@ class Tracker:
             return
         if not polled or t.job.native_id is None:
             return
-        # Gone from the queue with no marker yet.
+        # Gone from the queue with no marker yet: ask the second opinion (sacct), again every
+        # OPINION_RETRY seconds while it has no final word (accounting may not have the job's end
+        # yet, or not even the job); LOST only when the grace has passed without one.
         t.missing_since = t.missing_since or now
-        if not t.second_opinion_asked and now - t.missing_since >= self.marker_grace:
-            t.second_opinion_asked = True
+        if now - t.missing_since >= self.marker_grace and now >= t.opinion_at:
+            t.opinion_at = now + OPINION_RETRY
             try:
                 opinion = self.executor.lookup_finished(t.job)
-            except (Deferred, TransportError):  # the call budget, or the link: ask again later
-                t.second_opinion_asked = False
+            except (Deferred, TransportError):  # the call budget, or the link: ask again next poll
+                t.opinion_at = 0.0
                 opinion = None
             except Exception as exc:
                 log.info("second opinion on %s failed: %s", t.job.task.id, exc,
                          extra={"task_id": t.job.task.id, "native_id": t.job.native_id})
                 opinion = None
             if opinion is not None and opinion.state.final:
-                t.status = opinion
+                t.status = t.opinion = opinion
                 t.final_seen_at = now
                 return
-            if opinion is not None:  # accounting knows it alive (pending/running): not gone, ask again later
-                t.missing_since, t.second_opinion_asked = now, False
+            if opinion is not None:  # accounting knows it alive (pending/running): not gone
+                t.missing_since = now
                 return
         if now - t.missing_since >= self.lost_grace:
             self._finish(t, Outcome(
