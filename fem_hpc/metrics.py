@@ -42,6 +42,12 @@ Series (all on the service's own registry, not prometheus_client's global one):
 ``fem_stage_out_bytes_total{executor}``            bytes of the output archives
 ``fem_stage_out_seconds{executor}``                histogram of stage-out (archive, sha256)
 ``fem_legacy_requests_total{action,outcome}``      legacy FEM requests by action, ok / error
+``fem_ssh_connects_total{host}``                   SSH connections opened (one per host, reopened after a drop)
+``fem_ssh_channels_total{host}``                   SSH channels opened: round trips (commands, streams)
+``fem_scheduler_calls_total{executor,kind}``       scheduler calls by kind (submit, poll, cancel, find, sacct, check)
+``fem_budget_wait_seconds_total{executor,kind}``   time calls waited for (or were deferred by) the call budget
+``fem_executor_unreachable{executor}``             1 while the executor's cluster is unreachable (tasks paused)
+``fem_executor_unreachable_seconds{executor}``     how long it has been unreachable
 ``process_*``                                      the service process (CPU, memory, fds)
 =================================================  ======================================================
 """
@@ -54,6 +60,7 @@ import re
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +118,29 @@ def poll_cycle(executor: str, seconds: float, ok: bool) -> None:
     m = _active
     if m is not None:
         m._safe(m._poll, executor, seconds, ok)
+
+
+def ssh_connect(host: str) -> None:
+    """An SSH connection to ``host`` was opened (the first, or again after the link dropped)."""
+    m = _active
+    if m is not None:
+        m._safe(m._ssh, m.ssh_connects, host)
+
+
+def ssh_channel(host: str) -> None:
+    """A channel was opened on the connection to ``host``: one round trip."""
+    m = _active
+    if m is not None:
+        m._safe(m._ssh, m.ssh_channels, host)
+
+
+def scheduler_call(executor: str, kind: str, throttled_seconds: float = 0.0, made: bool = True) -> None:
+    """One scheduler call of ``kind`` (submit, poll, cancel, find, sacct, check) by ``executor``;
+    ``throttled_seconds`` is how long the call budget held it, or (``made`` False: the call was
+    deferred, not made) how long until the budget has a token for it."""
+    m = _active
+    if m is not None:
+        m._safe(m._scheduler_call, executor, kind, throttled_seconds, made)
 
 
 def broker_reconnect(connection: str) -> None:
@@ -205,6 +235,13 @@ class Metrics:
         self.legacy_requests = Counter("fem_legacy_requests", "Legacy FEM requests by action and outcome (ok, "
                                        "error); action colon-form-2024 counts the 2024 form fem-hpc cannot run.",
                                        ["action", "outcome"], registry=r)
+        self.ssh_connects = Counter("fem_ssh_connects", "SSH connections opened, by host.", ["host"], registry=r)
+        self.ssh_channels = Counter("fem_ssh_channels", "SSH channels opened (round trips), by host.", ["host"],
+                                    registry=r)
+        self.scheduler_calls = Counter("fem_scheduler_calls", "Scheduler calls by executor and kind.",
+                                       ["executor", "kind"], registry=r)
+        self.throttled_seconds = Counter("fem_budget_wait_seconds", "Seconds scheduler calls waited for, "
+                                         "or were deferred by, the call budget.", ["executor", "kind"], registry=r)
         ProcessCollector(registry=r)
         r.register(_ServiceCollector(self))
         # Known label values start at 0, so rates and alerts work before the first event.
@@ -244,6 +281,15 @@ class Metrics:
         self.poll_seconds.labels(name).observe(max(0.0, seconds))
         if not ok:
             self.poll_errors.labels(name).inc()
+
+    def _ssh(self, counter: Any, host: str) -> None:
+        counter.labels(_label(host)).inc()
+
+    def _scheduler_call(self, executor: str, kind: str, throttled: float, made: bool) -> None:
+        if made:
+            self.scheduler_calls.labels(_label(executor), _label(kind)).inc()
+        if throttled > 0:
+            self.throttled_seconds.labels(_label(executor), _label(kind)).inc(throttled)
 
     def _reconnect(self, connection: str) -> None:
         self.reconnects.labels(_label(connection)).inc()
@@ -322,6 +368,7 @@ class Metrics:
 class TrackerGauge:
     tracked: int
     stale: bool
+    unreachable_since: float | None = None  # epoch seconds; None while the cluster answers
 
 
 @dataclass
@@ -397,5 +444,17 @@ class _ServiceCollector:
             stale.add_metric([_label(name)], 1 if gauge is not None and gauge.stale else 0)
         yield tracked
         yield stale
+        down = GaugeMetricFamily("fem_executor_unreachable", "1 while the executor's cluster cannot be reached "
+                                 "(its tasks are paused, never failed).", labels=["executor"])
+        down_for = GaugeMetricFamily("fem_executor_unreachable_seconds", "How long the executor's cluster has "
+                                     "been unreachable (0 while it answers).", labels=["executor"])
+        now = time.time()
+        for name in self.metrics.executors:
+            gauge = trackers.get(name)
+            since = gauge.unreachable_since if gauge is not None else None
+            down.add_metric([_label(name)], 0 if since is None else 1)
+            down_for.add_metric([_label(name)], 0 if since is None else max(0.0, now - since))
+        yield down
+        yield down_for
         for more in src.extra:
             yield from _read("extra metrics", more, [])

@@ -124,7 +124,7 @@ class Service:
             connected=lambda: {"consumer": self.consumer.connected.is_set(),
                                "publisher": self.publisher.connected.is_set()},
             published=lambda: self.publisher.published,
-            trackers=lambda: {name: TrackerGauge(len(t), t.stale)
+            trackers=lambda: {name: TrackerGauge(len(t), t.stale, _since(t.executor.unreachable()))
                               for name, t in self.agent.executors.trackers().items()})
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -169,6 +169,10 @@ class Service:
             self.metrics.stop()
         self.journal.close()
         return code
+
+
+def _since(down: Any) -> float | None:
+    return None if down is None else down.since
 
 
 def serve(site: SiteConfig) -> int:

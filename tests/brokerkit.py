@@ -47,6 +47,7 @@ class ServeProcess:
         self.secrets: set[str] = set()  # extra secrets this test gave the service
         self.args = list(args or [])  # extra `serve` flags, e.g. ["--log-format", "json"]
         self.env = dict(env or {})  # extra environment for the child
+        self.prefix: list[str] = []  # argv run before fem-hpc (e.g. unshare, see clusterkit.isolate)
         self.config: dict[str, Any] = {
             "node": node,
             "broker": {"url": BROKER_URL, "heartbeat": 5, "reconnect_max_seconds": 2},
@@ -70,7 +71,8 @@ class ServeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen([*fem_hpc_command(), "serve", "--config", str(self.config_path), *self.args],
+        self.proc = subprocess.Popen([*self.prefix, *fem_hpc_command(), "serve", "--config", str(self.config_path),
+                                      *self.args],
                                      stdout=log, stderr=log, env=env)
         log.close()
         if ready is None:

@@ -34,7 +34,8 @@ SLURM_PARTITION = "debug"
 
 FL_IMAGE = "127.0.0.1:5000/fem/python-fl:1"  # scripts/testbed: debootstrap + python3 + flwr
 
-SERVICES = ("rabbitmq", "slurm", "pbs", "docker", "registry", "registry-auth", "ssh", "flcore-image", "fl-image")
+SERVICES = ("rabbitmq", "slurm", "slurm-accounting", "pbs", "docker", "registry", "registry-auth", "ssh",
+            "flcore-image", "fl-image")
 
 
 def in_ci() -> bool:
@@ -74,6 +75,14 @@ def _tcp_ok(host: str, port: int, timeout: float = 3) -> tuple[bool, str]:
 
 def _check_slurm() -> tuple[bool, str]:
     return _run_ok(["sinfo", "-h"])
+
+
+def _check_accounting() -> tuple[bool, str]:
+    """slurmdbd behind the Slurm (scripts/testbed up starts it): sacct answers."""
+    ok, why = _check_slurm()
+    if not ok:
+        return ok, why
+    return _run_ok(["sacct", "-n", "-X", "-S", "now", "-o", "JobID"])
 
 
 def _check_pbs() -> tuple[bool, str]:
@@ -128,6 +137,7 @@ def _check_ssh() -> tuple[bool, str]:
 _CHECKS = {
     "rabbitmq": lambda: _tcp_ok(RABBITMQ_HOST, RABBITMQ_PORT),
     "slurm": _check_slurm,
+    "slurm-accounting": _check_accounting,
     "pbs": _check_pbs,
     "docker": _check_docker,
     "registry": _check_registry,

@@ -131,6 +131,12 @@ class Listener:
     def on_final(self, job: Job, outcome: Outcome) -> None:
         self.events.append(("final", outcome))
 
+    def on_paused(self, job: Job, message: str) -> None:
+        self.events.append(("paused", message))
+
+    def on_resumed(self, job: Job) -> None:
+        self.events.append(("resumed", job.task.id))
+
     @property
     def final(self) -> Outcome | None:
         return next((o for kind, o in self.events if kind == "final"), None)
@@ -200,7 +206,7 @@ def test_vanished_job_second_opinion_then_lost_after_grace(rig, tmp_path: Path) 
     assert listener.final is None  # still inside the 60 s grace
     run(tracker, clock, 20)
     assert listener.final is not None and listener.final.reason == Reason.LOST
-    assert ex.opinions_asked == 1  # asked once, not every cycle
+    assert 1 < ex.opinions_asked <= 7  # again every 10 s while it has no final word, not every cycle
 
 
 def test_second_opinion_settles_a_vanished_job(rig, tmp_path: Path) -> None:
@@ -248,3 +254,31 @@ def test_reused_job_id_is_not_this_job(rig, tmp_path: Path) -> None:
     run(tracker, clock, 80)
     assert ("running", State.RUNNING) not in listener.events
     assert listener.final is not None and listener.final.reason == Reason.LOST
+
+
+def test_a_job_accounting_knows_alive_is_never_lost(rig, tmp_path: Path) -> None:
+    """Missing from the queue but RUNNING by sacct's word: not gone; asked again, and it ends by
+    the scheduler's word (here CANCELLED by hand), never LOST."""
+    tracker, ex, listener, clock = rig
+    j = job(tmp_path)
+    ex.opinion = NativeStatus(native_id=j.native_id, state=State.RUNNING)
+    tracker.track(j)
+    run(tracker, clock, 300)  # far past the 60 s lost grace
+    assert listener.final is None and ex.opinions_asked > 1
+    ex.opinion = NativeStatus(native_id=j.native_id, state=State.CANCELLED, message="CANCELLED by 0")
+    run(tracker, clock, 15)
+    assert listener.final is not None and listener.final.state == State.CANCELLED
+
+
+def test_the_second_opinion_survives_the_next_polls(rig, tmp_path: Path) -> None:
+    """With polls faster than the marker grace, the next poll (which still does not list the job)
+    must not erase sacct's final word before it is acted on."""
+    tracker, ex, listener, clock = rig
+    ex.poll_interval = lambda youngest_age: 0.5  # type: ignore[method-assign]
+    j = job(tmp_path)
+    ex.opinion = NativeStatus(native_id=j.native_id, state=State.FAILED, reason=Reason.EXIT_CODE, exit_code=137,
+                              message="FAILED, signal 9")
+    tracker.track(j)
+    run(tracker, clock, 12, step=0.5)
+    assert listener.final is not None and listener.final.state == State.FAILED
+    assert listener.final.reason == Reason.EXIT_CODE and listener.final.exit_code == 137

@@ -299,6 +299,64 @@ def test_backs_off_while_sshd_is_down_then_reconnects(runner: SSHRunner, sshd: S
     assert sshd.accepted() == accepted + 1
 
 
+def test_stream_in_and_out_over_one_channel_in_constant_memory(runner: SSHRunner):
+    """20 MB up (hashed by the remote sha256sum) and 20 MB down (hashed here), one channel each,
+    with a peak allocation far below the data's size."""
+    import hashlib
+    import tracemalloc
+
+    block = bytes(range(256)) * 4096  # 1 MiB
+    expected = hashlib.sha256(block * 20).hexdigest()
+
+    def feed(out) -> None:
+        for _ in range(20):
+            out.write(block)
+
+    before = runner.channels
+    tracemalloc.start()
+    try:
+        up = runner.stream(["sha256sum"], feed=feed)
+        got = hashlib.sha256()
+        size = 0
+
+        def sink(data: bytes) -> None:
+            nonlocal size
+            got.update(data)
+            size += len(data)
+
+        down = runner.stream(["sh", "-c", "head -c 20971520 /dev/zero; echo done >&2"], sink=sink)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert up.ok and up.stdout.split()[0] == expected
+    assert down.ok and size == 20 * 1024 * 1024 and down.stdout == "" and down.stderr == "done\n"
+    assert got.hexdigest() == hashlib.sha256(b"\0" * size).hexdigest()
+    assert peak < 8 * 1024 * 1024, peak
+    assert runner.channels - before == 2 and runner.connects == 1
+
+
+def test_stream_into_a_command_that_stops_reading(runner: SSHRunner):
+    """The remote command exits while it is still being fed: its status comes back, and the
+    connection stays (nothing was lost on the link)."""
+    def feed(out) -> None:
+        for _ in range(200):
+            out.write(b"x" * 1024 * 1024)
+
+    start = time.monotonic()
+    res = runner.stream(["sh", "-c", "head -c 10 >/dev/null; echo gave up >&2; exit 3"], feed=feed)
+    assert res.returncode == 3 and "gave up" in res.stderr
+    assert time.monotonic() - start < 30
+    assert runner.run(["echo", "still"]).stdout == "still\n" and runner.connects == 1
+
+
+def test_stream_on_a_lost_link_is_a_transport_error(runner: SSHRunner, sshd: SSHD):
+    runner.run(["true"])
+    threading.Timer(1.0, sshd.stop).start()
+    with pytest.raises(RunnerError) as err:
+        runner.stream(["sh", "-c", "sleep 30"], sink=lambda b: None, idle_timeout=20)
+    assert err.value.transport
+
+
 def test_runner_for_shares_one_runner_per_set_of_settings(sshd: SSHD):
     """One connection per host *and* settings: an executor asking for other settings (here
     another channel limit) gets its own runner, never silently the first one's."""

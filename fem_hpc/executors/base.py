@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..layout import FEM_DIR, MARKER_NAME, SCRIPT_NAME, job_name, source_dir
+from ..layout import FEM_DIR, MARKER_NAME, SCRIPT_NAME, Marker, job_name, read_marker, source_dir
 from ..model import Check, Reason, State, Task
+from ..staging.outputs import Archive
 
 if TYPE_CHECKING:
     from ..config import SiteConfig
@@ -21,12 +22,41 @@ class ExecutorError(Exception):
     """A submit or cancel that failed; the message is shown to the user as is."""
 
 
+class TransportError(ExecutorError):
+    """The cluster could not be reached (SSH down, network cut, authentication failing): nothing
+    is known about the call's effect. Never a reason to fail a task: jobs keep their state, and
+    submits, polls and stage-outs are retried with backoff until the link is back."""
+
+    def __init__(self, message: str, host: str, since: float):
+        super().__init__(message)
+        self.host = host
+        self.since = since
+
+    @property
+    def pause_message(self) -> str:
+        """The status message of every task waiting for the link."""
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
+        return f"paused: {self.host} unreachable since {when}"
+
+
+class Deferred(Exception):  # noqa: N818 - a signal to wait, not an error
+    """The scheduler call budget has no token now: try again in `retry_after` seconds. A poll
+    that gets this is simply later, the jobs are neither stale nor paused."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"scheduler call budget exhausted; next token in {retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
 class ExecutorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # A job gone from the runtime with no exit-code marker is declared LOST only after this long
     # (shared file systems can show the marker late).
     lost_grace_seconds: float = Field(default=60.0, ge=0)
+    # Longest wait between two attempts while the runtime (the cluster behind SSH) is unreachable:
+    # polls, submits and stage-outs back off from 1 s up to this.
+    retry_max_seconds: float = Field(default=30.0, ge=1)
 
 
 @dataclass
@@ -144,8 +174,54 @@ class Executor(ABC):
         """Seconds until the next batched poll, given the age of the youngest tracked job."""
         return 1.0
 
+    # -- the work dir as the job sees it ------------------------------------------------
+    # By default the job runs in `job.workdir` on a file system this process sees. An executor
+    # whose jobs run where this host's disk is not (a cluster without a shared file system)
+    # overrides these: the lifecycle calls them and knows nothing of how they reach the cluster.
+    def stage_remote(self, job: Job) -> None:  # noqa: B027 - optional hook
+        """After render, before submit: make the staged work dir present where the job runs."""
+
+    def read_markers(self, jobs: list[Job]) -> dict[str, Marker]:
+        """The exit-code markers that exist, by task id (one call for all `jobs`)."""
+        out: dict[str, Marker] = {}
+        for job in jobs:
+            marker = read_marker(job.marker_path)
+            if marker is not None:
+                out[job.task.id] = marker
+        return out
+
+    def marker_interval(self) -> float | None:
+        """Seconds between two read_markers() calls; None: cheap, every tracker cycle (local stat)."""
+        return None
+
+    def markers_are_local(self) -> bool:
+        """Whether markers appear on this host's disk (so an inotify watch sees them)."""
+        return True
+
+    def fetch_outputs(self, job: Job, patterns: list[str], *, max_bytes: int,
+                      compress_level: int | None) -> Archive | None:
+        """The outputs archive built where the job ran and brought to job.fem_dir (with the logs
+        in job.fem_dir/stdout, stderr); None: the work dir is here, stage-out builds it itself."""
+        return None
+
+    def release(self, job: Job, state: State) -> None:  # noqa: B027 - optional hook
+        """The task's result is committed: its runtime-side leftovers may go (remote work dir)."""
+
+    def has_pending_work(self) -> bool:
+        """True while the executor wants read_markers() calls even with no job tracked (cleanups)."""
+        return False
+
+    def unreachable(self) -> TransportError | None:
+        """The link error while the runtime cannot be reached (host and since when), else None."""
+        return None
+
     def checks(self) -> list[Check]:
         return []
+
+    def health_checks(self) -> list[Check]:
+        """Everything the health report asks: the executor's own checks and its kind's (e.g. the
+        remote work root of a batch executor without a shared file system)."""
+        return self.checks()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

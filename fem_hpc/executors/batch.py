@@ -8,21 +8,32 @@ executor class only wires them to a runner.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from typing import Any, Literal
+import time
+from collections.abc import Callable
+from pathlib import PurePosixPath
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..model import Check
+from .. import metrics
+from ..layout import Marker
+from ..model import Check, State
 from ..staging.errors import StageError
 from ..staging.images import PullPolicy, default_sif_cache, sif_path, stage_image
 from ..staging.mirrors import site_image
+from ..staging.outputs import Archive
 from ..staging.volumes import VolumeError, resolve_volumes, volume_env
-from .base import Executor, ExecutorError, ExecutorSettings, Job
+from . import remote
+from .base import Deferred, Executor, ExecutorError, ExecutorSettings, Job, TransportError
+from .budget import BudgetSettings, CallBudget, budget_for
 from .containers import container_launch, docker_cleanup_argv
+from .offcluster import RemoteSide
 from .runners import CommandResult, Runner, RunnerError, SSHSettings, release, runner_for, scrubbed_env
 
 log = logging.getLogger("fem_hpc.executors.batch")
+_T = TypeVar("_T")
 
 
 class PollSettings(BaseModel):
@@ -62,6 +73,53 @@ class BatchSettings(ExecutorSettings):
     env: dict[str, str] = Field(default_factory=dict)  # for the scheduler commands (e.g. SLURM_CONF)
     container: ContainerSettings = Field(default_factory=ContainerSettings)
     lost_grace_seconds: float = Field(default=120.0, ge=0)
+    # The scheduler call budget of this cluster (a token bucket): the shorthand N calls per
+    # minute (bucket N), or the bucket and its refill spelled out.
+    max_scheduler_calls_per_minute: float | None = Field(default=None, gt=0)
+    scheduler_budget: BudgetSettings | None = None
+    budget_wait_seconds: float = Field(default=5.0, ge=0)  # a submit/cancel waits this long, then is re-queued
+    # A cluster that shares no file system with this host: work dirs are sent to
+    # <remote_work_root>/<user>/<execution>/<task> over the `ssh:` connection and outputs come back
+    # from there. `shared_fs: false` says the same and requires remote_work_root.
+    remote_work_root: PurePosixPath | None = None
+    shared_fs: bool | None = None
+    remote_cleanup: Literal["always", "on-success", "never"] = "always"  # after the result is committed
+    remote_python: str = "python3"  # on the cluster, for building the outputs archive there (>= 3.6)
+    remote_sif_cache: PurePosixPath | None = None  # default <remote_work_root>/.sif
+    marker_seconds: float = Field(default=1.0, ge=0.2)  # one remote marker read per this many seconds
+    transfer_idle_seconds: float = Field(default=120.0, gt=0)  # a stream silent this long is a lost link
+    pull_timeout: float = Field(default=3600.0, gt=0)  # an image pull on the cluster
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BatchSettings:
+        if self.max_scheduler_calls_per_minute is not None and self.scheduler_budget is not None:
+            raise ValueError("give max_scheduler_calls_per_minute or scheduler_budget, not both")
+        if self.shared_fs is False and self.remote_work_root is None:
+            raise ValueError("shared_fs: false needs remote_work_root (where the work dirs go on the cluster)")
+        if self.remote_work_root is not None:
+            if self.shared_fs:
+                raise ValueError("remote_work_root means the cluster shares no file system: drop shared_fs: true")
+            if self.ssh is None:
+                raise ValueError("remote_work_root needs ssh: (the cluster is reached over SSH)")
+            remote.check_root(self.remote_work_root)
+            for name in ("remote_sif_cache",):
+                value = getattr(self, name)
+                if value is not None and not value.is_absolute():
+                    raise ValueError(f"{name} must be an absolute path on the cluster")
+        return self
+
+    def budget(self) -> BudgetSettings | None:
+        if self.max_scheduler_calls_per_minute is not None:
+            return BudgetSettings.per_minute(self.max_scheduler_calls_per_minute)
+        return self.scheduler_budget
+
+
+# The kind of a scheduler call, by its command (callers name it where the command alone does not
+# say, e.g. squeue as a look-up by name). Calls of WAITING kinds wait a moment for a budget token;
+# the others are deferred at once. "other" (docker rm, the work-dir helpers) is no scheduler call.
+KINDS = {"sbatch": "submit", "qsub": "submit", "squeue": "poll", "qstat": "poll", "scancel": "cancel",
+         "qdel": "cancel", "sacct": "sacct", "sinfo": "check"}
+WAITING = frozenset({"submit", "cancel", "find"})
 
 
 class BatchExecutor(Executor):
@@ -70,30 +128,78 @@ class BatchExecutor(Executor):
     def __init__(self, name: str, settings: Any, site: Any):
         super().__init__(name, settings, site)
         self.runner: Runner = runner_for(settings.ssh)
+        self.host = settings.ssh.host if settings.ssh is not None else "localhost"
         self.calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
+        self._down: TransportError | None = None  # the first link error of the current outage
+        self._closing = False
+        budget = settings.budget()
+        cluster = f"{settings.ssh.host}:{settings.ssh.port}" if settings.ssh is not None else "localhost"
+        self.budget: CallBudget | None = budget_for(cluster, budget) if budget is not None else None
+        self.remote = RemoteSide(self) if settings.remote_work_root is not None else None
 
-    def command(self, argv: list[str], *, extra_env: dict[str, str] | None = None) -> CommandResult:
+    def spend(self, kind: str) -> None:
+        """Take a budget token for one call of `kind`, or raise Deferred."""
+        if kind == "other":
+            return
+        waited = 0.0
+        if self.budget is not None:
+            if kind in WAITING:
+                taken, waited = self.budget.take(self.settings.budget_wait_seconds, cancelled=lambda: self._closing)
+            else:
+                waited = self.budget.try_take()
+                taken = waited == 0.0
+            if not taken:
+                metrics.scheduler_call(self.name, kind, waited, made=False)
+                log.debug("scheduler call %s deferred by the budget (%.1fs to the next token)", kind, waited)
+                raise Deferred(waited)
+        metrics.scheduler_call(self.name, kind, waited)
+
+    def command(self, argv: list[str], *, kind: str | None = None,
+                extra_env: dict[str, str] | None = None) -> CommandResult:
+        self.spend(kind or KINDS.get(os.path.basename(argv[0]), "other"))
         with self._calls_lock:
             self.calls[argv[0]] = self.calls.get(argv[0], 0) + 1
         env = scrubbed_env({**self.settings.env, **(extra_env or {})}, self.site.pass_env) \
             if self.settings.ssh is None else \
             ({**self.settings.env, **(extra_env or {})} or None)
+        return self.over_link(lambda: self.runner.run(argv, timeout=self.settings.command_timeout, env=env))
+
+    def over_link(self, call: Callable[[], _T]) -> _T:
+        """Run `call` (anything using the runner) and keep the link state: a RunnerError that is a
+        link problem becomes a TransportError carrying when the outage began; any answer ends it."""
         try:
-            return self.runner.run(argv, timeout=self.settings.command_timeout, env=env)
+            result = call()
         except RunnerError as exc:
-            raise ExecutorError(str(exc)) from None
+            if not exc.transport:
+                raise ExecutorError(str(exc)) from None
+            with self._calls_lock:
+                if self._down is None:
+                    self._down = TransportError(str(exc), self.host, time.time())
+                since = self._down.since
+            raise TransportError(str(exc), self.host, since) from None
+        if self._down is not None:
+            with self._calls_lock:
+                if self._down is not None:
+                    log.info("%s answers again (unreachable for %.0fs)", self.host, time.time() - self._down.since)
+                self._down = None
+        return result
+
+    def unreachable(self) -> TransportError | None:
+        return self._down
 
     def close(self) -> None:
+        self._closing = True
+        if self.budget is not None:
+            self.budget.wake()
         release(self.runner)
 
     def submit_script(self, job: Job) -> None:
-        """With SSH the script is (re)written through SFTP, so it exists where the scheduler reads it."""
-        if self.settings.ssh is not None:
-            try:
-                self.runner.write_file(job.script_path, job.script_path.read_text())
-            except RunnerError as exc:
-                raise ExecutorError(str(exc)) from None
+        """With SSH the script is (re)written through SFTP, so it exists where the scheduler reads it
+        (off-cluster it came with the work dir)."""
+        if self.settings.ssh is not None and self.remote is None:
+            text = job.script_path.read_text()
+            self.over_link(lambda: self.runner.write_file(job.script_path, text))
 
     def poll_interval(self, youngest_age: float) -> float:
         p = self.settings.poll
@@ -108,13 +214,18 @@ class BatchExecutor(Executor):
     # the image reference), so a re-render after a restart gives the same script.
     def _image_argument(self, job: Job) -> str:
         assert job.task.image
+        if self.remote is not None:  # the cluster's own cache, of the image the site's mirrors name
+            return self.remote.image_argument(str(site_image(self.site, job.task.image)))
         ref = site_image(self.site, job.task.image)
         if self.settings.container.runtime == "docker":
             return ref.pull_ref
         return str(sif_path(default_sif_cache(self.site), ref))
 
     def template_context(self, job: Job) -> dict[str, Any]:
-        ctx: dict[str, Any] = {"directives": self.directives(job)}
+        seen = self.where(job)  # the paths the job script uses: the cluster's
+        ctx: dict[str, Any] = {"directives": self.directives(seen)}
+        if self.remote is not None:
+            ctx.update(workdir=str(seen.workdir), rundir=str(seen.rundir), fem_dir=str(seen.fem_dir))
         if job.task.volumes and not job.task.image:
             try:
                 ctx["env_exports"] = sorted({**job.task.env, **volume_env(job.task, self.site, job.workdir,
@@ -125,7 +236,7 @@ class BatchExecutor(Executor):
             c = self.settings.container
             try:
                 launch, env_exports = container_launch(
-                    c.runtime, job, self._image_argument(job), resolve_volumes(job.task, self.site, job.workdir),
+                    c.runtime, seen, self._image_argument(job), resolve_volumes(job.task, self.site, job.workdir),
                     binary=c.binary, user=c.docker_user or "auto", node=self.site.node)
             except (StageError, ValueError) as exc:
                 raise ExecutorError(str(exc)) from None
@@ -134,6 +245,9 @@ class BatchExecutor(Executor):
 
     def stage_in(self, job: Job, progress: Any = None) -> None:
         if not job.task.image:
+            return
+        if self.remote is not None:  # the image is needed where the job runs: on the cluster side
+            self.remote.ensure_image(job, progress)
             return
         c = self.settings.container
         try:
@@ -155,9 +269,48 @@ class BatchExecutor(Executor):
     def directives(self, job: Job) -> list[str]:
         raise NotImplementedError
 
+    # -- a cluster without a shared file system (remote_work_root) ----------------------------
+    def where(self, job: Job) -> Job:
+        """The job as the scheduler sees it: under remote_work_root off-cluster, else the job itself."""
+        return self.remote.where(job) if self.remote is not None else job
+
+    def stage_remote(self, job: Job) -> None:
+        if self.remote is not None:
+            self.remote.stage(job)
+
+    def read_markers(self, jobs: list[Job]) -> dict[str, Marker]:
+        if self.remote is None:
+            return super().read_markers(jobs)
+        return self.remote.read_markers(jobs)
+
+    def marker_interval(self) -> float | None:
+        return self.settings.marker_seconds if self.remote is not None else None
+
+    def markers_are_local(self) -> bool:
+        return self.remote is None
+
+    def fetch_outputs(self, job: Job, patterns: list[str], *, max_bytes: int,
+                      compress_level: int | None) -> Archive | None:
+        if self.remote is None:
+            return None
+        return self.remote.fetch(job, patterns, max_bytes=max_bytes, compress_level=compress_level)
+
+    def release(self, job: Job, state: State) -> None:
+        if self.remote is not None:
+            self.remote.release(job, state)
+
+    def has_pending_work(self) -> bool:
+        return self.remote is not None and self.remote.has_pending_work()
+
+    def health_checks(self) -> list[Check]:
+        return ([self.remote.check()] if self.remote is not None else []) + self.checks()
+
     def check_command(self, name: str, argv: list[str], fix: str) -> Check:
         try:
-            res = self.command(argv)
+            res = self.command(argv, kind="check")
+        except Deferred as exc:
+            return Check(name=name, status="warning", detail=f"not asked: {exc}",
+                         fix="the scheduler call budget (scheduler_budget) keeps calls for the tasks")
         except ExecutorError as exc:
             return Check(name=name, status="error", detail=str(exc), fix=fix)
         if not res.ok:

@@ -65,8 +65,9 @@ class PBSExecutor(BatchExecutor):
 
     def submit(self, job: Job) -> str:
         self.submit_script(job)
-        argv = cmds.qsub_argv(str(job.script_path), str(job.fem_dir / "scheduler.out"),
-                              str(job.fem_dir / "scheduler.err"))
+        seen = self.where(job)  # off-cluster: the paths on the cluster
+        argv = cmds.qsub_argv(str(seen.script_path), str(seen.fem_dir / "scheduler.out"),
+                              str(seen.fem_dir / "scheduler.err"))
         res = self.command(argv, extra_env=job.secret_env)
         if not res.ok:
             text = (res.stderr or res.stdout).strip()

@@ -1,4 +1,5 @@
-"""Runners: where scheduler commands run. `LocalRunner` (subprocess) or `SSHRunner` (paramiko).
+"""Runners: where scheduler commands run. `LocalRunner` (subprocess, in commands.py) or
+`SSHRunner` (paramiko, here).
 
 Commands are argv lists everywhere. Over SSH the argv is joined with shlex.quote, so the remote
 shell sees each argument as one word and never task data as shell syntax. One SSH connection
@@ -9,17 +10,13 @@ bounded number of concurrent channels, keepalives, and reconnects with backoff.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import select
 import shlex
 import socket
-import subprocess
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,72 +25,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import metrics
 from ..backoff import Backoff
+from .commands import (
+    SAFE_ENV,
+    STREAM_CHUNK,
+    CommandResult,
+    Feed,
+    LocalRunner,
+    Runner,
+    RunnerError,
+    Sink,
+    keep_tail,
+    observe,
+    scrubbed_env,
+)
+
+__all__ = ["SAFE_ENV", "CommandResult", "LocalRunner", "Runner", "RunnerError", "SSHRunner", "SSHSettings",
+           "release", "runner_for", "scrubbed_env"]
 
 log = logging.getLogger("fem_hpc.executors.runners")
 _T = TypeVar("_T")
-
-
-class RunnerError(Exception):
-    """The command could not be run at all (connection lost, binary missing, timeout)."""
-
-
-@dataclass
-class CommandResult:
-    argv: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-
-def _observe(argv: list[str], seconds: float, ok: bool) -> None:
-    metrics.observe_command(os.path.basename(argv[0]) if argv else "?", seconds, ok)
-
-
-class Runner(ABC):
-    @abstractmethod
-    def run(self, argv: list[str], *, timeout: float = 30, env: dict[str, str] | None = None) -> CommandResult:
-        """Run argv; `env` is the complete environment for it (None: the runner's default)."""
-
-    @abstractmethod
-    def write_file(self, path: Path, text: str, mode: int = 0o700) -> None:
-        """Write a file where the commands run, atomically (temp file + rename)."""
-
-    def close(self) -> None:  # noqa: B027 - optional
-        pass
-
-    @abstractmethod
-    def describe(self) -> str: ...
-
-
-class LocalRunner(Runner):
-    def run(self, argv: list[str], *, timeout: float = 30, env: dict[str, str] | None = None) -> CommandResult:
-        start = time.monotonic()
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                                  stdin=subprocess.DEVNULL)
-        except FileNotFoundError:
-            _observe(argv, time.monotonic() - start, False)
-            raise RunnerError(f"{argv[0]}: command not found on this host") from None
-        except subprocess.TimeoutExpired:
-            _observe(argv, time.monotonic() - start, False)
-            raise RunnerError(f"{argv[0]} did not answer within {timeout:.0f}s") from None
-        seconds = time.monotonic() - start
-        _observe(argv, seconds, proc.returncode == 0)
-        return CommandResult(argv, proc.returncode, proc.stdout, proc.stderr, seconds)
-
-    def write_file(self, path: Path, text: str, mode: int = 0o700) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.chmod(mode)
-        os.replace(tmp, path)
-
-    def describe(self) -> str:
-        return "local"
 
 
 class SSHSettings(BaseModel):
@@ -108,6 +58,9 @@ class SSHSettings(BaseModel):
     max_channels: int = Field(default=4, ge=1, le=64)
     keepalive_seconds: int = Field(default=30, ge=0)
     connect_timeout: float = Field(default=15, gt=0)
+    # Longest wait between two connection attempts while the host is unreachable (the delay
+    # doubles from 1 s up to this).
+    reconnect_max_seconds: float = Field(default=30.0, ge=1)
 
 
 # How long a command that has exited may still send output: sshd reports the exit status as
@@ -140,6 +93,44 @@ def _env_record(name: str, value: str) -> str:
     return f"{name}\n{len(lines)}\n" + "".join(line + "\n" for line in lines)
 
 
+class _RemoteStopped(Exception):
+    pass
+
+
+class _ChannelWriter:
+    """The stdin of a remote command as a binary file for tarfile & co. Between writes it reads
+    what the command sent back, so a chatty command never blocks on a full window."""
+
+    def __init__(self, chan: paramiko.Channel, out: bytearray | None, sink: Sink | None, err: bytearray):
+        self.chan, self.out, self.sink, self.err = chan, out, sink, err
+
+    def write(self, data: bytes) -> int:
+        while self.chan.recv_stderr_ready():
+            self.err.extend(self.chan.recv_stderr(65536))
+            keep_tail(self.err)
+        while self.chan.recv_ready():
+            piece = self.chan.recv(STREAM_CHUNK)
+            if self.sink is not None:
+                self.sink(piece)
+            elif self.out is not None:
+                self.out.extend(piece)
+        if self.chan.exit_status_ready() or self.chan.closed:
+            raise _RemoteStopped()
+        try:
+            self.chan.sendall(data)
+        except OSError:
+            if self.chan.exit_status_ready() or self.chan.closed:
+                raise _RemoteStopped() from None
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+
 class SSHRunner(Runner):
     def __init__(self, settings: SSHSettings):
         self.settings = settings
@@ -147,8 +138,9 @@ class SSHRunner(Runner):
         self._lock = threading.Lock()
         self._channels = threading.BoundedSemaphore(settings.max_channels)
         self._next_attempt = 0.0
-        self._backoff = Backoff(cap=60.0, base=1.0, jitter=False)
+        self._backoff = Backoff(cap=settings.reconnect_max_seconds, base=1.0, jitter=False)
         self.connects = 0
+        self.channels = 0  # channels opened: SSH round trips (commands, streams, SFTP sessions)
 
     def describe(self) -> str:
         s = self.settings
@@ -164,15 +156,17 @@ class SSHRunner(Runner):
                 self._client = None
             now = time.monotonic()
             if now < self._next_attempt:
-                raise RunnerError(f"{self.describe()} is unreachable; next attempt in {self._next_attempt - now:.0f}s")
+                raise RunnerError(f"{self.describe()} is unreachable; next attempt in {self._next_attempt - now:.0f}s",
+                                  transport=True)
             try:
                 client = self._connect()
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 self._next_attempt = time.monotonic() + self._backoff.next()
-                raise RunnerError(f"cannot connect to {self.describe()}: {exc}") from None
+                raise RunnerError(f"cannot connect to {self.describe()}: {exc}", transport=True) from None
             self._backoff.reset()
             self._client = client
             self.connects += 1
+            metrics.ssh_connect(self.settings.host)
             transport = client.get_transport()
             assert transport is not None
             return client, transport
@@ -238,17 +232,18 @@ class SSHRunner(Runner):
                     chan.sendall(stdin)
                 chan.shutdown_write()
                 out, err = self._collect(chan, argv, deadline, timeout)
-                rc = chan.recv_exit_status()
+                rc = self._exit_status(client, chan, argv)
             except RunnerError:
-                _observe(argv, time.monotonic() - start, False)
+                observe(argv, time.monotonic() - start, False)
                 raise
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 self._drop(client, exc)
-                raise RunnerError(f"{self.describe()}: connection lost during {argv[0]}: {exc}") from None
+                raise RunnerError(f"{self.describe()}: connection lost during {argv[0]}: {exc}",
+                                  transport=True) from None
             finally:
                 chan.close()
         seconds = time.monotonic() - start
-        _observe(argv, seconds, rc == 0)
+        observe(argv, seconds, rc == 0)
         return CommandResult(argv, rc, out.decode(errors="replace"), err.decode(errors="replace"), seconds)
 
     def _open(self, opener: Callable[[paramiko.Transport], _T | None], what: str) -> tuple[paramiko.SSHClient, _T]:
@@ -261,11 +256,13 @@ class SSHRunner(Runner):
                 opened = opener(transport)
                 if opened is None:
                     raise paramiko.SSHException("the server closed the channel")
+                self.channels += 1
+                metrics.ssh_channel(self.settings.host)
                 return client, opened
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 self._drop(client, exc)
                 if attempt == 2 or _server_answered(exc):
-                    raise RunnerError(f"{self.describe()}: {what}: {exc}") from None
+                    raise RunnerError(f"{self.describe()}: {what}: {exc}", transport=True) from None
                 log.info("connection to %s lost (%s); reconnecting", self.describe(), exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -299,7 +296,9 @@ class SSHRunner(Runner):
                                 "using the output read so far", argv[0], self.describe())
                     return out, err
             elif now > deadline:
-                raise RunnerError(f"{argv[0]} on {self.describe()} did not answer within {timeout:g}s")
+                # Over SSH a cut network looks exactly like this (TCP keeps quiet): a link problem.
+                raise RunnerError(f"{argv[0]} on {self.describe()} did not answer within {timeout:g}s",
+                                  transport=True)
             if progressed:
                 continue
             if chan.eof_received:
@@ -326,9 +325,90 @@ class SSHRunner(Runner):
                     except (paramiko.SSHException, OSError, EOFError):
                         pass
                 self._drop(client, exc)
-                raise RunnerError(f"{self.describe()}: cannot write {path}: {exc}") from None
+                raise RunnerError(f"{self.describe()}: cannot write {path}: {exc}",
+                                  transport=not _server_answered(exc)) from None
             finally:
                 sftp.close()
+
+    def stream(self, argv: list[str], *, feed: Feed | None = None, sink: Sink | None = None,
+               idle_timeout: float = 60.0) -> CommandResult:
+        # One exec channel carries the whole transfer: no file-per-round-trip SFTP walk.
+        if not argv:
+            raise RunnerError("empty command")
+        start = time.monotonic()
+        out, err = bytearray(), bytearray()
+        with self._channels:
+            client, chan = self._open(lambda t: t.open_session(timeout=self.settings.connect_timeout),
+                                      "cannot open a channel")
+            try:
+                chan.settimeout(idle_timeout)  # a send into a window that never opens raises
+                chan.exec_command(shlex.join(argv))
+                if feed is not None:
+                    writer = _ChannelWriter(chan, out if sink is None else None, sink, err)
+                    try:
+                        feed(writer)  # type: ignore[arg-type]
+                    except _RemoteStopped:
+                        pass  # the command exited while being fed: its status and stderr say why
+                if not chan.closed:
+                    chan.shutdown_write()
+                self._drain(chan, out, err, sink, argv, idle_timeout)
+                rc = self._exit_status(client, chan, argv)
+            except RunnerError:
+                observe(argv, time.monotonic() - start, False)
+                raise
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                self._drop(client, exc)
+                raise RunnerError(f"{self.describe()}: connection lost during {argv[0]}: {exc}",
+                                  transport=True) from None
+            finally:
+                chan.close()
+        seconds = time.monotonic() - start
+        observe(argv, seconds, rc == 0)
+        return CommandResult(argv, rc, out.decode(errors="replace"), err.decode(errors="replace"), seconds)
+
+    def _exit_status(self, client: paramiko.SSHClient, chan: paramiko.Channel, argv: list[str]) -> int:
+        """The command's exit status. A channel closed without one (-1) on a connection that died
+        is a lost link, not the command's answer (with the connection alive, -1 is a command killed
+        by a signal: sshd sends exit-signal instead)."""
+        rc = chan.recv_exit_status()
+        if rc == -1:
+            transport = client.get_transport()
+            if transport is None or not transport.is_active():
+                raise paramiko.SSHException(f"the connection closed before {argv[0]} reported its exit status")
+        return rc
+
+    def _drain(self, chan: paramiko.Channel, out: bytearray, err: bytearray, sink: Sink | None,
+               argv: list[str], idle_timeout: float) -> None:
+        """Read stdout (to the sink) and stderr until EOF and the exit status."""
+        fd = chan.fileno()
+        heard = time.monotonic()
+        while True:
+            progressed = False
+            while chan.recv_ready():
+                data = chan.recv(STREAM_CHUNK)
+                if sink is not None:
+                    sink(data)
+                else:
+                    out.extend(data)
+                progressed = True
+            while chan.recv_stderr_ready():
+                err.extend(chan.recv_stderr(65536))
+                keep_tail(err)
+                progressed = True
+            if chan.exit_status_ready() and (chan.eof_received or chan.closed) and not chan.recv_ready() \
+                    and not chan.recv_stderr_ready():
+                return
+            now = time.monotonic()
+            if progressed:
+                heard = now
+                continue
+            if now - heard > idle_timeout:
+                raise RunnerError(f"{argv[0]} on {self.describe()} sent nothing for {idle_timeout:g}s",
+                                  transport=True)
+            if chan.eof_received:
+                chan.status_event.wait(0.05)
+            else:
+                select.select([fd], [], [], 0.05)
 
     def _drop(self, client: paramiko.SSHClient | None = None, exc: BaseException | None = None) -> None:
         """Close the connection after an error, unless the server answered the request (then the
@@ -384,18 +464,3 @@ def release(runner: Runner) -> None:
             return
         del _ssh_runners[key]
     runner.close()
-
-
-# Environment variables a scheduler command may inherit from the service. sbatch and qsub copy
-# the submitter's environment into the job, so the service's own secrets (FEM_HPC_BROKER_URL...)
-# must not be in it.
-SAFE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "SLURM_CONF", "MUNGE_SOCKET")
-
-
-def scrubbed_env(extra: dict[str, str] | None = None, passthrough: Sequence[str] = ()) -> dict[str, str]:
-    """The environment of every process fem-hpc starts for a task (a local job, sbatch/qsub, which
-    copy it into the job): the few variables any program needs, the site's explicit pass-through
-    list (`pass_env`), then `extra`. Nothing else of the service's own environment."""
-    env = {k: v for k, v in os.environ.items() if k in SAFE_ENV or k.startswith("LC_") or k in passthrough}
-    env.update(extra or {})
-    return env

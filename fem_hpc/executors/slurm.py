@@ -38,7 +38,7 @@ class SlurmExecutor(BatchExecutor):
 
     def submit(self, job: Job) -> str:
         self.submit_script(job)
-        res = self.command(cmds.sbatch_argv(str(job.script_path)), extra_env=job.secret_env)
+        res = self.command(cmds.sbatch_argv(str(self.where(job).script_path)), extra_env=job.secret_env)
         if not res.ok:
             raise ExecutorError(f"sbatch refused the job: {(res.stderr or res.stdout).strip()}")
         try:
@@ -59,7 +59,7 @@ class SlurmExecutor(BatchExecutor):
                 raise ExecutorError(f"scancel failed: {res.stderr.strip()}")
 
     def find_by_name(self, job: Job) -> str | None:
-        res = self.command(cmds.find_by_name_argv(job.job_name))
+        res = self.command(cmds.find_by_name_argv(job.job_name), kind="find")
         if not res.ok:
             raise ExecutorError(f"squeue failed: {res.stderr.strip()}")
         found = [s for s in cmds.parse_squeue(res.stdout).values() if s.job_name == job.job_name]

@@ -19,6 +19,7 @@ from ..journal import Journal, Route, TaskRecord
 from ..model import State
 from .executors import ExecutorPool
 from .intake import Intake, IntakeResult
+from .later import Later, Retries
 from .pipeline import Pipeline
 from .ports import Frontend, StageStep
 from .recovery import Recovery
@@ -46,11 +47,16 @@ class Agent:
         self._out_pool = ThreadPoolExecutor(max_workers=max(2, n // 2), thread_name_prefix="fem-stageout")
         self.disk_guard = DiskGuard(site)  # retention: no new task starts while a disk is low
         self.registry = TaskRegistry(journal)
+        # Retries of submits and stage-outs while a cluster is unreachable wait here, not in a worker.
+        self.later = Later()
+        self.retries = Retries(self.later)
         self.transitions = Transitions(site.node, journal, self.registry, dict(frontends or {}), self.observers)
-        self.results = Results(site, journal, self.registry, self.transitions, self._out_pool, self.closing)
+        self.results = Results(site, journal, self.registry, self.transitions, self._out_pool, self.closing,
+                               lambda name: self.executors.start(name)[0], self.retries)
         self.executors = ExecutorPool(site, self.results)
         self.pipeline = Pipeline(site, journal, self.registry, self.transitions, self.executors, self.results,
-                                 self.disk_guard, list(steps or []), self.progress_observers, self.closing)
+                                 self.disk_guard, list(steps or []), self.progress_observers, self.closing,
+                                 self.retries, self._pool.submit)
         self.intake_ = Intake(site, journal, self.registry, self.transitions, self.disk_guard,
                               lambda task_id: self._pool.submit(self.pipeline.stage_and_submit, task_id))
         self.recovery = Recovery(site, journal, self.registry, self.transitions, self.pipeline, self.results,
@@ -106,6 +112,7 @@ class Agent:
     def close(self) -> None:
         """Stop tracking; jobs keep running and are re-adopted at the next start."""
         self._closing = True
+        self.later.stop()
         self.results.stop()
         self.recovery.stop()
         self._pool.shutdown(wait=True, cancel_futures=False)

@@ -28,7 +28,8 @@ class ExecutorPool:
         with self._lock:
             if name not in self._executors:
                 executor = registry.create(name, self.site)
-                tracker = Tracker(executor, self.listener, lost_grace=executor.settings.lost_grace_seconds)
+                tracker = Tracker(executor, self.listener, lost_grace=executor.settings.lost_grace_seconds,
+                                  retry_cap=executor.settings.retry_max_seconds)
                 tracker.start()
                 self._executors[name] = executor
                 self._trackers[name] = tracker
@@ -44,10 +45,17 @@ class ExecutorPool:
         for name in self.site.executors:
             try:
                 executor, tracker = self.start(name)
-                checks = executor.checks()
-                out[name] = {"works": all(c.status != "error" for c in checks) and not tracker.stale,
+                # The checks also probe the link: an answer ends an outage no job has noticed yet
+                # (and while it lasts, the runner's reconnect backoff makes them fail fast).
+                checks = executor.health_checks()
+                down = executor.unreachable()
+                out[name] = {"works": all(c.status != "error" for c in checks) and not tracker.stale
+                             and down is None,
                              "stale": tracker.stale, "tracked": len(tracker),
                              "checks": [c.model_dump() for c in checks]}
+                if down is not None:
+                    out[name]["unreachable"] = {"host": down.host, "since": down.since,
+                                                "message": down.pause_message, "error": str(down)}
             except Exception as exc:
                 out[name] = {"works": False, "error": str(exc)}
         return out

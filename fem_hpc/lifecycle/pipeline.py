@@ -1,4 +1,11 @@
-"""Stage-in, render and submit: from a committed task to a job its tracker follows."""
+"""Stage-in, render and submit: from a committed task to a job its tracker follows.
+
+A submit that cannot reach the cluster (TransportError) never fails the task: it stays staged,
+its status message says it is paused, and the submit is tried again later with backoff. Because
+the submit may have reached the scheduler before the link dropped, the journal's intent stays
+set and the retry first looks for the job by name (and for its marker), as a restart does: one
+task never gets two jobs.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +20,14 @@ from pathlib import Path
 from .. import metrics
 from ..config import SiteConfig
 from ..diskguard import DiskGuard
-from ..executors.base import Executor, ExecutorError, Job
+from ..executors.base import Deferred, Executor, ExecutorError, Job, TransportError
 from ..journal import Journal, TaskRecord
 from ..model import Reason, State
 from ..render import render_job
 from ..staging.errors import StageError
 from .executors import ExecutorPool
+from .later import Retries
+from .outcome import decide
 from .ports import Progress, StageStep
 from .results import Results
 from .tasks import TaskRegistry
@@ -30,7 +39,8 @@ log = logging.getLogger("fem_hpc.lifecycle")
 class Pipeline:
     def __init__(self, site: SiteConfig, journal: Journal, registry: TaskRegistry, transitions: Transitions,
                  executors: ExecutorPool, results: Results, guard: DiskGuard, steps: list[StageStep],
-                 progress_observers: list[Callable[[str, str], None]], closing: Callable[[], bool]):
+                 progress_observers: list[Callable[[str, str], None]], closing: Callable[[], bool],
+                 retries: Retries, run_later: Callable[..., object]):
         self.site = site
         self.journal = journal
         self.registry = registry
@@ -41,6 +51,8 @@ class Pipeline:
         self.steps = steps  # stage-in steps before the executor's own (the Git checkout)
         self.progress_observers = progress_observers  # (task_id, text) of long steps, shown by `run`
         self.closing = closing
+        self.retries = retries
+        self.run_later = run_later  # hands a retry to the stage-in pool
 
     def job_for(self, record: TaskRecord) -> Job:
         job = Job(task=record.task, workdir=Path(record.workdir or ""), native_id=record.native_id,
@@ -93,7 +105,8 @@ class Pipeline:
         if record.cancel_requested:
             self.results.finish_early(task_id, None, "cancelled before it was submitted", state=State.CANCELLED)
             return
-        self.transitions.change(task_id, State.STAGING_IN)
+        if record.state != State.STAGING_IN:  # a retry after an outage is still the same stage-in
+            self.transitions.change(task_id, State.STAGING_IN)
         try:
             executor, _ = self.executors.start(record.executor or self.site.default_executor)
         except (KeyError, ExecutorError) as exc:
@@ -107,6 +120,9 @@ class Pipeline:
                 step(job.task, job.workdir, self.site, progress)
             job.fem_dir.mkdir(parents=True, exist_ok=True)
             executor.stage_in(job, progress)
+        except TransportError as exc:  # e.g. the image pull on an unreachable cluster: later, whole
+            self._paused(task_id, executor, exc, adopt=False, restage=True)
+            return
         except (StageError, ExecutorError, OSError) as exc:
             self.results.finish_early(task_id, Reason.STAGE_IN, str(exc))
             return
@@ -147,18 +163,94 @@ class Pipeline:
         tmp.write_text(script)
         tmp.chmod(0o700)
         os.replace(tmp, job.script_path)
+        try:
+            executor.stage_remote(job)  # the staged work dir to where the job runs (no-op when shared)
+        except TransportError as exc:
+            self._paused(task_id, executor, exc, adopt=False)
+            return
+        except (ExecutorError, OSError) as exc:
+            self.results.finish_early(task_id, Reason.STAGE_IN, str(exc))
+            return
         # Intent first: a crash between submit and the next commit is found by job name at restart.
         self.journal.update(task_id, intent=1, attempt=attempt + 1)
         try:
             native_id = executor.submit(job)
+        except Deferred as exc:  # the call budget: nothing was sent, the task waits its turn
+            self.journal.update(task_id, intent=0)
+            self._deferred(task_id, exc)
+            return
+        except TransportError as exc:
+            self._paused(task_id, executor, exc, adopt=True)  # it may have reached the scheduler
+            return
         except (ExecutorError, OSError) as exc:
             self.journal.update(task_id, intent=0)
+            executor.release(job, State.FAILED)
             self.results.finish_early(task_id, Reason.SUBMIT, f"submit failed: {exc}")
             return
+        self.retries.done(task_id)
         job.native_id = native_id
         job.submitted_at = time.time()
         self.transitions.change(task_id, State.SUBMITTED, native_id=native_id)
         self.track(executor.name, job)
+
+    def _paused(self, task_id: str, executor: Executor, exc: TransportError | Exception, *, adopt: bool,
+                restage: bool = False) -> None:
+        """Keep the task staged and try again later; the status message says why it waits."""
+        message = exc.pause_message if isinstance(exc, TransportError) else f"waiting to look for its job: {exc}"
+        self.journal.update(task_id, message=message)
+        again = (self.stage_and_submit, task_id) if restage else (self._resume_guarded, task_id, adopt)
+        delay = self.retries.schedule(task_id, executor.settings.retry_max_seconds, self.run_later, *again)
+        if delay is not None:
+            log.warning("%s: %s (%s); submit retried in %.0fs", task_id, message, exc, delay,
+                        extra={"task_id": task_id})
+
+    def _deferred(self, task_id: str, exc: Deferred, adopt: bool = False) -> None:
+        self.journal.update(task_id, message=f"waiting for the scheduler call budget ({exc})")
+        self.retries.later.call(exc.retry_after, self.run_later, self._resume_guarded, task_id, adopt)
+
+    def _resume_guarded(self, task_id: str, adopt: bool) -> None:
+        try:
+            self.resume_submit(task_id, adopt, "re-adopted: its submit had reached the scheduler")
+        except Exception as exc:  # nothing may vanish silently
+            log.exception("%s: unexpected error in a submit retry", task_id, extra={"task_id": task_id})
+            self.results.finish_early(task_id, Reason.SUBMIT, f"internal error before submit: {exc}")
+
+    def resume_submit(self, task_id: str, adopt: bool, found_note: str) -> None:
+        """Carry on with a staged task whose submit did not get through, or whose submit intent
+        is in the journal without a native id (after a restart): with `adopt`, its job is looked
+        for by name first, and its marker, so one task never gets two jobs."""
+        record = self.journal.get(task_id)
+        if record is None or record.final or self.closing():
+            return
+        executor, _ = self.executors.start(record.executor or self.site.default_executor)
+        job = self.job_for(record)
+        if adopt or record.intent:
+            try:
+                native_id = executor.find_by_name(job)
+                marker = executor.read_markers([job]).get(task_id) if native_id is None else None
+            except Deferred as exc:
+                self._deferred(task_id, exc, adopt=True)
+                return
+            except Exception as exc:  # unreachable, or the scheduler does not answer yet: later
+                self._paused(task_id, executor, exc, adopt=True)
+                return
+            if native_id is None and marker is not None:  # it ran and ended: the marker decides
+                self.retries.done(task_id)
+                self.results.on_final(job, decide(marker, None, record.cancel_requested, job))
+                return
+            if native_id is not None:
+                self.retries.done(task_id)
+                job.native_id = native_id
+                self.transitions.change(task_id, State.SUBMITTED, native_id=native_id, message=found_note)
+                self.track(executor.name, job)
+                return
+            log.info("%s: no job found for the journalled intent; submitting it now", task_id,
+                     extra={"task_id": task_id})
+        if record.cancel_requested:
+            self.retries.done(task_id)
+            self.results.finish_early(task_id, None, "cancelled before it was submitted", state=State.CANCELLED)
+            return
+        self.submit(task_id, job, executor, attempt=record.attempt)
 
     def track(self, executor_name: str, job: Job) -> None:
         """Hand a submitted job to its tracker. A cancel that arrived meanwhile (during submit, or

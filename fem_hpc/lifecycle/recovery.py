@@ -7,12 +7,10 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Executor as Pool
 
-from ..backoff import Backoff
 from ..config import SiteConfig
 from ..journal import Journal, TaskRecord
-from ..layout import read_marker
 from ..model import Reason, State
-from .outcome import Outcome, decide
+from .outcome import Outcome
 from .pipeline import Pipeline
 from .ports import TaskView
 from .results import Results
@@ -59,42 +57,18 @@ class Recovery:
         elif record.native_id:
             self.pipeline.track(record.executor or self.site.default_executor, self.pipeline.job_for(record))
         elif record.intent:
+            # The submit was journalled as intended but its native id was never written: its job
+            # is looked for by name before anything is submitted again.
             self.pool.submit(self._readopt_intent, record.id)
         else:
             self.pool.submit(self.pipeline.stage_and_submit, record.id)
 
     def _readopt_intent(self, task_id: str) -> None:
-        """The submit was journalled as intended but its native id was never written: look for the
-        job by name before anything is submitted again, so one task never gets two jobs."""
-        record = self.journal.get(task_id)
-        if record is None or record.final:
-            return
-        executor, _ = self.pipeline.executors.start(record.executor or self.site.default_executor)
-        job = self.pipeline.job_for(record)
-        backoff = Backoff(cap=30.0, base=1.0, jitter=False)
-        while not self.closing():
-            try:
-                native_id = executor.find_by_name(job)
-                break
-            except Exception as exc:
-                delay = backoff.next()
-                log.warning("%s: cannot look for its job yet (%s); retrying in %.0fs", task_id, exc, delay,
-                            extra={"task_id": task_id})
-                self._stop.wait(delay)
-        else:
-            return
-        marker = read_marker(job.marker_path)
-        if native_id is None and marker is not None:  # it ran and ended: the marker decides
-            self.results.on_final(job, decide(marker, None, record.cancel_requested, job))
-            return
-        if native_id is not None:
-            job.native_id = native_id
-            self.transitions.change(task_id, State.SUBMITTED, native_id=native_id, message="re-adopted after a restart")
-            self.pipeline.track(executor.name, job)
-            return
-        log.info("%s: no job found for the journalled intent; submitting it now", task_id,
-                 extra={"task_id": task_id})
-        self.pipeline.submit(task_id, job, executor, attempt=record.attempt)
+        try:
+            self.pipeline.resume_submit(task_id, True, "re-adopted after a restart")
+        except Exception as exc:
+            log.exception("%s: re-adoption failed", task_id, extra={"task_id": task_id})
+            self.results.finish_early(task_id, Reason.LOST, f"could not be re-adopted after a restart: {exc}")
 
     def stop(self) -> None:
         self._stop.set()

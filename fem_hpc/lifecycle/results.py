@@ -1,5 +1,9 @@
 """From a job's end to its result: stage-out, the chunks, the final transition. Also the tracker's
-listener (RUNNING, pending reasons, the end) and the early end of a task that never ran."""
+listener (RUNNING, pending reasons, pauses, the end) and the early end of a task that never ran.
+
+A stage-out that cannot reach the cluster (outputs built where the job ran) stays in STAGING_OUT,
+paused, and is tried again later with backoff; the executor may drop the job's runtime-side
+leftovers (a remote work dir) only once the final transition is committed."""
 
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ from pathlib import Path
 from .. import metrics
 from ..backoff import Backoff
 from ..config import SiteConfig
-from ..executors.base import Job, NativeStatus
+from ..executors.base import Executor, ExecutorError, Job, NativeStatus, TransportError
 from ..journal import Journal
 from ..layout import FEM_DIR
 from ..model import OutputsInfo, Reason, ResultEvent, State, utcnow
-from ..staging.outputs import StageOutError, build_archive, tail
+from ..staging.outputs import Archive, StageOutError, build_archive, tail
+from .later import Retries
 from .outcome import Outcome
 from .tasks import TaskRegistry
 from .transitions import Transitions
@@ -28,8 +33,11 @@ log = logging.getLogger("fem_hpc.lifecycle")
 
 class Results:
     def __init__(self, site: SiteConfig, journal: Journal, registry: TaskRegistry, transitions: Transitions,
-                 out_pool: Pool, closing: Callable[[], bool]):
+                 out_pool: Pool, closing: Callable[[], bool], executor_for: Callable[[str], Executor],
+                 retries: Retries):
         self.site = site
+        self.executor_for = executor_for  # the executor instance of a configured name
+        self.retries = retries
         self.journal = journal
         self.registry = registry
         self.transitions = transitions
@@ -48,6 +56,13 @@ class Results:
 
     def on_final(self, job: Job, outcome: Outcome) -> None:
         self.out_pool.submit(self.stage_out_guarded, job, outcome)
+
+    def on_paused(self, job: Job, message: str) -> None:
+        # The cluster is unreachable: the task keeps its state, its message says why nothing moves.
+        self.journal.update(job.task.id, message=message)
+
+    def on_resumed(self, job: Job) -> None:
+        self.journal.update(job.task.id, message=None)
 
     # -- stage-out ------------------------------------------------------------------------------
     def stage_out_guarded(self, job: Job, outcome: Outcome) -> None:
@@ -73,14 +88,21 @@ class Results:
         cfg = self.site.stage_out
         note = outcome.message
         started = time.monotonic()
+        executor = self.executor_for(record.executor or self.site.default_executor)
         try:
-            archive = build_archive(job.workdir, job.task.outputs, max_bytes=cfg.max_bytes,
-                                    compress_level=cfg.compress_level)
-        except (StageOutError, OSError) as exc:
-            outcome = Outcome(State.FAILED, Reason.STAGE_OUT, outcome.exit_code, str(exc), outcome.started,
-                              outcome.finished)
-            note = str(exc)
-            archive = build_archive(job.workdir, [], max_bytes=cfg.max_bytes)  # the logs still go back
+            try:
+                archive = self._archive(executor, job, job.task.outputs)
+            except (StageOutError, ExecutorError, OSError) as exc:
+                if isinstance(exc, TransportError):
+                    raise
+                outcome = Outcome(State.FAILED, Reason.STAGE_OUT, outcome.exit_code, str(exc), outcome.started,
+                                  outcome.finished)
+                note = str(exc)
+                archive = self._logs_only(executor, job)  # the logs still go back
+        except TransportError as exc:
+            self._retry_stage_out(executor, job, outcome, exc)
+            return
+        self.retries.done(f"out:{task_id}")
         if archive.skipped:
             note = "; ".join(filter(None, [note, *archive.skipped]))
         info = OutputsInfo(size=archive.size, sha256=archive.sha256, chunks=archive.chunks(cfg.chunk_bytes))
@@ -93,10 +115,40 @@ class Results:
             stderr_tail=tail(job.fem_dir / "stderr", cfg.tail_bytes),
             labels=job.task.labels, native_id=job.native_id)
         metrics.stage_out(record.executor, time.monotonic() - started, archive.size)
-        self.final(task_id, result, note, executor=record.executor)
+        if self.final(task_id, result, note, executor=record.executor):
+            try:
+                executor.release(job, result.state)
+            except Exception as exc:  # a leftover on the cluster, never a reason to touch the result
+                log.warning("%s: cleanup after the result failed: %s", task_id, exc, extra={"task_id": task_id})
+
+    def _archive(self, executor: Executor, job: Job, patterns: list[str]) -> Archive:
+        """The archive built where the job ran (and brought here), or here from the work dir."""
+        cfg = self.site.stage_out
+        fetched = executor.fetch_outputs(job, patterns, max_bytes=cfg.max_bytes, compress_level=cfg.compress_level)
+        if fetched is not None:
+            return fetched
+        return build_archive(job.workdir, patterns, max_bytes=cfg.max_bytes, compress_level=cfg.compress_level)
+
+    def _logs_only(self, executor: Executor, job: Job) -> Archive:
+        try:
+            return self._archive(executor, job, [])
+        except TransportError:
+            raise
+        except (StageOutError, ExecutorError, OSError) as exc:  # even the logs are out of reach
+            log.warning("%s: no logs could be fetched: %s", job.task.id, exc, extra={"task_id": job.task.id})
+            return build_archive(job.workdir, [], max_bytes=self.site.stage_out.max_bytes)
+
+    def _retry_stage_out(self, executor: Executor, job: Job, outcome: Outcome, exc: TransportError) -> None:
+        task_id = job.task.id
+        self.journal.update(task_id, message=exc.pause_message)
+        delay = self.retries.schedule(f"out:{task_id}", executor.settings.retry_max_seconds,
+                                      self.out_pool.submit, self.stage_out_guarded, job, outcome)
+        if delay is not None:
+            log.warning("%s: stage-out %s (%s); retried in %.0fs", task_id, exc.pause_message, exc, delay,
+                        extra={"task_id": task_id})
 
     # -- the end ---------------------------------------------------------------------------------
-    def final(self, task_id: str, result: ResultEvent, message: str | None, *, executor: str | None) -> None:
+    def final(self, task_id: str, result: ResultEvent, message: str | None, *, executor: str | None) -> bool:
         """Commit the final transition, retrying while the journal cannot be written (disk full):
         the task stays where it was until then, so its result (and any reply the frontend sends
         with it) is never lost; a restart in the meantime redoes the stage-out."""
@@ -109,13 +161,14 @@ class Results:
                 if self.closing():
                     log.error("%s: cannot write its final state (%s); it is finished at the next start",
                               task_id, exc, extra={"task_id": task_id})
-                    return
+                    return False
                 delay = backoff.next()
                 log.error("%s: cannot write its final state (%s); retrying in %.0fs", task_id, exc, delay,
                           extra={"task_id": task_id})
                 self._stop.wait(delay)
         metrics.completion(executor, result.state.value, result.reason.value if result.reason else None)
         self.registry.finished(task_id)
+        return True
 
     def finish_early(self, task_id: str, reason: Reason | None, message: str, state: State = State.FAILED) -> None:
         """End a task that never ran (stage-in, submit or cancel before submit)."""

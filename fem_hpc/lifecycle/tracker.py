@@ -8,7 +8,14 @@ Two sources, cheap first:
 
 A failed poll never fails a job: the tracker marks itself stale and backs off. A job missing
 from the queue is decided by its marker, then the executor's second opinion (e.g. sacct), and
-only after a grace period declared LOST.
+only after a grace period declared LOST. While the cluster cannot be reached at all (a
+TransportError: SSH down, network cut) the tracker is *paused*: every job keeps its state, its
+status message says so, and tracking resumes (with backoff) when the link is back. A poll the
+scheduler call budget defers (Deferred) is just later.
+
+Where the markers live is the executor's business (read_markers): a stat on this host's disk
+every cycle, or one remote command per `marker_interval` for all jobs of a cluster without a
+shared file system.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from typing import Protocol
 
 from .. import metrics
 from ..backoff import Backoff
-from ..executors.base import Executor, Job, NativeStatus
-from ..layout import Marker, read_marker
+from ..executors.base import Deferred, Executor, Job, NativeStatus, TransportError
+from ..layout import Marker
 from ..model import Reason, State
 from .markers import MarkerWatcher
 from .outcome import Outcome, decide
 
 log = logging.getLogger("fem_hpc.tracker")
+OPINION_RETRY = 10.0  # seconds between two second opinions on one job missing from the queue
 
 
 class Listener(Protocol):
@@ -37,6 +45,10 @@ class Listener(Protocol):
     def on_pending(self, job: Job, status: NativeStatus) -> None: ...
 
     def on_final(self, job: Job, outcome: Outcome) -> None: ...
+
+    def on_paused(self, job: Job, message: str) -> None: ...
+
+    def on_resumed(self, job: Job) -> None: ...
 
 
 @dataclass
@@ -51,13 +63,16 @@ class _Tracked:
     polled_after_marker: bool = False
     final_seen_at: float | None = None
     missing_since: float | None = None
-    second_opinion_asked: bool = False
+    opinion_at: float = 0.0  # earliest time of the next second opinion
+    opinion: NativeStatus | None = None  # a final word from the second opinion, kept over later polls
+    paused: bool = False
+    cancel_failed: bool = False  # the cancel could not reach the cluster: sent again when it can
 
 
 class Tracker:
     def __init__(self, executor: Executor, listener: Listener, *, marker_interval: float = 0.2,
                  lost_grace: float = 60.0, marker_grace: float = 3.0, signal_wait: float = 10.0,
-                 clock: Callable[[], float] = time.time, watch_markers: bool = True):
+                 clock: Callable[[], float] = time.time, watch_markers: bool = True, retry_cap: float = 30.0):
         self.executor = executor
         self.listener = listener
         self.marker_interval = marker_interval
@@ -65,6 +80,7 @@ class Tracker:
         self.marker_grace = marker_grace  # a job the scheduler says ended may write its marker late (NFS)
         self.signal_wait = signal_wait  # how long a stopped job waits for the scheduler's reason
         self.stale = False
+        self.paused: TransportError | None = None  # set while the cluster cannot be reached
         self.clock = clock  # injected so tests drive grace periods without sleeping
         self.poll_errors = 0
         self.poll_count = 0  # successful batched polls (the scheduler-call budget of tests and benches)
@@ -74,10 +90,12 @@ class Tracker:
         self._stop = threading.Event()
         self._next_poll = 0.0
         self._last_poll_at = 0.0
-        self._backoff = Backoff(cap=60.0, base=1.0, jitter=False)
+        self._next_markers = 0.0
+        self._backoff = Backoff(cap=retry_cap, base=1.0, jitter=False)
         self._thread = threading.Thread(target=self._run, name=f"tracker-{executor.name}", daemon=True)
         # Markers are seen at once where inotify works; the stat loop is the fallback.
-        self._watcher = MarkerWatcher(self._wake.set) if watch_markers else None
+        local = watch_markers and executor.markers_are_local()
+        self._watcher = MarkerWatcher(self._wake.set) if local else None
 
     def start(self) -> None:
         self._thread.start()
@@ -107,6 +125,10 @@ class Tracker:
             t.cancel_requested = True
         try:
             self.executor.cancel(t.job)
+        except (TransportError, Deferred) as exc:
+            t.cancel_failed = True  # sent again after the next poll that works
+            log.warning("cancel of %s must wait: %s", task_id, exc, extra={"task_id": task_id,
+                                                                          "native_id": t.job.native_id})
         except Exception as exc:  # the next poll shows whether it took effect
             log.warning("cancel of %s failed: %s", task_id, exc, extra={"task_id": task_id,
                                                                           "native_id": t.job.native_id})
@@ -134,14 +156,14 @@ class Tracker:
         with a fake clock."""
         with self._lock:
             tracked = list(self._jobs.values())
-        if not tracked:
-            return
         now = self.clock()
-        for t in tracked:
-            if t.marker is None:
-                t.marker = read_marker(t.job.marker_path)
-                if t.marker is not None:
-                    t.marker_at = now
+        if not tracked:
+            self.paused, self.stale = None, False  # nothing waits on the link (the next job asks again)
+            if self.executor.has_pending_work() and now >= max(self._next_markers, self._next_poll):
+                self._read_markers([], now)  # e.g. remote work dirs left to remove
+            return
+        if not self._read_markers(tracked, now):
+            return  # the cluster is unreachable: nothing to decide until it answers again
         # A job stopped by a signal (walltime, scancel by an admin) waits for the scheduler's
         # reason: ask about once a second meanwhile instead of on the slow schedule.
         waiting_for_reason = any(self._stopped(t) for t in tracked)
@@ -151,6 +173,67 @@ class Tracker:
         for t in tracked:
             self._decide(t, now, polled)
 
+    def _read_markers(self, tracked: list[_Tracked], now: float) -> bool:
+        """Look for the markers not seen yet; False while the cluster cannot be reached."""
+        interval = self.executor.marker_interval()
+        pending = [t for t in tracked if t.marker is None]
+        if interval is not None:
+            if self.paused is not None and now < self._next_poll:
+                return False  # waiting for the next attempt to reach the cluster
+            if now < self._next_markers or (not pending and tracked):
+                return True
+            self._next_markers = now + interval
+        try:
+            found = self.executor.read_markers([t.job for t in pending])
+        except TransportError as exc:
+            self._link_down(exc, tracked, now)
+            return False
+        except Exception as exc:  # one odd answer: the poll and the next read decide
+            log.warning("reading the markers of %s failed: %s", self.executor.name, exc)
+            return True
+        if interval is not None:
+            self._link_up(tracked)  # they came from the cluster: it answers
+        for t in pending:
+            marker = found.get(t.job.task.id)
+            if marker is not None:
+                t.marker, t.marker_at = marker, now
+        return True
+
+    def _link_down(self, exc: TransportError, tracked: list[_Tracked], now: float) -> None:
+        """The cluster cannot be reached: pause every job (state kept, message set), retry later."""
+        self.poll_errors += 1
+        delay = self._backoff.next()
+        self._next_poll = now + delay
+        if self.paused is None:
+            log.warning("%s: %s (%s); %d job(s) keep their state, retrying in %.0fs", self.executor.name,
+                        exc.pause_message, exc, len(tracked), delay)
+        self.paused = exc
+        self.stale = True
+        for t in tracked:
+            if not t.paused:
+                t.paused = True
+                self.listener.on_paused(t.job, exc.pause_message)
+
+    def _link_up(self, tracked: list[_Tracked]) -> None:
+        if self.paused is None:
+            return
+        log.info("%s answers again (unreachable since %s); tracking resumes", self.executor.name,
+                 self.paused.pause_message.rsplit(" ", 1)[-1])
+        self.paused = None
+        self._backoff.reset()
+        for t in tracked:
+            if t.paused:
+                t.paused = False
+                t.pending_reason = None  # let the next poll say again why it waits
+                self.listener.on_resumed(t.job)
+        self._resend_cancels(tracked)
+
+    def _resend_cancels(self, tracked: list[_Tracked]) -> None:
+        for t in tracked:
+            if t.cancel_requested and t.cancel_failed:
+                t.cancel_failed = False
+                self.cancel(t.job.task.id)
+
     def _poll(self, tracked: list[_Tracked], now: float) -> bool:
         jobs = [t.job for t in tracked if t.job.native_id is not None]
         self._last_poll_at = now
@@ -159,6 +242,12 @@ class Tracker:
         try:
             statuses = self.executor.poll(jobs)
             ok = True
+        except Deferred as exc:  # the call budget has no token: a later poll, nothing stale
+            self._next_poll = now + exc.retry_after
+            return False
+        except TransportError as exc:
+            self._link_down(exc, tracked, now)
+            return False
         except Exception as exc:
             self.poll_errors += 1
             delay = self._backoff.next()
@@ -171,8 +260,10 @@ class Tracker:
         finally:
             metrics.poll_cycle(self.executor.name, time.monotonic() - start, ok)
         self.poll_count += 1
-        if self.stale:
+        if self.stale and self.paused is None:
             log.info("poll of %s works again", self.executor.name)
+        self._link_up(tracked)
+        self._resend_cancels(tracked)
         self.stale = False
         self._backoff.reset()
         youngest = min(now - t.job.submitted_at for t in tracked)
@@ -181,7 +272,7 @@ class Tracker:
             st = statuses.get(t.job.native_id or "")
             if st is not None and st.job_name and st.job_name != t.job.job_name:
                 st = None  # the id was reused by another job (e.g. after a controller reset)
-            t.status = st
+            t.status = st if st is not None else t.opinion  # gone from the queue: accounting's word stays
             if t.marker is not None:
                 t.polled_after_marker = True
         return True
@@ -218,19 +309,27 @@ class Tracker:
             return
         if not polled or t.job.native_id is None:
             return
-        # Gone from the queue with no marker yet.
+        # Gone from the queue with no marker yet: ask the second opinion (sacct), again every
+        # OPINION_RETRY seconds while it has no final word (accounting may not have the job's end
+        # yet, or not even the job); LOST only when the grace has passed without one.
         t.missing_since = t.missing_since or now
-        if not t.second_opinion_asked and now - t.missing_since >= self.marker_grace:
-            t.second_opinion_asked = True
+        if now - t.missing_since >= self.marker_grace and now >= t.opinion_at:
+            t.opinion_at = now + OPINION_RETRY
             try:
                 opinion = self.executor.lookup_finished(t.job)
+            except (Deferred, TransportError):  # the call budget, or the link: ask again next poll
+                t.opinion_at = 0.0
+                opinion = None
             except Exception as exc:
                 log.info("second opinion on %s failed: %s", t.job.task.id, exc,
                          extra={"task_id": t.job.task.id, "native_id": t.job.native_id})
                 opinion = None
             if opinion is not None and opinion.state.final:
-                t.status = opinion
+                t.status = t.opinion = opinion
                 t.final_seen_at = now
+                return
+            if opinion is not None:  # accounting knows it alive (pending/running): not gone
+                t.missing_since = now
                 return
         if now - t.missing_since >= self.lost_grace:
             self._finish(t, Outcome(
@@ -241,6 +340,8 @@ class Tracker:
     def _finish(self, t: _Tracked, outcome: Outcome) -> None:
         with self._lock:
             self._jobs.pop(t.job.task.id, None)
+        if t.paused:
+            self.listener.on_resumed(t.job)
         if self._watcher is not None:
             self._watcher.remove(t.job.fem_dir)
         try:

@@ -204,6 +204,15 @@ def executor_health_checks(site: SiteConfig, executors: dict[str, dict[str, Any]
             out.append(make_check(f"{name}: executor", "error", str(h["error"]),
                                   f"fix executors.{name} or its runtime"))
             continue
+        down = h.get("unreachable")
+        if down:
+            # Paused, not failed: its tasks keep their state and carry on when the link is back.
+            out.append(make_check(f"{name}: cluster", "warning",
+                                  f"{down['message']}; {h.get('tracked', 0)} tracked job(s) keep their state "
+                                  f"and submits wait ({down['error']})",
+                                  f"check the network and sshd of {down['host']} (executors.{name}.ssh); "
+                                  "fem-hpc reconnects by itself"))
+            continue
         checks = [Check.model_validate(c) for c in h.get("checks", [])]
         out += [named(name, c) for c in checks] if checks else [runtime_check(site, name)]
         if h.get("stale"):

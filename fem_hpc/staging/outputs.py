@@ -3,6 +3,8 @@
 Globs resolve inside the work dir only: a match that is (or lies under) a symlink pointing
 outside the work dir is skipped and reported, never followed. Memory stays flat whatever the
 output size: files are streamed into the archive and the archive is hashed as it is written.
+The selection and the archive format are packer.py's, shared with stage-out on a cluster
+without a shared file system.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import hashlib
 import io
 import os
 import tarfile
-import zlib
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..layout import ARCHIVE_NAME, FEM_DIR
+from .packer import OverLimit, check_size, collect, looks_compressible, write_archive
+
+__all__ = ["Archive", "StageOutError", "build_archive", "collect", "looks_compressible", "safe_extract", "tail"]
 
 
 class StageOutError(Exception):
@@ -60,112 +63,20 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def collect(workdir: Path, patterns: list[str]) -> tuple[list[Path], list[str]]:
-    """Regular files matched by the patterns (a matched directory brings its files), relative to
-    the work dir, plus notes on what was refused."""
-    root = workdir.resolve()
-    found: dict[str, Path] = {}
-    skipped: list[str] = []
-
-    def consider(p: Path) -> None:
-        rel = p.relative_to(workdir)
-        if rel.parts and rel.parts[0] == FEM_DIR:
-            return
-        # Check every component: a symlinked parent directory could lead outside too.
-        real = p.resolve()
-        if not _inside(real, root):
-            skipped.append(f"{rel}: symlink pointing outside the work dir, not followed")
-            return
-        if p.is_symlink() and p.is_dir():
-            skipped.append(f"{rel}: symlinked directory, not followed")
-            return
-        if p.is_file():
-            found.setdefault(str(rel), p)
-        elif p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
-                for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-                    consider(Path(dirpath) / name)
-
-    for pattern in patterns:
-        for match in _glob(workdir, pattern):
-            consider(match)
-    return [found[k] for k in sorted(found)], skipped
-
-
-def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
-    """Glob matching by path segment: `**` is any number of segments, other segments are fnmatch."""
-    if not pattern:
-        return not parts
-    if pattern[0] == "**":
-        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
-
-
-def _glob(workdir: Path, pattern: str) -> list[Path]:
-    """The entries of the work dir matching `pattern`, found by a walk that never descends through
-    a symlinked directory (Path.glob does, and would list the names behind a link to /etc)."""
-    wanted = PurePosixPath(pattern).parts
-    out = []
-    for dirpath, dirnames, filenames in os.walk(workdir, followlinks=False):
-        base = Path(dirpath).relative_to(workdir).parts
-        for name in dirnames + filenames:
-            if _matches((*base, name), wanted):
-                out.append(Path(dirpath) / name)
-    return sorted(out)
-
-
-def looks_compressible(files: list[Path], sample: int = 64 * 1024, max_files: int = 64) -> bool:
-    """Whether deflate would gain anything on these files, judged on a sample of each of the
-    largest ones (model weights and other binaries barely compress; logs and CSVs do)."""
-    largest = sorted(files, key=lambda f: f.stat().st_size, reverse=True)[:max_files]
-    raw = packed = 0
-    for f in largest:
-        with open(f, "rb") as fh:
-            head = fh.read(sample)
-        if head:
-            weight = max(1, f.stat().st_size // max(1, len(head)))
-            raw += len(head) * weight
-            packed += len(zlib.compress(head, 1)) * weight
-    return raw == 0 or packed < 0.9 * raw
-
-
 def build_archive(workdir: Path, patterns: list[str], *, max_bytes: int, dest: Path | None = None,
                   compress_level: int | None = None) -> Archive:
     """`compress_level` None picks 1 for compressible outputs and 0 (stored, still gzip) for
     outputs that would not shrink, where deflate would only cost time."""
     files, skipped = collect(workdir, patterns)
-    total = sum(f.stat().st_size for f in files)
-    if compress_level is None:
-        compress_level = 1 if looks_compressible(files) else 0
-    if total > max_bytes:
-        raise StageOutError(
-            f"outputs are {total} bytes, over this site's limit of {max_bytes} bytes per task (stage_out.max_bytes)"
-        )
-    fem = workdir / FEM_DIR
-    dest = dest or fem / ARCHIVE_NAME
+    try:
+        check_size(files, max_bytes)
+    except OverLimit as exc:
+        raise StageOutError(str(exc)) from None
+    dest = dest or workdir / FEM_DIR / ARCHIVE_NAME
     tmp = dest.with_name(dest.name + ".tmp")
-    names = []
     with open(tmp, "wb") as raw:
         writer = _HashingWriter(raw)
-        # Never above the configured level: gzip -6/-9 would cap stage-out far below what the
-        # broker moves on a LAN.
-        with tarfile.open(fileobj=writer, mode="w:gz", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
-                          compresslevel=compress_level) as tar:
-            for f in files:
-                arc = f"outputs/{f.relative_to(workdir)}"
-                # The resolved path: a symlink to a file inside the work dir goes in as its content.
-                tar.add(str(f.resolve()), arcname=arc, recursive=False)
-                names.append(arc)
-            for stream in ("stdout", "stderr"):
-                log_file = fem / stream
-                info = tarfile.TarInfo(f"logs/{stream}")
-                if log_file.is_file():
-                    info.size = log_file.stat().st_size
-                    with open(log_file, "rb") as lf:
-                        tar.addfile(info, lf)
-                else:
-                    tar.addfile(info, io.BytesIO(b""))
-                names.append(f"logs/{stream}")
+        write_archive(writer, workdir, files, compress_level)  # type: ignore[arg-type]
     os.replace(tmp, dest)
     return Archive(path=dest, size=writer.size, sha256=writer.sha.hexdigest(), skipped=skipped)
 

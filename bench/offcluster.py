@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Off-cluster (no shared file system) against shared file system, over the same SSH (run by hand).
+
+    python bench/offcluster.py [-n 200] [--repeat 1]
+
+Two phases with N trivial tasks (`true`) each, through a `fem-hpc serve` subprocess whose default
+executor is the real Slurm reached over a real sshd on 127.0.0.1 (tests/sshkit.py starts it):
+  shared    `ssh:` only: scheduler commands over SSH, work dirs read on the shared disk;
+  offcluster `remote_work_root`: the work dir goes over as a tar stream, markers are read with one
+            remote command per second, the outputs archive is built on the cluster and streamed
+            back, the remote work dir removed afterwards. The service runs in a mount namespace
+            where the cluster's scratch is an empty tmpfs (as in tests/test_offcluster.py).
+Printed per phase: wall time (first publish -> last result), SSH round trips (channels opened,
+from the service's metrics) and per task, SSH connections, the service's peak RSS (VmHWM), and
+the scheduler calls by kind. Then the ratio of the wall times. Needs `scripts/testbed up`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pika
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from sshkit import SSHD  # noqa: E402 - the test kit's real sshd
+
+BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+HIDE = 'mount -t tmpfs -o size=1m,mode=0 fem-cluster-hidden "$1" && shift && exec "$@"'
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:  # loopback only
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def vmhwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def fem_hpc_argv() -> list[str]:
+    beside = Path(sys.executable).parent / "fem-hpc"
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "fem_hpc.cli"]
+
+
+def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channels: int) -> dict[str, Any]:
+    node = f"bench-oc-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    slurm: dict[str, Any] = {"partition": "debug", "ssh": sshd.settings_dict(max_channels=channels)}
+    prefix: list[str] = []
+    if mode == "offcluster":
+        hidden = root / f"cluster-{node}"
+        (hidden / "scratch").mkdir(parents=True)
+        slurm["remote_work_root"] = str(hidden / "scratch")
+        prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", HIDE, "sh", str(hidden)]
+    cfg = {"node": node, "broker": {"url": BROKER_URL}, "state_dir": str(root / f"{node}-state"),
+           "work_root": str(root / f"{node}-work"), "default_executor": "slurm", "executors": {"slurm": slurm},
+           "metrics": {"listen": f"127.0.0.1:{port}"}}
+    cfg_path = root / f"{node}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    serve_log = root / f"{node}.log"
+    with open(serve_log, "ab") as out:
+        proc = subprocess.Popen([*prefix, *fem_hpc_argv(), "serve", "--config", str(cfg_path)], stdout=out,
+                                stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while "consuming queue" not in serve_log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fem-hpc serve did not start:\n{serve_log.read_text(errors='replace')}")
+            time.sleep(0.1)
+        reply = f"{node}.bench-replies"
+        conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+        ch = conn.channel()
+        ch.queue_declare(queue=reply, durable=True)
+        t0 = time.monotonic()
+        for i in range(n):
+            body = json.dumps({"fem": 1, "op": "submit", "task": {"id": f"t{i:05d}-{node}", "command": ["true"]}})
+            ch.basic_publish("", node, body.encode(), pika.BasicProperties(
+                content_type="application/json", delivery_mode=2, correlation_id=uuid.uuid4().hex,
+                message_id=uuid.uuid4().hex, reply_to=reply))
+        results: dict[str, str] = {}
+        end = t0 + timeout
+        while len(results) < n and time.monotonic() < end:
+            try:
+                if not conn.is_open:
+                    conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+                    ch = conn.channel()
+                for method, props, body in ch.consume(reply, auto_ack=True, inactivity_timeout=0.2):
+                    if method is not None and props.type != "chunk":
+                        event = json.loads(body)
+                        if event.get("type") == "result":
+                            results[event["task_id"]] = event["state"]
+                    if len(results) == n or time.monotonic() > end:
+                        break
+            except pika.exceptions.AMQPError as exc:
+                log(f"{mode}: broker connection lost ({type(exc).__name__}); reconnecting")
+                time.sleep(0.5)
+        wall = time.monotonic() - t0
+        time.sleep(1.5)  # the last remote cleanup cycle
+        m = metrics(port)
+        rss = vmhwm_mb(proc.pid)
+        try:
+            ch.queue_delete(reply)
+            conn.close()
+        except pika.exceptions.AMQPError:
+            pass
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    channels = m.get('fem_ssh_channels_total{host="127.0.0.1"}', 0.0)
+    calls = {k.split('kind="')[1].rstrip('"}'): v for k, v in m.items()
+             if k.startswith("fem_scheduler_calls_total{")}
+    return {"mode": mode, "n": n, "ok": sum(1 for s in results.values() if s == "COMPLETED"), "wall": wall,
+            "channels": channels, "per_task": channels / n, "rss_mb": rss, "calls": calls,
+            "connects": m.get('fem_ssh_connects_total{host="127.0.0.1"}')}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--max-channels", type=int, default=4, help="ssh.max_channels (default 4, as the config's)")
+    ap.add_argument("--only", choices=("shared", "offcluster"), help="one phase only")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fem-bench-oc-") as tmp:
+        root = Path(tmp)
+        rows = []
+        for r in range(args.repeat):
+            for mode in [args.only] if args.only else ["shared", "offcluster"]:
+                sshd = SSHD(root / f"sshd-{mode}-{r}").start()  # a fresh sshd: its own connection count
+                try:
+                    log(f"{mode} #{r + 1}: {args.n} tasks")
+                    rows.append(run_phase(root, sshd, mode, args.n, args.timeout, args.max_channels))
+                    rows[-1]["accepted"] = sshd.accepted()
+                finally:
+                    sshd.stop()
+    print(f"{'mode':<11} {'ok':>5} {'wall s':>8} {'SSH trips':>10} {'per task':>9} {'conns':>6} {'peak RSS MB':>12}"
+          "  scheduler calls")
+    for row in rows:
+        print(f"{row['mode']:<11} {row['ok']:>5} {row['wall']:>8.1f} {row['channels']:>10.0f} {row['per_task']:>9.2f} "
+              f"{row['accepted']:>6} {row['rss_mb']:>12.0f}  {row['calls']}")
+    by_mode = {mode: sorted(r["wall"] for r in rows if r["mode"] == mode) for mode in ("shared", "offcluster")}
+    med = {mode: walls[len(walls) // 2] for mode, walls in by_mode.items() if walls}
+    if len(med) == 2:
+        print(f"wall time off-cluster / shared file system: {med['offcluster'] / med['shared']:.2f} "
+              f"(median {med['offcluster']:.1f}s vs {med['shared']:.1f}s)")
+    return 0 if all(r["ok"] == r["n"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
