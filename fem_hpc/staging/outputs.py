@@ -55,14 +55,6 @@ class _HashingWriter(io.RawIOBase):
         return self._f.write(b)
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
-
-
 def build_archive(workdir: Path, patterns: list[str], *, max_bytes: int, dest: Path | None = None,
                   compress_level: int | None = None) -> Archive:
     """`compress_level` None picks 1 for compressible outputs and 0 (stored, still gzip) for
