@@ -351,9 +351,13 @@ def test_stream_into_a_command_that_stops_reading(runner: SSHRunner):
 
 def test_stream_on_a_lost_link_is_a_transport_error(runner: SSHRunner, sshd: SSHD):
     runner.run(["true"])
-    threading.Timer(1.0, sshd.stop).start()
-    with pytest.raises(RunnerError) as err:
-        runner.stream(["sh", "-c", "sleep 30"], sink=lambda b: None, idle_timeout=20)
+    stopper = threading.Timer(1.0, sshd.stop)
+    stopper.start()
+    try:
+        with pytest.raises(RunnerError) as err:
+            runner.stream(["sh", "-c", "sleep 30"], sink=lambda b: None, idle_timeout=20)
+    finally:
+        stopper.join()  # the fixture's own stop must not race this one
     assert err.value.transport
 
 

@@ -16,7 +16,8 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -226,22 +227,13 @@ class SSHRunner(Runner):
         with self._channels:
             client, chan = self._open(lambda t: t.open_session(timeout=self.settings.connect_timeout),
                                       "cannot open a channel")
-            try:
+            with self._on_channel(client, chan, argv, start):
                 chan.exec_command(command)
                 if stdin:
                     chan.sendall(stdin)
                 chan.shutdown_write()
                 out, err = self._collect(chan, argv, deadline, timeout)
                 rc = self._exit_status(client, chan, argv)
-            except RunnerError:
-                observe(argv, time.monotonic() - start, False)
-                raise
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                self._drop(client, exc)
-                raise RunnerError(f"{self.describe()}: connection lost during {argv[0]}: {exc}",
-                                  transport=True) from None
-            finally:
-                chan.close()
         seconds = time.monotonic() - start
         observe(argv, seconds, rc == 0)
         return CommandResult(argv, rc, out.decode(errors="replace"), err.decode(errors="replace"), seconds)
@@ -340,7 +332,7 @@ class SSHRunner(Runner):
         with self._channels:
             client, chan = self._open(lambda t: t.open_session(timeout=self.settings.connect_timeout),
                                       "cannot open a channel")
-            try:
+            with self._on_channel(client, chan, argv, start):
                 chan.settimeout(idle_timeout)  # a send into a window that never opens raises
                 chan.exec_command(shlex.join(argv))
                 if feed is not None:
@@ -353,18 +345,26 @@ class SSHRunner(Runner):
                     chan.shutdown_write()
                 self._drain(chan, out, err, sink, argv, idle_timeout)
                 rc = self._exit_status(client, chan, argv)
-            except RunnerError:
-                observe(argv, time.monotonic() - start, False)
-                raise
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                self._drop(client, exc)
-                raise RunnerError(f"{self.describe()}: connection lost during {argv[0]}: {exc}",
-                                  transport=True) from None
-            finally:
-                chan.close()
         seconds = time.monotonic() - start
         observe(argv, seconds, rc == 0)
         return CommandResult(argv, rc, out.decode(errors="replace"), err.decode(errors="replace"), seconds)
+
+    @contextmanager
+    def _on_channel(self, client: paramiko.SSHClient, chan: paramiko.Channel, argv: list[str],
+                    start: float) -> Iterator[None]:
+        """Around one command on its channel: a failure is counted, a lost connection is dropped and
+        raised as a transport error (the caller pauses, never fails), and the channel is closed."""
+        try:
+            yield
+        except RunnerError:
+            observe(argv, time.monotonic() - start, False)
+            raise
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self._drop(client, exc)
+            raise RunnerError(f"{self.describe()}: connection lost during {argv[0]}: {exc}",
+                              transport=True) from None
+        finally:
+            chan.close()
 
     def _exit_status(self, client: paramiko.SSHClient, chan: paramiko.Channel, argv: list[str]) -> int:
         """The command's exit status. A channel closed without one (-1) on a connection that died
