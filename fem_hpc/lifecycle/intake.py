@@ -14,7 +14,7 @@ from ..config import SiteConfig
 from ..diskguard import DiskGuard
 from ..journal import Journal, Message, Route, TaskRecord, Tombstone
 from ..layout import ARCHIVE_NAME, FEM_DIR, task_workdir
-from ..model import FieldError, Reason, ResultEvent, State, StatusEvent, parse_task, utcnow
+from ..model import FieldError, Reason, ResultEvent, State, StatusEvent, parse_task
 from ..policy import check_policy, effective_task, executor_for
 from .ports import TaskView
 from .tasks import TaskRegistry
@@ -91,9 +91,7 @@ class Intake:
         frontend, with fresh seqs. Runs nothing."""
 
         def status(tomb: Tombstone, seq: int) -> list[Message]:
-            ev = StatusEvent(node=self.site.node, task_id=tomb.id, seq=seq, state=tomb.state, time=utcnow(),
-                             message=tomb.note(), labels=tomb.labels)
-            return self.transitions.messages(None, ev, to=route)
+            return self.transitions.messages(None, self.transitions.tombstone_status(tomb, seq), to=route)
 
         def result(tomb: Tombstone, seq: int) -> list[Message]:
             ev = ResultEvent(node=self.site.node, task_id=tomb.id, seq=seq, state=tomb.state,

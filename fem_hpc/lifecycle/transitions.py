@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..journal import Journal, Message, Route, TaskRecord
+from ..journal import Journal, Message, Route, TaskRecord, Tombstone
 from ..model import OutputsInfo, ResultEvent, State, StatusEvent, utcnow
 from .ports import Chunk, Frontend, Silent, TaskEvent, TaskView
 from .tasks import TaskRegistry
@@ -113,15 +113,18 @@ class Transitions:
                 view, Chunk(task_id, seq, i, info.chunks, info.sha256, (str(archive), o, n)), to=to))
         self.journal.events(task_id, makers)
 
+    def tombstone_status(self, tomb: Tombstone, seq: int) -> StatusEvent:
+        """The final status of a task retention compacted, as its tombstone keeps it."""
+        return StatusEvent(node=self.node, task_id=tomb.id, seq=seq, state=tomb.state, time=utcnow(),
+                           message=tomb.note(), labels=tomb.labels)
+
     # -- answers -----------------------------------------------------------------------------------
     def answer(self, task_id: str, record: TaskRecord | None, note: str | None, to: Route) -> State:
         """One status event with the task's current state for whoever asked; UNKNOWN, outside any
         task's seq, for a task this node never saw."""
         if record is None:
-            tomb = self.journal.retention.tombstone_events(task_id, [
-                lambda tomb, seq: self.messages(None, StatusEvent(
-                    node=self.node, task_id=tomb.id, seq=seq, state=tomb.state, time=utcnow(), message=tomb.note(),
-                    labels=tomb.labels), to=to)])
+            tomb = self.journal.retention.tombstone_events(
+                task_id, [lambda tomb, seq: self.messages(None, self.tombstone_status(tomb, seq), to=to)])
             if tomb is not None:
                 return tomb.state  # compacted by retention: its final state, from the tombstone
             ev = StatusEvent(node=self.node, task_id=task_id, seq=0, state=State.UNKNOWN, time=utcnow(),
