@@ -189,9 +189,9 @@ class LegacyOrchestrator:
     pipe-separated body on the node queue, an exclusive auto-named reply queue, a uuid4 correlation
     id, and a chunked reply joined by index and checked against its sha256."""
 
-    def __init__(self, queue: str):
+    def __init__(self, queue: str, url: str = BROKER_URL):
         self.queue = queue
-        self.conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+        self.conn = pika.BlockingConnection(pika.URLParameters(url))
         self.ch = self.conn.channel()
         self.reply_queue = self.ch.queue_declare("", exclusive=True).method.queue
 

@@ -15,16 +15,14 @@ import json
 import logging
 import re
 import secrets
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pika
 import pytest
 import services
-from brokerkit import ServeProcess, rabbitmqctl, task, unique_node
+from brokerkit import LegacyOrchestrator, ServeProcess, rabbitmqctl, task, unique_node
 
 from fem_hpc.client import Client
 from fem_hpc.logs import JSONFormatter, TextFormatter, _ContextFilter, redact, register_secret, setup_logging
@@ -131,32 +129,6 @@ def broker_user() -> Iterator[tuple[str, str]]:
         rabbitmqctl("delete_user", user)
 
 
-def _legacy_call(url: str, queue: str, body: str, timeout: float = 60) -> dict[str, Any]:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        ch = conn.channel()
-        reply_queue = ch.queue_declare("", exclusive=True).method.queue
-        corr = str(uuid.uuid4())
-        ch.basic_publish("", queue, body.encode(), pika.BasicProperties(reply_to=reply_queue, correlation_id=corr))
-        start, chunks = None, {}
-        deadline = time.monotonic() + timeout
-        for method, props, raw in ch.consume(reply_queue, inactivity_timeout=0.5):
-            if time.monotonic() > deadline:
-                raise AssertionError("no legacy reply in time")
-            if method is None or props.correlation_id != corr:
-                continue
-            msg = json.loads(raw)
-            if msg["type"] == "chunk_start":
-                start = msg
-            else:
-                chunks[msg["index"]] = base64.b64decode(msg["data"])
-            if start is not None and len(chunks) == start["total"]:
-                return json.loads(b"".join(chunks[i] for i in range(start["total"])))
-        raise AssertionError("unreachable")
-    finally:
-        conn.close()
-
-
 @pytest.mark.rabbitmq
 def test_no_secret_in_any_log_line(tmp_path: Path, broker_user: tuple[str, str]) -> None:
     user, password = broker_user
@@ -183,7 +155,11 @@ def test_no_secret_in_any_log_line(tmp_path: Path, broker_user: tuple[str, str])
                                 timeout=90)
             rejected = c.submit(task("sec-rej-4", ["true"], resources={"cpus": 64}), timeout=60)
             health = c.health(timeout=30)
-        legacy = _legacy_call(url, node, "health-check|t|{}|{\"execution_id\": \"e\"}|{}|u|None|{}|" + legacy_token)
+        orchestrator = LegacyOrchestrator(node, url)
+        try:
+            legacy = orchestrator.call("health-check|t|{}|{\"execution_id\": \"e\"}|{}|u|None|{}|" + legacy_token)
+        finally:
+            orchestrator.close()
     finally:
         code = serve.stop()
     assert (ok.state, fail.state, git_fail.state, rejected.state) == ("COMPLETED", "FAILED", "FAILED", "REJECTED")
