@@ -111,11 +111,11 @@ class Service:
         return ServiceState(consumer_connected=self.consumer.connected.is_set(),
                             publisher_connected=self.publisher.connected.is_set(),
                             outbox_depth=self.journal.outbox_depth(), reconnects=self.reconnects,
-                            tasks=self.journal.counts_by_state())
+                            tasks=self.journal.counts_by_state(), disk_guard=self.agent.disk_guard.state(),
+                            retention=self.gc.summary())
 
     def health(self) -> dict[str, Any]:
-        return {**health_reply(self.site, self.state(), self.agent.executors_health()),
-                "disk_guard": self.agent.disk_guard.state(), "retention": self.gc.summary()}
+        return health_reply(self.site, self.state(), self.agent.executors_health())
 
     def metrics_sources(self) -> Sources:
         return Sources(

@@ -1,4 +1,5 @@
-"""Small shared fixtures: a site config dict in tmp_path, and the real `fem-hpc` command."""
+"""Small shared fixtures: a site config dict in tmp_path, the real `fem-hpc` command, and a real
+loopback sshd (tests/sshkit.py) for the tests that reach a cluster over SSH."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import services
 import yaml
+from sshkit import SSHD
 
 
 def fem_hpc_command() -> list[str]:
@@ -75,3 +78,17 @@ def cli():
                               timeout=timeout, env=env, cwd=cwd)
 
     return run
+
+
+@pytest.fixture
+def sshd(request: pytest.FixtureRequest, tmp_path: Path):
+    """A real sshd on a loopback port of its own, for this test only. The services the test is
+    marked with (slurm, rabbitmq, pbs ...) are required first, so a missing one fails the test under
+    CI instead of surfacing as an SSH error later."""
+    services.require("ssh")
+    marked = {m.name for m in request.node.iter_markers()} & set(services.SERVICES)
+    for name in sorted(marked - {"ssh"}):
+        services.require(name)
+    server = SSHD(tmp_path).start()
+    yield server
+    server.stop()

@@ -13,6 +13,7 @@ from collections import namedtuple
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 import services
 from brokerkit import BROKER_URL, ServeProcess, rabbitmqctl, unique_node
@@ -52,15 +53,43 @@ def _free_port() -> int:
 def good(site: dict[str, Any]) -> dict[str, Any]:
     site = dict(site)
     site["node"] = unique_node("doc")
-    site["broker"] = {"url": BROKER_URL}
+    # an events exchange of this test's own: whether it exists does not depend on which tests ran before
+    site["broker"] = {"url": BROKER_URL, "events_exchange": f"fem.events.{site['node']}"}
     site["policy"] = {"git": ["file://*"]}
     return site
+
+
+def _declare_exchange(name: str) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    try:
+        conn.channel().exchange_declare(name, exchange_type="topic", durable=True)
+    finally:
+        conn.close()
+
+
+def _delete_exchange(name: str) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    try:
+        conn.channel().exchange_delete(name)
+    finally:
+        conn.close()
 
 
 @pytest.mark.rabbitmq
 def test_good_config_is_all_ok(cli, write_config, good):
     services.require("rabbitmq")
-    code, report = _doctor(cli, write_config(good))
+    exchange = good["broker"]["events_exchange"]
+    config = write_config(good)
+    # before any serve: the exchange is missing, a warning with its fix, not an error
+    code, report = _doctor(cli, config)
+    assert code == 0, report
+    missing = _by_name(report)["broker events exchange"]
+    assert missing["status"] == "warning" and "will be declared at first serve" in missing["fix"], missing
+    _declare_exchange(exchange)
+    try:
+        code, report = _doctor(cli, config)
+    finally:
+        _delete_exchange(exchange)
     checks = _by_name(report)
     assert code == 0, report
     assert report["ok"] is True and report["counts"]["error"] == 0

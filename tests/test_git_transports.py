@@ -3,13 +3,11 @@ site's per-host key (GIT_SSH_COMMAND) against the loopback sshd."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from gitkit import Repo, git
 from gitkit import git_daemon as serve_git
-from sshkit import SSHD
 
 from fem_hpc.config import config_from_dict
 from fem_hpc.journal import Journal
@@ -57,23 +55,17 @@ def test_submodules_only_when_the_site_enables_them(tmp_path, daemon, enabled):
 
 
 @pytest.mark.ssh
-def test_ssh_source_uses_the_hosts_key_from_the_site_config(tmp_path):
-    if shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
-        pytest.fail("sshd is not installed (openssh-server)")
-    server = SSHD(tmp_path).start()
-    try:
-        repo = make_repo(tmp_path / "src", {"over-ssh.txt": "via ssh\n"})
-        bare = tmp_path / "repo.git"
-        git(tmp_path, "clone", "-q", "--bare", str(repo), str(bare))
-        url = f"ssh://root@127.0.0.1:{server.port}{bare}"
-        cred = {"127.0.0.1": {"ssh_key": str(server.client_key), "known_hosts": str(server.known_hosts)}}
-        _, rec = run_task(tmp_path, {"credentials": cred}, ["ssh://root@127.0.0.1:*"], {"git": url})
-        assert rec.state == State.COMPLETED, rec.message
-        assert "./over-ssh.txt" in (Path(rec.workdir) / ".fem/stdout").read_text().split()
-        # Without the key the host refuses, and the task ends in STAGE_IN with a clear reason.
-        other = tmp_path / "other"
-        other.mkdir()
-        _, bad = run_task(other, {}, ["ssh://root@127.0.0.1:*"], {"git": url})
-        assert bad.state == State.FAILED and bad.reason == "STAGE_IN", bad.message
-    finally:
-        server.stop()
+def test_ssh_source_uses_the_hosts_key_from_the_site_config(tmp_path, sshd):
+    repo = make_repo(tmp_path / "src", {"over-ssh.txt": "via ssh\n"})
+    bare = tmp_path / "repo.git"
+    git(tmp_path, "clone", "-q", "--bare", str(repo), str(bare))
+    url = f"ssh://root@127.0.0.1:{sshd.port}{bare}"
+    cred = {"127.0.0.1": {"ssh_key": str(sshd.client_key), "known_hosts": str(sshd.known_hosts)}}
+    _, rec = run_task(tmp_path, {"credentials": cred}, ["ssh://root@127.0.0.1:*"], {"git": url})
+    assert rec.state == State.COMPLETED, rec.message
+    assert "./over-ssh.txt" in (Path(rec.workdir) / ".fem/stdout").read_text().split()
+    # Without the key the host refuses, and the task ends in STAGE_IN with a clear reason.
+    other = tmp_path / "other"
+    other.mkdir()
+    _, bad = run_task(other, {}, ["ssh://root@127.0.0.1:*"], {"git": url})
+    assert bad.state == State.FAILED and bad.reason == "STAGE_IN", bad.message

@@ -29,6 +29,7 @@ from fem_hpc.protocols.legacy.healthcheck import (
     docker_probe,
     health_report,
     inputs_from_site,
+    is_health_check,
     pem_expiry,
 )
 
@@ -304,3 +305,16 @@ def test_on_this_machine_without_docker(tmp_path: Path) -> None:
     assert report["docker_images_installed"]["error"].startswith(f"cannot list docker images: docker daemon at {dead}")
     assert report["scheduler_check"]["slurm"]["reachable"]
     assert report["pem_certificates"]["rootCA_cert.pem"]["status"] == "Valid"
+
+
+@pytest.mark.parametrize(("tool", "info", "builtin"), [
+    ("health-check", {"_id": "health-check"}, True),  # the real one: no image, no command
+    ("health-check", {"_id": "health-check", "image": "", "command": None}, True),
+    ("health-check", {"_id": "health-check", "image": "x:1", "command": {"base": "check"}, "pre_checks": True}, True),
+    ("fem", {"_id": "health-check", "image": "x:1"}, True),  # the task named so, nothing to run
+    ("health-check", {"_id": "site-check", "image": "x:1", "command": {"base": "check"}}, False),  # a site's own
+    ("flcore", {"_id": "flcore-server", "image": "x:1", "command": {"base": "s"}, "pre_checks": True}, False),
+    ("flcore", {"_id": "flcore-server"}, False),
+])
+def test_which_documents_the_built_in_checks_answer(tool: str, info: dict[str, Any], builtin: bool) -> None:
+    assert is_health_check(tool, info) is builtin

@@ -88,7 +88,10 @@ def test_what_each_executor_can_publish() -> None:
     remap = plan_ports([PublishedPort(host_port=8080, container_port=80)], "docker", "host")
     assert remap.publish == [] and "8080->80 were not applied" in (remap.note or "")
     for kind in ("apptainer", "local"):
-        assert plan_ports([FL], kind).note is None
+        same = plan_ports([FL], kind)
+        assert same.publish == [] and same.note == (
+            f"ports 4433/tcp were not published: the {kind} executor cannot publish ports; the command shares "
+            "the host's network and listens on the host's own ports, 4433")
         note = plan_ports([PublishedPort(host_port=8080, container_port=80)], kind).note or ""
         assert f"the {kind} executor cannot publish ports" in note
     for kind in ("slurm", "pbs"):

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import services
 from brokerkit import BROKER_URL
 from clusterkit import Runs, isolate, jobs_named, metric, metrics_text, rows, service_sees, slurm_over_ssh, wait_for
-from sshkit import SSHD, sshd_binary
+from sshkit import SSHD
 
 from fem_hpc.client import Client
 
@@ -27,16 +26,6 @@ OUTAGE_SECONDS = 30
 PAUSED = "paused: 127.0.0.1 unreachable since "
 
 
-@pytest.fixture
-def sshd(tmp_path: Path):
-    services.require("slurm")
-    services.require("ssh")
-    services.require("rabbitmq")
-    if sshd_binary() is None:
-        pytest.skip("sshd binary not found (Debian package openssh-server)")
-    server = SSHD(tmp_path).start()
-    yield server
-    server.stop()
 
 
 def task(tid: str, seconds: int) -> dict:

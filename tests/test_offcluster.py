@@ -21,21 +21,11 @@ from apptainerkit import calls, install_fake
 from brokerkit import ServeProcess
 from clusterkit import Runs, isolate, jobs_named, metric, metrics_text, rows, service_sees, slurm_over_ssh, wait_for
 from gitkit import Repo
-from sshkit import SSHD, sshd_binary
+from sshkit import SSHD
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slurm, pytest.mark.rabbitmq, pytest.mark.slow]
 
 
-@pytest.fixture
-def sshd(tmp_path: Path):
-    services.require("slurm")
-    services.require("ssh")
-    services.require("rabbitmq")
-    if sshd_binary() is None:
-        pytest.skip("sshd binary not found (Debian package openssh-server)")
-    server = SSHD(tmp_path).start()
-    yield server
-    server.stop()
 
 
 def offcluster(tmp: Path, sshd: SSHD, **slurm: Any) -> tuple[ServeProcess, Path]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import services
 from brokerkit import BROKER_URL, ServeProcess, unique_node
-from sshkit import SSHD, sshd_binary
+from sshkit import SSHD
 
 from fem_hpc.client import Client
 from fem_hpc.executors.runners import RunnerError, SSHRunner, release, runner_for
@@ -51,19 +51,6 @@ HOSTILE = [
 ]
 
 
-def _require_ssh() -> None:
-    services.require("slurm")
-    services.require("ssh")
-    if sshd_binary() is None:
-        pytest.skip("sshd binary not found (Debian package openssh-server)")
-
-
-@pytest.fixture
-def sshd(tmp_path: Path):
-    _require_ssh()
-    server = SSHD(tmp_path).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

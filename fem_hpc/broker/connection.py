@@ -52,6 +52,7 @@ def is_auth_error(exc: BaseException) -> bool:
 
 
 STEADY_SECONDS = 10.0  # a session that lasted this long was a working one: the next reconnect is at once
+REMIND_SECONDS = 60.0  # a broker still unreachable is reported again this often, whatever the retry delay
 
 
 def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingConnection], None],
@@ -64,7 +65,10 @@ def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingC
     connect loop. Returns the error when the broker refuses the credentials (retrying would not help)."""
     backoff = Backoff(cfg.reconnect_max_seconds)
     first = True
-    lost = False  # a loss was already reported: the failed attempts that follow are expected
+    # When the outage was last reported (a loss, or a failed attempt): the attempts that follow are
+    # expected and logged at DEBUG until REMIND_SECONDS have passed. Counted in time, not in attempts,
+    # so a short retry cap does not turn a ten-second outage into a stream of warnings.
+    reported_at: float | None = None
     while not stop.is_set():
         try:
             conn = pika.BlockingConnection(parameters(cfg, name=name))
@@ -73,13 +77,15 @@ def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingC
                 return BrokerAuthError(
                     f"the broker at {cfg.url.split('@')[-1]} refused the credentials or vhost ({exc!r})")
             delay = backoff.next()
-            # One warning per outage, not one per attempt; a long outage is repeated every 10 tries.
-            quiet = lost and backoff.attempt % 10 != 0
+            now = clock()
+            quiet = reported_at is not None and now - reported_at < REMIND_SECONDS
+            if not quiet:
+                reported_at = now
             log.log(logging.DEBUG if quiet else logging.WARNING, "%s cannot reach the broker (%s); retrying in %.1fs"
                     " (attempt %d)", who, type(exc).__name__, delay, backoff.attempt)
             stop.wait(delay)
             continue
-        lost = False
+        reported_at = None
         if not first and on_reconnect:
             on_reconnect(who)
         first = False
@@ -97,7 +103,7 @@ def run_connected(cfg: BrokerConfig, who: str, session: Callable[[pika.BlockingC
             if forced or clock() - began >= STEADY_SECONDS:
                 backoff.reset()
                 log.warning("%s lost the broker connection (%s: %s); reconnecting", who, type(exc).__name__, exc)
-                lost = True
+                reported_at = clock()
             else:
                 delay = backoff.next()
                 log.warning("%s: the broker ended the session at once (%s: %s); retrying in %.1fs", who,

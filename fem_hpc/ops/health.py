@@ -11,7 +11,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +241,8 @@ class ServiceState:
     outbox_depth: int
     reconnects: int
     tasks: dict[str, int]
+    disk_guard: dict[str, Any] = field(default_factory=dict)  # DiskGuard.state(): why intake is paused
+    retention: dict[str, Any] = field(default_factory=dict)  # the periodic GC's summary (last pass, freed)
 
 
 def health_reply(site: SiteConfig, state: ServiceState, executors: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -265,6 +267,7 @@ def health_reply(site: SiteConfig, state: ServiceState, executors: dict[str, dic
         "broker": {"consumer_connected": state.consumer_connected, "publisher_connected": state.publisher_connected,
                    "outbox_depth": state.outbox_depth, "reconnects": state.reconnects},
         "disk": disk, "load": list(os.getloadavg()), "tasks": state.tasks,
+        "disk_guard": state.disk_guard, "retention": state.retention,
         "checks": [clean(c).model_dump() for c in checks],
     }
 

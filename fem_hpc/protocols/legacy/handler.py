@@ -32,13 +32,11 @@ from ...staging.outputs import collect
 from ..v1.dispatch import dead_letter
 from .codec import COLON_FORM_MESSAGE, LEGACY_ACTIONS, LegacyError, LegacyRequest, colon_form, decode_request
 from .frontend import PROTOCOL, reply_messages, submit_payload
-from .healthcheck import Probes, docker_probe, health_report, inputs_from_site
+from .healthcheck import HEALTH_CHECK, Probes, docker_probe, health_report, inputs_from_site, is_health_check
 from .literal import LiteralError
 from .mapping import legacy_task_id, legacy_workdir, sanitize_id, to_task
 from .replies import error_reply, legacy_time
 from .result import FemFields, ReplyIds, reply_body
-
-HEALTH_CHECK = "health-check"  # the tool (and task) the orchestrator runs as the node's built-in checks
 
 log = logging.getLogger("fem_hpc.protocols.legacy")
 
@@ -139,7 +137,7 @@ class LegacyHandler:
 
     # -- actions -----------------------------------------------------------------------------
     def submit_run(self, req: LegacyRequest, to: Route) -> str:
-        if self._is_health_check(req):
+        if is_health_check(req.tool_id, req.task_info):
             return self.health_check_tool(req, to)
         task, errors = to_task(req, self.site)
         if not errors:
@@ -168,14 +166,6 @@ class LegacyHandler:
                             "errors": [e.model_dump() for e in errors]})
             return "error"
         return "ok"
-
-    @staticmethod
-    def _is_health_check(req: LegacyRequest) -> bool:
-        """The orchestrator's health-check: tool or task `health-check`, with nothing to run of its own
-        (no image, no command): the node's built-in checks answer it."""
-        info = req.task_info
-        named = req.tool_id == HEALTH_CHECK or info.get("_id") == HEALTH_CHECK
-        return named and not info.get("image") and not info.get("command")
 
     def health_check_tool(self, req: LegacyRequest, to: Route) -> str:
         """Run the built-in checks here, in the handler (about a second: no job, no work dir), and

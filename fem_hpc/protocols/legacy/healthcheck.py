@@ -49,13 +49,24 @@ __all__ = [
     "health_report",
     "inputs_from_site",
     "interface_addresses",
+    "is_health_check",
     "pem_expiry",
 ]
 
+HEALTH_CHECK = "health-check"  # the tool (and task) the orchestrator runs as the node's built-in checks
 NO_GPU_MESSAGE = "No Nvidia GPU in the system"  # the original's wording
 PEM_ERROR = "Unable to retrieve expiration date"  # the original's wording
 NO_LOOKUP = "not checked: fem-hpc makes no outbound connections"
 _SIOCGIFADDR = 0x8915  # linux/sockios.h
+
+
+def is_health_check(tool_id: str, task_info: dict[str, Any]) -> bool:
+    """The orchestrator's health-check: tool or task `health-check` that has nothing of its own to run
+    (no image, or no command) or asks for the checks (`pre_checks`): the node's built-in checks answer
+    it. A `health-check` with an image, a command and no `pre_checks` is a site's own check tool and
+    runs as any task."""
+    named = tool_id == HEALTH_CHECK or task_info.get("_id") == HEALTH_CHECK
+    return named and (not task_info.get("image") or not task_info.get("command") or bool(task_info.get("pre_checks")))
 
 
 class HealthInputs(BaseModel):

@@ -517,6 +517,9 @@ def to_task(req: LegacyRequest, site: SiteConfig) -> tuple[dict[str, Any], list[
       without one ``legacy.executor_no_image``, which must be set.
     * ``port_mappings``: every host port inside ``policy.ports``; published where the executor can
       (docker on a bridge or named network), else the reply says so (label ``legacy_ports_note``).
+    * ``pre_checks`` and ``persistent`` change nothing: what the original's pre-checks verify (the image
+      is there, every host path maps, the source is allowed) stage-in always checks before anything
+      runs, and a task's container is always removed after its run (what it wrote is in the work area).
     * ``labels``: ``legacy_tool_id``, ``legacy_action``, ``legacy_id`` (raw ``_id``),
       ``legacy_execution_id`` (raw execution id), ``legacy_user_id`` (raw user id).
     """

@@ -133,8 +133,8 @@ def _listed(ports: Sequence[PublishedPort]) -> str:
 def plan_ports(ports: Sequence[PublishedPort], executor_type: str, network: str | None = None) -> PortPlan:
     """What an executor of type ``executor_type`` (docker, apptainer, local, slurm, pbs) with docker network
     ``network`` can do with ``ports``: docker on a bridge or named network publishes them; everything else
-    publishes nothing and gets a ``note`` for the reply (no note when nothing was asked, or when the
-    command's own port already is the host port asked for)."""
+    publishes nothing and gets a ``note`` for the reply (no note when nothing was asked, or when docker's
+    host network already gives the command the host port asked for)."""
     if not ports:
         return PortPlan(publish=[])
     remapped = [p for p in ports if p.host_port != p.container_port]
@@ -148,6 +148,11 @@ def plan_ports(ports: Sequence[PublishedPort], executor_type: str, network: str 
     elif executor_type in ("apptainer", "local"):
         how = f"the {executor_type} executor cannot publish ports; the command shares the host's network and " \
               "listens on the host's own ports"
+        if not remapped:
+            # The port is reachable, but not because anything was published: the reply says so, so an
+            # orchestrator does not count on an isolation (a private port space) it did not get.
+            return PortPlan(publish=[], note=f"ports {_listed(ports)} were not published: {how}, "
+                                             f"{', '.join(str(p.host_port) for p in ports)}")
     elif executor_type in ("slurm", "pbs"):
         return PortPlan(publish=[], note=f"ports {_listed(ports)} were not published: the {executor_type} executor "
                                          "cannot publish ports; the command listens on its own ports on the compute "
