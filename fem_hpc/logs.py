@@ -31,6 +31,19 @@ def redact(text: str) -> str:
     return text
 
 
+TOKEN_REDACTED = b"<token redacted>"
+
+
+def redact_pipe_token(body: bytes) -> tuple[bytes, str | None]:
+    """`body` with its last '|'-separated field replaced, and that field's text. In the legacy FEM
+    protocol it is the orchestrator's bearer token: neither a dead-lettered copy of a message nor
+    an error message may keep it, whether or not the node speaks that protocol."""
+    head, sep, token = body.rpartition(b"|")
+    if not sep or not token.strip():
+        return body, None
+    return head + sep + TOKEN_REDACTED, token.decode("utf-8", "replace").strip()
+
+
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key in ("task_id", "native_id"):

@@ -28,7 +28,7 @@ from .ops.health import ServiceState, health_reply
 from .protocols.legacy.frontend import PROTOCOL as LEGACY
 from .protocols.legacy.frontend import LegacyFrontend
 from .protocols.legacy.handler import LegacyHandler
-from .protocols.v1.dispatch import V1Dispatch, dead_letter
+from .protocols.v1.dispatch import V1Dispatch, dead_letter_message
 from .protocols.v1.frontend import PROTOCOL as V1
 from .protocols.v1.frontend import V1Frontend
 from .protocols.v1.requests import is_v1
@@ -98,9 +98,8 @@ class Service:
         except Exception as exc:
             log.exception("could not handle a message; dead-lettering it")
             try:
-                body = None if self.legacy is None or is_v1(d.body) else b"(legacy request withheld: it holds a token)"
-                dead_letter(self.journal, self.site.queue, d, "internal error",
-                            [FieldError(field="body", message=f"internal error: {exc}")], body=body)
+                self.journal.put(dead_letter_message(self.site.queue, d, "internal error",
+                                                     [FieldError(field="body", message=f"internal error: {exc}")]))
             except (sqlite3.Error, OSError):
                 d.nack()
                 return

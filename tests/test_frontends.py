@@ -20,6 +20,7 @@ from fem_hpc.model import State
 from fem_hpc.protocols.legacy.codec import decode_reply
 from fem_hpc.protocols.legacy.frontend import LegacyFrontend
 from fem_hpc.protocols.legacy.handler import LegacyHandler
+from fem_hpc.protocols.v1.dispatch import V1Dispatch
 from fem_hpc.protocols.v1.frontend import V1Frontend
 
 V1_TYPES = {"status", "result", "chunk"}
@@ -157,3 +158,29 @@ def test_dead_lettered_legacy_request_keeps_no_token(tmp_path: Path) -> None:
     rejected = [r for r in journal.pending(limit=1000) if ("", f"{site.queue}.rejected") in r.destinations]
     assert rejected and all(b"<token redacted>" in r.payload() for r in rejected)
     assert rejected[0].properties["headers"]["x-fem-reason"] == "invalid legacy request"
+
+
+def test_a_legacy_request_to_a_v1_only_node_is_refused_without_its_token(tmp_path: Path) -> None:
+    """legacy.enabled false: the body is refused by the v1 dispatcher, and its dead-letter copy
+    (written with the REJECTED reply, in one transaction) keeps no token either."""
+    site = config_from_dict({"node": "fe1", "state_dir": str(tmp_path / "state"), "work_root": str(tmp_path / "work")})
+    journal = Journal(site.journal_path)
+    agent = Agent(site, journal, frontends={"v1": V1Frontend(site.node, site.broker.events_exchange)})
+    dispatch = V1Dispatch(site, journal, agent, lambda: {}, legacy_enabled=False)
+    puts: list[int] = []
+    real_put = journal.put
+    journal.put = lambda *messages: (puts.append(len(messages)), real_put(*messages))[1]  # type: ignore[method-assign]
+    try:
+        dispatch.handle(delivery(f"submit_run|tool1|{{}}|{{}}|{{}}|u1|None|{{}}|{TOKEN}".encode()))
+    finally:
+        agent.close()
+    rows = journal.pending(limit=1000)
+    everything = b"".join(r.payload() + json.dumps(r.properties).encode() for r in rows)
+    assert TOKEN.encode() not in everything
+    [copy] = [r for r in rows if ("", f"{site.queue}.rejected") in r.destinations]
+    assert copy.payload().endswith(b"|<token redacted>") and copy.payload().startswith(b"submit_run|tool1|")
+    [reply] = [r for r in rows if ("", "legacy-q") in r.destinations]
+    body = json.loads(reply.payload())
+    assert body["state"] == "REJECTED" and "legacy FEM protocol is not enabled" in json.dumps(body["errors"])
+    assert puts == [2]  # the reply and the copy in one transaction
+    journal.close()

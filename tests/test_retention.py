@@ -23,16 +23,18 @@ from fskit import tmpfs
 from gitkit import Repo
 from retentionkit import FakeClock, add_task, confirm, event, make_site
 
-from fem_hpc.config import SiteConfig
+from fem_hpc.config import SiteConfig, config_from_dict
 from fem_hpc.journal import Compacted, Journal, Route
 from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.model import State, parse_task
+from fem_hpc.ops.caches import in_use
 from fem_hpc.ops.gc import GcCollector, PeriodicGC, load_report, render_report, run_pass
 from fem_hpc.ops.gc_model import DAY, tree_bytes
 from fem_hpc.protocols.v1.frontend import V1Frontend
 from fem_hpc.staging.git import mirror_path, update_mirror
-from fem_hpc.staging.images import ensure_sif, sif_path
+from fem_hpc.staging.images import cache_key, ensure_sif, sif_path
 from fem_hpc.staging.locks import exclusive
+from fem_hpc.staging.mirrors import site_image
 
 FAKE_APPTAINER = Path(__file__).parent / "fakes" / "apptainer"
 
@@ -533,3 +535,27 @@ def test_one_gc_pass_at_a_time(env):
         worker.join()
     gc(site, journal, clock)
     assert not wd.exists()
+
+
+def test_in_use_names_the_mirrored_entries_stage_in_made(tmp_path: Path):
+    """With `git.mirrors` and `image_mirrors`, stage-in fetches the mirror's URL and the executors pull
+    the rewritten image: those are the cache entries on disk, so those are what an active task holds
+    (and the task's own spelling too, for an entry made before the rule was added)."""
+    upstream, mirror = Repo(tmp_path / "upstream"), Repo(tmp_path / "mirror")
+    site = config_from_dict({
+        "node": "gcnode", "state_dir": str(tmp_path / "state"), "work_root": str(tmp_path / "work"),
+        "executors": {"local": {"kill_grace_seconds": 1}},
+        "policy": {"git": ["file://*"], "images": ["*"]},
+        "git": {"mirrors": {upstream.url: mirror.url}},
+        "image_mirrors": {"images.site-a.test": {"mirror": "127.0.0.1:5000"}},
+    })
+    journal = Journal(site.journal_path)
+    add_task(journal, site, "running1", State.RUNNING, source={"git": upstream.url},
+             image="images.site-a.test/fl/flcore:demo")
+    held = in_use(site, journal)
+    assert str(mirror_path(site, site.git.fetch_url(upstream.url))) in held["git"]
+    assert str(mirror_path(site, mirror.url)) in held["git"] and str(mirror_path(site, upstream.url)) in held["git"]
+    mirrored = site_image(site, "images.site-a.test/fl/flcore:demo")
+    assert mirrored.registry == "127.0.0.1:5000"
+    assert cache_key(mirrored) in held["sif"] and mirrored.pull_ref in held["docker"]
+    journal.close()

@@ -14,9 +14,11 @@ from ..config import SiteConfig
 from ..config_retention import CacheLimits
 from ..diskguard import human_bytes
 from ..journal import Journal
+from ..staging.errors import ImageError
 from ..staging.git import mirror_path
-from ..staging.images import cache_key, docker_image_lock_path, docker_notes_dir, parse_image_ref
+from ..staging.images import ImageRef, cache_key, docker_image_lock_path, docker_notes_dir, parse_image_ref
 from ..staging.locks import try_exclusive
+from ..staging.mirrors import site_image
 from .gc_model import DAY, STALE_TEMP_SECONDS, Area, Item, days_ago, path_size, rmtree, tree_bytes
 
 log = logging.getLogger("fem_hpc.ops.gc")
@@ -44,7 +46,10 @@ def sif_dirs(site: SiteConfig) -> list[Path]:
 
 
 def in_use(site: SiteConfig, journal: Journal) -> dict[str, set[str]]:
-    """The cache keys the journal's active tasks need: their mirror, SIF and image."""
+    """The cache keys the journal's active tasks need: their mirror, SIF and image, as stage-in and the
+    executors name them, i.e. after the site's `git.mirrors` and `image_mirrors` rewrites (the entry
+    on disk is the rewritten one). The task's own spelling is kept too, so an entry made before a
+    mirror rule was added is protected as well."""
     out: dict[str, set[str]] = {"git": set(), "sif": set(), "docker": set()}
     for rec in journal.active():
         try:
@@ -52,15 +57,23 @@ def in_use(site: SiteConfig, journal: Journal) -> dict[str, set[str]]:
         except (ValueError, AssertionError):
             continue
         if task.source is not None:
-            out["git"].add(str(mirror_path(site, task.source.git)))
+            for url in {task.source.git, site.git.fetch_url(task.source.git)}:
+                out["git"].add(str(mirror_path(site, url)))
         if task.image:
-            try:
-                ref = parse_image_ref(task.image)
-            except ValueError:
-                continue
-            out["sif"].add(cache_key(ref))
-            out["docker"].add(ref.pull_ref)
+            for ref in _image_refs(site, task.image):
+                out["sif"].add(cache_key(ref))
+                out["docker"].add(ref.pull_ref)
     return out
+
+
+def _image_refs(site: SiteConfig, image: str) -> list[ImageRef]:
+    refs = []
+    for resolve in (parse_image_ref, lambda text: site_image(site, text)):
+        try:
+            refs.append(resolve(image))
+        except ImageError:  # an invalid reference has no cache entry to protect
+            continue
+    return refs
 
 
 def last_use(path: Path) -> float:

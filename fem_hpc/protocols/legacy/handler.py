@@ -23,15 +23,15 @@ from ... import __version__
 from ... import metrics as metrics_hooks
 from ...broker.consumer import Delivery
 from ...config import SiteConfig
-from ...journal import Journal, Route, TaskRecord
+from ...journal import Journal, Message, Route, TaskRecord
 from ...lifecycle.agent import Agent
-from ...lifecycle.ports import TaskView
-from ...model import FINAL_STATES, FieldError, ResultEvent, State
+from ...logs import TOKEN_REDACTED, redact_pipe_token
+from ...model import FINAL_STATES, FieldError, State
 from ...staging.images import local_images
 from ...staging.outputs import collect
-from ..v1.dispatch import dead_letter
+from ..v1.dispatch import dead_letter_message
 from .codec import COLON_FORM_MESSAGE, LEGACY_ACTIONS, LegacyError, LegacyRequest, colon_form, decode_request
-from .frontend import PROTOCOL, reply_messages, submit_payload
+from .frontend import PROTOCOL, reply_messages
 from .healthcheck import HEALTH_CHECK, Probes, docker_probe, health_report, inputs_from_site, is_health_check
 from .literal import LiteralError
 from .mapping import legacy_task_id, legacy_workdir, sanitize_id, to_task
@@ -39,18 +39,6 @@ from .replies import error_reply, legacy_time
 from .result import FemFields, ReplyIds, reply_body
 
 log = logging.getLogger("fem_hpc.protocols.legacy")
-
-TOKEN_REDACTED = b"<token redacted>"
-
-
-def redact_token(body: bytes) -> tuple[bytes, str | None]:
-    """The body with its token field (the last of the nine '|'-separated fields) replaced, and the
-    token text, so neither a dead-lettered copy nor an error message keeps it."""
-    head, sep, token = body.rpartition(b"|")
-    if not sep or not token.strip():
-        return body, None
-    return head + sep + TOKEN_REDACTED, token.decode("utf-8", "replace").strip()
-
 
 class LegacyHandler:
     def __init__(self, site: SiteConfig, journal: Journal, agent: Agent, health: Callable[[], dict[str, Any]],
@@ -69,17 +57,18 @@ class LegacyHandler:
             "run_report": self.run_report, "health-check": self.health_check, "send_files": self.send_files,
             "print_images": self.print_images}
 
-    def reply(self, to: Route, payload: dict[str, Any]) -> None:
-        self.journal.put(*reply_messages(to, payload, self.cfg.reply_chunk_size))
+    def reply(self, to: Route, payload: dict[str, Any], *also: Message) -> None:
+        """The reply frames, and `also` (a dead-letter copy), in one journal transaction."""
+        self.journal.put(*reply_messages(to, payload, self.cfg.reply_chunk_size), *also)
 
     def handle(self, d: Delivery) -> None:
         to = Route(PROTOCOL, d.reply_to, d.correlation_id)
         old = colon_form(d.body)
         if old is not None:
             log.warning("refused a legacy request in the 2024 form tool:task:execution (%s)", ":".join(old.values()))
-            self.reply(to, error_reply("submit_run", COLON_FORM_MESSAGE, node=self.site.node, **old))
-            dead_letter(self.journal, self.site.queue, d, "2024 legacy form (tool:task:execution)",
-                        [FieldError(field="body", message=COLON_FORM_MESSAGE)])
+            self.reply(to, error_reply("submit_run", COLON_FORM_MESSAGE, node=self.site.node, **old),
+                       dead_letter_message(self.site.queue, d, "2024 legacy form (tool:task:execution)",
+                                           [FieldError(field="body", message=COLON_FORM_MESSAGE)]))
             metrics_hooks.legacy_request("colon-form-2024", "error")
             return
         try:
@@ -87,13 +76,13 @@ class LegacyHandler:
         except (LegacyError, LiteralError) as exc:
             message = exc.message if isinstance(exc, LegacyError) else str(exc)
             ids = exc.ids if isinstance(exc, LegacyError) else {}
-            body, token = redact_token(d.body)
+            body, token = redact_pipe_token(d.body)
             if token:
                 message = message.replace(token, TOKEN_REDACTED.decode())
             log.warning("refused a legacy request: %s", message)
-            self.reply(to, error_reply(ids.get("action", "unknown"), message, node=self.site.node, **ids))
-            dead_letter(self.journal, self.site.queue, d, "invalid legacy request",
-                        [FieldError(field="body", message=message)], body=body)
+            self.reply(to, error_reply(ids.get("action", "unknown"), message, node=self.site.node, **ids),
+                       dead_letter_message(self.site.queue, d, "invalid legacy request",
+                                           [FieldError(field="body", message=message)], body=body))
             action_name = ids.get("action")
             metrics_hooks.legacy_request(action_name if action_name in LEGACY_ACTIONS else "invalid", "error")
             return
@@ -257,9 +246,3 @@ class LegacyHandler:
         self.reply(to, {**self._ids(req, None), "action": req.action, "status": "success", "files": entries,
                         "skipped": skipped})
         return "ok"
-
-
-def submit_answer(node: str, record: TaskRecord) -> dict[str, Any]:
-    """The submit_run reply of a journalled task as it stands (for tools that replay one)."""
-    result = ResultEvent.model_validate_json(record.result_json) if record.final and record.result_json else None
-    return submit_payload(node, TaskView.of(record), result, record.message)

@@ -12,21 +12,25 @@ from ...broker.consumer import Delivery
 from ...config import SiteConfig
 from ...journal import Journal, Message, Route
 from ...lifecycle.agent import Agent
+from ...logs import redact_pipe_token
 from ...model import ID_PATTERN, FieldError, ResultEvent, State, utcnow
 from .frontend import JSON, PROTOCOL, event_message
 from .requests import Invalid, Request, decode, is_v1
 
 
-def dead_letter(journal: Journal, queue: str, d: Delivery, reason: str, errors: list[FieldError],
-                body: bytes | None = None) -> None:
-    """Keep a copy of a refused message, with why, in `<queue>.rejected`. `body` replaces the
-    original when that must not be kept as it came (a legacy request's token)."""
+def dead_letter_message(queue: str, d: Delivery, reason: str, errors: list[FieldError],
+                        body: bytes | None = None) -> Message:
+    """The copy of a refused message, with why, for `<queue>.rejected`; the caller puts it in the
+    same journal transaction as its reply, so neither goes without the other. `body` replaces the
+    original; a body that is not v1 JSON never keeps a legacy token (its last '|' field)."""
     headers = {**{k: v for k, v in d.headers.items() if isinstance(v, (str, int, float, bool))},
                "x-fem-reason": reason,
                "x-fem-errors": json.dumps([e.model_dump() for e in errors])[:4000]}
     props: dict[str, Any] = {"headers": headers, "correlation_id": d.correlation_id,
                              "message_id": d.message_id, "type": "rejected"}
-    journal.put(Message([("", f"{queue}.rejected")], props, body=d.body if body is None else body))
+    if body is None:
+        body = d.body if is_v1(d.body) else redact_pipe_token(d.body)[0]
+    return Message([("", f"{queue}.rejected")], props, body=body)
 
 
 def rejection(node: str, exchange: str, task_id: Any, labels: Any, errors: list[FieldError],
@@ -65,8 +69,8 @@ class V1Dispatch:
 
     def _refuse(self, d: Delivery, route: Route, task_id: Any, labels: Any, errors: list[FieldError],
                 reason: str) -> None:
-        self.journal.put(*rejection(self.site.node, self.site.broker.events_exchange, task_id, labels, errors, route))
-        dead_letter(self.journal, self.site.queue, d, reason, errors)
+        self.journal.put(*rejection(self.site.node, self.site.broker.events_exchange, task_id, labels, errors, route),
+                         dead_letter_message(self.site.queue, d, reason, errors))
 
     def dispatch(self, req: Request, d: Delivery, route: Route) -> None:
         if req.op == "submit":
