@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .config import ConfigError, SiteConfig
@@ -265,8 +265,17 @@ def _broker_args(p: argparse.ArgumentParser, required: bool = True, multi: bool 
     p.add_argument("--timeout", type=float, help="seconds to wait for the final reply")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a bad command line, which is also what a task exiting 2 gives `run` and
+    `submit --wait`: fem-hpc's own usage errors exit 64 (sysexits EX_USAGE) instead."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fem-hpc", description="Run federated tasks on Slurm, PBS, Docker, "
+    p = Parser(prog="fem-hpc", description="Run federated tasks on Slurm, PBS, Docker, "
                                 "Apptainer or locally, for an orchestrator speaking over RabbitMQ.")
     p.add_argument("--version", action="version", version=f"fem-hpc {__version__}")
     sub = p.add_subparsers(dest="command", required=True)

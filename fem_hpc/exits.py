@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 EX_FAILED = 1  # the task failed or was cancelled without an exit code of its own (LOST, NODE_FAIL, ...)
-EX_USAGE = 64  # sysexits EX_USAGE: a command line that cannot work (status without a task id)
+EX_USAGE = 64  # sysexits EX_USAGE: a command line that cannot work (argparse errors, status without a task id)
 EX_REJECTED = 65  # sysexits EX_DATAERR: the task was rejected (invalid, against policy, a known id)
 EX_NOINPUT = 66  # sysexits EX_NOINPUT: the task file cannot be read
 EX_CONFIG = 78  # sysexits EX_CONFIG: the configuration is invalid

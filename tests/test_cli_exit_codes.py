@@ -71,6 +71,15 @@ def test_status_without_a_task_id_is_a_usage_error(cli) -> None:
     assert proc.returncode == 64 and "needs a TASK_ID" in proc.stderr
 
 
+@pytest.mark.parametrize("argv", [("run", "--bogus", "t.json"), ("nosuch",), ("run", "t.json"),
+                                  ("submit", "--wait", "t.json")])
+def test_a_command_line_argparse_refuses_is_64_not_2(cli, argv: tuple[str, ...]) -> None:
+    """2 is what a task exiting 2 gives `run`: argparse's own 2 would collide with it."""
+    proc = cli(*argv)
+    assert proc.returncode == 64, (proc.returncode, proc.stderr)
+    assert "usage: fem-hpc" in proc.stderr and "error:" in proc.stderr
+
+
 @pytest.mark.rabbitmq
 def test_submit_wait_timeout_is_124(tmp_path: Path, cli, write_task) -> None:
     services.require("rabbitmq")
