@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fem_hpc.executors import load_site
+from fem_hpc.ops.gc import PeriodicGC
+
 
 def _config(tmp_path: Path) -> dict[str, Any]:
     return {
@@ -54,7 +57,22 @@ def test_dry_run_lists_and_sizes_then_gc_removes_exactly_that(tmp_path: Path, cl
     assert "(no tasks)" in status.stdout  # compacted: only tombstones are left
     for text in ("AREA", "state_dir", "work_root", "KEPT FREE", "last gc", "freed workdirs", "OLDEST KEPT"):
         assert text in status.stdout, text
+    # the same for scripts, and for a running service's metrics and health reply (PeriodicGC.last
+    # takes the report `fem-hpc gc` saved, also when the service makes no passes of its own)
+    as_json = json.loads(cli("status", "--config", config, "--all", "--json").stdout)
+    assert as_json["tasks"] == []
+    names = {a["name"] for a in as_json["disk"]["areas"]}
+    assert {"state_dir", "work_root"} <= names
+    assert all(a["free_bytes"] > 0 and a["low"] is False for a in as_json["disk"]["areas"])
+    last = as_json["disk"]["last_gc"]
+    assert last["freed_bytes"]["workdirs"] == sum(sizes.values()) and last["freed_bytes"]["journal"] > 0
+    assert {k["area"] for k in last["kept"]} >= {"workdirs", "journal"}
+    site = load_site(config)
+    periodic = PeriodicGC(site)
+    assert periodic.last is not None and periodic.last.time == last["time"]
+    assert periodic.summary()["last"]["freed_bytes"]["workdirs"] == sum(sizes.values())
     assert json.loads(cli("gc", "--config", config, "--json").stdout)["items"] == []
+    assert PeriodicGC(site).last.freed()["workdirs"] == 0  # the newest saved pass
 
     again = cli("run", "--config", config, ok)
     assert again.returncode == 65  # EX_DATAERR: a task id the node has seen

@@ -295,7 +295,7 @@ def test_status_shows_running_slurm_jobs_while_serving(tmp_path, cli):
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 out = cli("status", "--config", s.config_path, "--json")
-                rows = json.loads(out.stdout or "[]")
+                rows = json.loads(out.stdout or '{"tasks": []}')["tasks"]
                 if rows and rows[0]["state"] == "RUNNING":
                     break
                 time.sleep(0.5)

@@ -273,29 +273,44 @@ def render_report(report: GcReport) -> list[str]:
     return lines
 
 
+def disk_status(site: SiteConfig) -> dict[str, Any]:
+    """The areas (free space, live) and what the last gc pass measured and freed: `status --json`'s
+    `disk`, and what `status` prints (area_lines)."""
+    areas = [{"name": a.name, "path": str(a.path), "free_bytes": a.free, "total_bytes": a.total,
+              "keep_free_bytes": a.threshold, "low": a.low, "error": a.error}
+             for a in DiskGuard(site).areas(fresh=True)]
+    report = load_report(site)
+    last = None if report is None else {
+        "time": report.time, "freed_bytes": report.freed(), "errors": report.errors,
+        "kept": [u.model_dump() for u in report.usage], "unconfirmed_since": report.clocks.get("unconfirmed")}
+    return {"areas": areas, "last_gc": last}
+
+
 def area_lines(site: SiteConfig, now: Clock = time.time) -> list[str]:
     """The areas for `fem-hpc status`: free space (live) and what the last gc pass measured."""
     t = now()
+    disk = disk_status(site)
     lines = [f"{'AREA':<22} {'FREE':>10} {'KEPT FREE':>10}  PATH"]
-    for a in DiskGuard(site).areas(fresh=True):
-        flag = "  LOW: new tasks do not start" if a.low else (f"  ({a.error})" if a.error else "")
-        lines.append(f"{a.name:<22} {human_bytes(a.free or 0):>10} {human_bytes(a.threshold):>10}  {a.path}{flag}")
-    report = load_report(site)
-    if report is None:
+    for a in disk["areas"]:
+        flag = "  LOW: new tasks do not start" if a["low"] else (f"  ({a['error']})" if a["error"] else "")
+        lines.append(f"{a['name']:<22} {human_bytes(a['free_bytes'] or 0):>10} {human_bytes(a['keep_free_bytes']):>10}"
+                     f"  {a['path']}{flag}")
+    last = disk["last_gc"]
+    if last is None:
         lines.append("retention: no gc pass yet (fem-hpc gc --dry-run shows what one would free)")
         return lines
-    freed = report.freed()
-    lines.append(f"last gc {days_ago(report.time, t)}: freed "
+    freed = last["freed_bytes"]
+    lines.append(f"last gc {days_ago(last['time'], t)}: freed "
                  + ", ".join(f"{k} {human_bytes(v)}" for k, v in freed.items() if v) if any(freed.values())
-                 else f"last gc {days_ago(report.time, t)}: freed nothing")
+                 else f"last gc {days_ago(last['time'], t)}: freed nothing")
     lines.append(f"{'KEPT':<22} {'BYTES':>10} {'ENTRIES':>10}  OLDEST KEPT (its clock started)")
-    for u in report.usage:
-        oldest = days_ago(u.oldest, t) if u.oldest else "-"
-        entries = "-" if u.entries is None else str(u.entries)
-        lines.append(f"{u.area:<22} {human_bytes(u.bytes):>10} {entries:>10}  {oldest}")
-    waiting = report.clocks.get("unconfirmed")
-    if waiting:
-        lines.append(f"results not yet confirmed by the broker since {days_ago(waiting, t)}: kept until they are")
+    for u in last["kept"]:
+        oldest = days_ago(u["oldest"], t) if u["oldest"] else "-"
+        entries = "-" if u["entries"] is None else str(u["entries"])
+        lines.append(f"{u['area']:<22} {human_bytes(u['bytes']):>10} {entries:>10}  {oldest}")
+    if last["unconfirmed_since"]:
+        lines.append(f"results not yet confirmed by the broker since {days_ago(last['unconfirmed_since'], t)}: "
+                     "kept until they are")
     return lines
 
 
@@ -311,10 +326,31 @@ class PeriodicGC:
         interval = site.retention.interval_seconds
         self.first_delay = min(60.0, interval) if first_delay is None else first_delay
         self.docker_factory = docker_factory
-        self.last: GcReport | None = None
+        self._last: GcReport | None = None
+        self._saved_mtime: int | None = None
         self.passes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def last(self) -> GcReport | None:
+        """The newest pass's report: this service's own, or the one a `fem-hpc gc` saved since (or
+        before the service started), so the metrics and the health reply show it too, also with
+        `interval_seconds: 0`. The saved file is read again only when it changed."""
+        try:
+            mtime = last_report_path(self.site).stat().st_mtime_ns
+        except OSError:
+            return self._last
+        if mtime != self._saved_mtime:
+            self._saved_mtime = mtime
+            saved = load_report(self.site)
+            if saved is not None and (self._last is None or saved.time >= self._last.time):
+                self._last = saved
+        return self._last
+
+    @last.setter
+    def last(self, report: GcReport | None) -> None:
+        self._last = report
 
     def start(self) -> None:
         if self.site.retention.interval_seconds <= 0:
@@ -339,9 +375,10 @@ class PeriodicGC:
             while not self._stop.is_set():
                 try:
                     journal = journal or Journal(self.site.journal_path)
-                    self.last = run_pass(self.site, journal, now=self.now, docker_factory=self.docker_factory)
+                    report = run_pass(self.site, journal, now=self.now, docker_factory=self.docker_factory)
+                    self.last = report
                     self.passes += 1
-                    save_report(self.site, self.last)
+                    save_report(self.site, report)
                 except Exception:  # a full disk, a locked journal: the next pass tries again
                     log.exception("retention pass failed")
                 if self._stop.wait(self.site.retention.interval_seconds):

@@ -1,5 +1,6 @@
-"""`fem-hpc status --config F`: the journal's tasks as a table (active first) or JSON.
-Opens the journal read-only, so it is safe while `serve` runs."""
+"""`fem-hpc status --config F`: the journal's tasks as a table (active first), then the disk areas
+and what retention keeps; or all of it as JSON (`{"tasks": [...], "disk": {...}}`; with a task id,
+`{"tasks": [that task]}`). Opens the journal read-only, so it is safe while `serve` runs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from ..config import SiteConfig
 from ..journal import JournalReader
 from ..model import FINAL_STATES
-from .gc import area_lines
+from .gc import area_lines, disk_status
 
 
 def _age(seconds: float) -> str:
@@ -36,7 +37,7 @@ def print_status(site: SiteConfig, *, task_id: str | None = None, all_tasks: boo
                  as_json: bool = False) -> int:
     rows = load_rows(site, all_tasks, task_id)
     if as_json:
-        json.dump(rows, sys.stdout, indent=2)
+        json.dump({"tasks": rows} if task_id else {"tasks": rows, "disk": disk_status(site)}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0 if rows or not task_id else 1
     now = time.time()
