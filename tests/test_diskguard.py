@@ -163,3 +163,41 @@ def test_reject_a_new_task_gets_a_rejected_result_naming_the_disk(disk: Path):
     finally:
         agent.close()
         journal.close()
+
+
+def test_a_full_work_root_at_stage_out_waits_for_space_and_fails_nothing(tmp_path: Path):
+    """The job ended well, then its archive finds the disk full: the task stays in STAGING_OUT and
+    says why, and once space is freed its outputs go back whole and it is COMPLETED, not FAILED."""
+    with tmpfs(tmp_path / "work", "12m") as work:
+        site = config_from_dict({
+            "node": "guardnode", "state_dir": str(tmp_path / "state"), "work_root": str(work),
+            "executors": {"local": {"kill_grace_seconds": 1}},
+            "disk_guard": {"min_free_bytes": 0, "min_free_percent": 0},  # the guard stays out of it
+            "stage_out": {"compress_level": 1},
+        })
+        filler = fill(work, leave=8 * MiB)
+        journal = Journal(site.journal_path)
+        agent = Agent(site, journal, frontends={"v1": V1Frontend(site.node, site.broker.events_exchange)})
+        try:
+            # 5 MB that do not compress: the archive needs about as much again, and 3 MB are left
+            res = agent.intake({"id": "full1", "command": ["sh", "-c", "head -c 5000000 /dev/urandom > big.bin"],
+                                "outputs": ["big.bin"]}, Route("v1", "q", "c1"))
+            assert res.record is not None, res.errors
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                rec = journal.get("full1")
+                if rec is not None and "waiting for disk space" in (rec.message or ""):
+                    break
+                assert rec is not None and not rec.final, (rec.state, rec.message) if rec else None
+                time.sleep(0.2)
+            assert rec.state == State.STAGING_OUT and "No space left on device" in rec.message, rec.message
+            time.sleep(1.5)  # a retry on a still full disk changes nothing
+            assert journal.get("full1").state == State.STAGING_OUT
+            filler.unlink()
+            done = agent.wait("full1", timeout=90)
+            assert done is not None and done.state == State.COMPLETED and done.reason is None, done
+            result = json.loads(done.result_json or "{}")
+            assert result["outputs"]["size"] > 5_000_000 and result["exit_code"] == 0
+        finally:
+            agent.close()
+            journal.close()

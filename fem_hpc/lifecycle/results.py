@@ -2,11 +2,14 @@
 listener (RUNNING, pending reasons, pauses, the end) and the early end of a task that never ran.
 
 A stage-out that cannot reach the cluster (outputs built where the job ran) stays in STAGING_OUT,
-paused, and is tried again later with backoff; the executor may drop the job's runtime-side
-leftovers (a remote work dir) only once the final transition is committed."""
+paused, and is tried again later with backoff; so does one that finds the disk (or the journal)
+full: a job that ended well is never turned FAILED by a full disk, its outputs go back once there is
+space. The executor may drop the job's runtime-side leftovers (a remote work dir) only once the
+final transition is committed."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import threading
@@ -29,6 +32,15 @@ from .tasks import TaskRegistry
 from .transitions import Transitions
 
 log = logging.getLogger("fem_hpc.lifecycle")
+
+DISK_FULL_RETRY_SECONDS = 60.0  # the longest wait between two stage-out tries on a full disk
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write failed for lack of space (or quota): waiting helps, failing the task would not."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 class Results:
@@ -69,6 +81,9 @@ class Results:
         try:
             self.stage_out(job, outcome)
         except Exception as exc:
+            if disk_full(exc) and not self.closing():
+                self._retry_when_space(job, outcome, exc)
+                return
             log.exception("%s: stage-out failed unexpectedly", job.task.id, extra={"task_id": job.task.id})
             self.finish_early(job.task.id, Reason.STAGE_OUT, f"internal error in stage-out: {exc}")
 
@@ -93,8 +108,8 @@ class Results:
             try:
                 archive = self._archive(executor, job, job.task.outputs)
             except (StageOutError, ExecutorError, OSError) as exc:
-                if isinstance(exc, TransportError):
-                    raise
+                if isinstance(exc, TransportError) or disk_full(exc):
+                    raise  # not the outputs' fault: tried again later
                 outcome = Outcome(State.FAILED, Reason.STAGE_OUT, outcome.exit_code, str(exc), outcome.started,
                                   outcome.finished)
                 note = str(exc)
@@ -146,6 +161,18 @@ class Results:
         if delay is not None:
             log.warning("%s: stage-out %s (%s); retried in %.0fs", task_id, exc.pause_message, exc, delay,
                         extra={"task_id": task_id})
+
+    def _retry_when_space(self, job: Job, outcome: Outcome, exc: BaseException) -> None:
+        task_id = job.task.id
+        message = f"stage-out waiting for disk space ({exc})"
+        try:
+            self.journal.update(task_id, message=message)
+        except (sqlite3.Error, OSError):
+            pass  # the journal's disk is the full one: the log line says it
+        delay = self.retries.schedule(f"out:{task_id}", DISK_FULL_RETRY_SECONDS, self.out_pool.submit,
+                                      self.stage_out_guarded, job, outcome)
+        if delay is not None:
+            log.warning("%s: %s; retried in %.0fs", task_id, message, delay, extra={"task_id": task_id})
 
     # -- the end ---------------------------------------------------------------------------------
     def final(self, task_id: str, result: ResultEvent, message: str | None, *, executor: str | None) -> bool:
