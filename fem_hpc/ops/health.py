@@ -246,9 +246,10 @@ class ServiceState:
 
 
 def health_reply(site: SiteConfig, state: ServiceState, executors: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The health report of a running node, built once for the v1 `health` op, the legacy
-    health-check and `doctor`: the cheap checks, the broker links as the service sees them (no
-    new connection), and the executor checks `executors` (ExecutorPool.health()) already ran."""
+    """The health report of a running node, built once for the v1 `health` op and the legacy
+    `health-check` action (which reshapes it): the cheap checks `doctor` shares, the broker links as
+    the service sees them (no new connection), the executor checks `executors`
+    (ExecutorPool.health()) already ran, the disk guard and the last retention pass."""
     disk = {}
     for name, path in (("state_dir", site.state_dir), ("work_root", site.work_root)):
         try:

@@ -12,14 +12,12 @@ import base64
 import logging
 import os
 import platform
-import shutil
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ... import __version__
 from ... import metrics as metrics_hooks
 from ...broker.consumer import Delivery
 from ...config import SiteConfig
@@ -206,21 +204,24 @@ class LegacyHandler:
                 "stop_time": legacy_time(rec.finished), "elapsed_time_sec": elapsed, "error": error}
 
     def health_check(self, req: LegacyRequest, to: Route) -> str:
+        """The legacy `health-check` action: the node's health reply (ops.health, what the v1 `health`
+        op gets: its disk, load, executor checks) in the legacy shape, plus the legacy sandbox."""
         health = self.health()
-        paths = {}
-        for name, path in (("sandbox", self.sandbox), ("state_dir", self.site.state_dir)):
-            paths[name] = {"path": str(path), "exists": path.exists(), "writable": os.access(path, os.W_OK)}
+        paths = {"sandbox": {"path": str(self.sandbox), "exists": self.sandbox.exists(),
+                             "writable": os.access(self.sandbox, os.W_OK)}}
+        checks = {c["name"]: c for c in health["checks"]}
+        state_dir = checks.get("state_dir", {})
+        paths["state_dir"] = {"path": str(self.site.state_dir), "exists": self.site.state_dir.exists(),
+                              "writable": state_dir.get("status") == "ok"}
         executors = health["executors"]
-        installation = {"fem_hpc": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        installation = {"fem_hpc": health["version"], "python": sys.version.split()[0], "platform": platform.platform(),
                         "executors": {k: v.get("works", False) for k, v in executors.items()}}
-        usage = shutil.disk_usage(self.sandbox if self.sandbox.exists() else self.site.state_dir)
-        resources = {"cpus": os.cpu_count(), "load": health["load"], "disk_free_bytes": usage.free,
+        resources = {"cpus": os.cpu_count(), "load": health["load"], "disk": health["disk"],
                      "memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
-        images = local_images(self.site)
         ok = all(p["writable"] for p in paths.values()) and any(installation["executors"].values())
         self.reply(to, {**self._ids(req, None), "action": req.action, "status": "success" if ok else "error",
                         "checks": {"installation": installation, "paths": paths, "resources": resources,
-                                   "images": images}})
+                                   "images": local_images(self.site)}})
         return "ok" if ok else "error"
 
     def print_images(self, req: LegacyRequest, to: Route) -> str:
