@@ -338,3 +338,22 @@ def test_health_reply_carries_the_checks(tmp_path):
         assert checks[name]["status"] == "ok", checks[name]
     assert "consumer connected, publisher connected" in checks["broker"]["detail"]
     assert all(set(c) == {"name", "status", "detail", "fix"} for c in health["checks"])
+
+
+def test_runtime_check_honours_the_binary_setting_and_ssh(tmp_path):
+    exe = tmp_path / "opt" / "apptainer"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    site = config_from_dict({
+        "node": "rt", "state_dir": str(tmp_path / "s"), "work_root": str(tmp_path / "w"),
+        "executors": {"app": {"type": "apptainer", "binary": str(exe)},
+                      "gone": {"type": "apptainer", "binary": str(tmp_path / "nowhere")},
+                      "hpc": {"type": "slurm", "ssh": {"host": "login.cluster.test", "user": "fem"}}},
+    })
+    found = health.runtime_check(site, "app")
+    assert found.status == "ok" and found.detail == f"found {exe}", found
+    missing = health.runtime_check(site, "gone")
+    assert missing.status == "error" and "nowhere' (its binary setting) is not an executable" in missing.detail
+    remote = health.runtime_check(site, "hpc")
+    assert remote.status == "ok" and remote.detail == "sbatch on login.cluster.test, over SSH", remote

@@ -34,8 +34,12 @@ class PluginInfo:
     def status(self) -> str:
         return "ok" if self.cls is not None else f"error: {self.error}"
 
-    def runtime_found(self) -> tuple[bool, str]:
-        """Whether one of the binaries this executor needs is on PATH (True when it needs none)."""
+    def runtime_found(self, configured: str | None = None) -> tuple[bool, str]:
+        """Whether one of the binaries this executor needs is on PATH (True when it needs none), or
+        the one its settings name (`binary`: a path or a name on PATH)."""
+        if configured:
+            path = shutil.which(configured)
+            return (True, path) if path else (False, f"{configured!r} (its binary setting) is not an executable")
         if not self.runtime:
             return True, "-"
         for binary in self.runtime:

@@ -184,7 +184,13 @@ def runtime_check(site: SiteConfig, name: str) -> Check:
     if info is None:
         return make_check(f"{name}: runtime", "error", f"no executor plugin {site.executor_type(name)!r}",
                   "install the package that provides it")
-    found, where = info.runtime_found()
+    settings = site.executors.get(name) or {}
+    ssh = settings.get("ssh")
+    if isinstance(ssh, dict) and ssh.get("host"):
+        # sbatch/qsub run on the cluster: none is needed here (the executor's own checks go there)
+        return make_check(f"{name}: runtime", "ok", f"{' or '.join(info.runtime)} on {ssh['host']}, over SSH")
+    binary = settings.get("binary")
+    found, where = info.runtime_found(binary if isinstance(binary, str) else None)
     if found:
         return make_check(f"{name}: runtime", "ok", "needs no runtime binary" if where == "-" else f"found {where}")
     return make_check(f"{name}: runtime", "error", where, f"install {' or '.join(info.runtime)} or add it to PATH")
