@@ -19,6 +19,7 @@ import services
 from brokerkit import BROKER_URL, ServeProcess, rabbitmqctl, unique_node
 
 from fem_hpc.client import Client
+from fem_hpc.config import config_from_dict
 from fem_hpc.ops import doctor, health
 
 
