@@ -123,6 +123,11 @@ def parse_pack_stderr(stderr: str) -> tuple[list[str], str]:
 
 
 # -- images on the cluster ----------------------------------------------------------------------
+# The pull policy is applied here, in the remote command, and not by staging.images.pull_needed:
+# whether the image is present can only be seen on the cluster, and deciding there under the
+# cache's lock, in the same round trip as the pull, is what keeps one call per image and no race
+# between two services' pulls. The rules are the same (always: pull; never: fail when missing;
+# if-not-present: pull when missing); tests/test_remote.py runs each of them on the cluster side.
 # Under an exclusive flock per image (concurrent pulls of one image wait, the second finds it),
 # into a temp file of the cache dir, then renamed over the entry: no reader sees half a SIF.
 # $1 cache dir, $2 entry stem, $3 force (1: pull over a cached SIF), $4 never (1: do not pull),
