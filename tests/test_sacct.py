@@ -69,6 +69,10 @@ def test_a_job_scancelled_by_hand_ends_by_saccts_word_not_lost(tmp_path: Path) -
         marker = Path(done.workdir or "") / ".fem" / "exit_code"
         assert not marker.exists()
         assert done.state in (State.CANCELLED, State.FAILED) and done.reason != "LOST", done
+        # by sacct's word: the state it reports is the task's, and so is the signal in its ExitCode
+        word = sacct_state(native).split()[0]
+        assert done.state == {"CANCELLED": State.CANCELLED, "FAILED": State.FAILED}[word], (word, done)
+        assert word in (done.message or ""), done.message
         print(f"job {native}: sacct says {sacct_state(native)!r}; the task ended {done.state.value} ({done.message})")
     finally:
         agent.close()
