@@ -3,9 +3,11 @@
 orchestrator: through the broker, with fem-hpc's client, like `fem-hpc submit` does.
 
     python examples/federated/driver.py --dir /tmp/fl-demo [--rounds 5] [--min-clients 3]
+        [--app-repo URL [--app-ref REF]] [--print-tasks]
 
-1. The app (app/*.py) is committed to a Git repository the nodes stage in (file:// here; a real
-   federation would name its Git server), pinned to that commit.
+1. The app (app/*.py) is committed to a Git repository the nodes stage in (file:// here), pinned
+   to that commit. A real federation names its Git server instead: `--app-repo URL [--app-ref REF]`
+   (or `app: {repo, ref}` in federation.yaml); the driver pins REF to its commit.
 2. The aggregator task (the Flower server) goes to the aggregator node. The driver waits until the
    task is RUNNING and its port accepts connections: a client started earlier would fail.
 3. One client task per node, with the server's address in its env and the node's read-only
@@ -86,6 +88,41 @@ def commit_app(repo_dir: Path) -> tuple[str, str]:
     return f"file://{bare}", commit
 
 
+def resolve_app(url: str, ref: str | None) -> tuple[str, str]:
+    """The app in a Git repository the nodes fetch from (a real federation's Git server): (URL,
+    the commit REF names there). A 40-digit commit is taken as given (the driver need not reach
+    the repository then); a branch, a tag or HEAD is resolved with `git ls-remote`, so every node
+    checks out the same commit even if the branch moves during the run."""
+    if ref and len(ref) == 40 and all(c in "0123456789abcdef" for c in ref.lower()):
+        return url, ref.lower()
+    want = ref or "HEAD"
+    try:
+        out = subprocess.run(["git", "ls-remote", "--", url, want, f"{want}^{{}}"], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"--app-repo {url}: no answer within 60 s") from None
+    if out.returncode != 0:
+        raise SystemExit(f"--app-repo {url}: cannot read it ({out.stderr.strip() or f'git exit {out.returncode}'})")
+    refs = dict(reversed(line.split("\t", 1)) for line in out.stdout.splitlines() if "\t" in line)
+    # An annotated tag names a tag object: its commit is the peeled entry (`^{}`), asked for too.
+    for name in (want, f"refs/heads/{want}", f"refs/tags/{want}^{{}}", f"refs/tags/{want}"):
+        if name in refs:
+            return url, refs[name]
+    raise SystemExit(f"--app-repo {url}: no branch or tag {want!r} there (give --app-ref, or a 40-digit commit)")
+
+
+def app_source(base: Path, fed: dict, repo: str | None, ref: str | None) -> dict[str, str]:
+    """Where the nodes get the app: --app-repo/--app-ref, else federation.yaml's `app: {repo, ref}`,
+    else a commit of this checkout's app/ in a file:// repository under the federation's
+    directory (only nodes on this machine can read that one)."""
+    app = fed.get("app") or {}
+    repo, ref = repo or app.get("repo"), ref or app.get("ref")
+    if ref and not repo:
+        raise SystemExit("--app-ref (or app.ref) needs --app-repo (or app.repo)")
+    url, commit = resolve_app(repo, ref) if repo else commit_app(base)
+    return {"git": url, "commit": commit}
+
+
 class Progress:
     """One line per node and state, like `fem-hpc submit` with several nodes."""
 
@@ -112,6 +149,17 @@ def task_for(role: str, run_id: str, node: dict, source: dict, env: dict[str, st
     if role == "client":
         task["volumes"] = [{"name": "fl-data", "target": "/data", "mode": "ro"}]
     return task
+
+
+def server_task(args: argparse.Namespace, aggregator: dict, run_id: str, source: dict, bind: str, min_clients: int,
+                nodes: dict) -> dict:
+    return task_for("server", run_id, aggregator, source, {
+        "FL_SERVER_ADDRESS": bind, "FL_ROUNDS": str(args.rounds), "FL_MIN_CLIENTS": str(min_clients),
+        "FL_EXPECTED": ",".join(nodes), "FL_CONNECT_TIMEOUT": str(int(args.connect_timeout))}, "00:30:00")
+
+
+def client_task(run_id: str, name: str, node: dict, source: dict, address: str) -> dict:
+    return task_for("client", run_id, node, source, {"FL_SERVER_ADDRESS": address, "FL_NODE": name}, "00:20:00")
 
 
 def plot(metrics: dict, path: Path) -> None:
@@ -156,6 +204,14 @@ def main() -> int:
                    help="after the server is done, seconds to wait for the clients' results")
     p.add_argument("--connect-timeout", type=float, default=120,
                    help="seconds the server waits for enough clients before it gives up")
+    p.add_argument("--app-repo", metavar="URL",
+                   help="a Git repository every node can fetch, holding app/'s files at its top (default: "
+                        "federation.yaml's app.repo, else a file:// commit of this checkout's app/)")
+    p.add_argument("--app-ref", metavar="REF",
+                   help="branch, tag or 40-digit commit in --app-repo (default: app.ref, else HEAD); pinned "
+                        "to one commit for every node")
+    p.add_argument("--print-tasks", action="store_true",
+                   help="print the task documents the run would send (JSON, one per line) and exit")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # a stopped driver cancels the run, like Ctrl-C
     base = args.dir.resolve()
@@ -163,16 +219,21 @@ def main() -> int:
     nodes = {n["name"]: n for n in fed["nodes"]}
     aggregator = nodes[fed["aggregator"]]
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    results = base / "results" / run_id
-    results.mkdir(parents=True)
-    url, commit = commit_app(base)
-    source = {"git": url, "commit": commit}
+    source = app_source(base, fed, args.app_repo, args.app_ref)
     srv = {"bind": "127.0.0.1", "host": "127.0.0.1", "port": 0, **(fed.get("server") or {})}
     port = int(srv["port"]) or free_port()
     bind, address = f"{srv['bind']}:{port}", f"{srv['host']}:{port}"
     min_clients = args.min_clients or len(nodes)
-    say(f"run {run_id}: app at commit {commit[:10]}, server {address} on {aggregator['name']}, "
-        f"{args.rounds} rounds, {min_clients} of {len(nodes)} clients needed")
+    if args.print_tasks:
+        print(json.dumps({"node": aggregator["name"],
+                          "task": server_task(args, aggregator, run_id, source, bind, min_clients, nodes)}))
+        for name, node in nodes.items():
+            print(json.dumps({"node": name, "task": client_task(run_id, name, node, source, address)}))
+        return 0
+    results = base / "results" / run_id
+    results.mkdir(parents=True)
+    say(f"run {run_id}: app {source['git']} at commit {source['commit'][:10]}, server {address} on "
+        f"{aggregator['name']}, {args.rounds} rounds, {min_clients} of {len(nodes)} clients needed")
     deadline = time.monotonic() + args.timeout
     role: dict[str, str] = {}
     progress = Progress(role)
@@ -218,12 +279,10 @@ def cancel_sent(client: Client, sent: list[tuple[str, str]], runs: list[Run], ti
 def follow(args, client: Client, nodes: dict, aggregator: dict, run_id: str, source: dict, bind: str, address: str,
            min_clients: int, deadline: float, results: Path, role: dict, progress, runs: list[Run],
            sent: list[tuple[str, str]]) -> int:
-    server_task = task_for("server", run_id, aggregator, source, {
-        "FL_SERVER_ADDRESS": bind, "FL_ROUNDS": str(args.rounds), "FL_MIN_CLIENTS": str(min_clients),
-        "FL_EXPECTED": ",".join(nodes), "FL_CONNECT_TIMEOUT": str(int(args.connect_timeout))}, "00:30:00")
-    role[server_task["id"]] = "server"
-    sent.append((aggregator["name"], server_task["id"]))
-    server = client.start(server_task, node=aggregator["name"], outputs_dir=results / "server", on_event=progress)
+    first = server_task(args, aggregator, run_id, source, bind, min_clients, nodes)
+    role[first["id"]] = "server"
+    sent.append((aggregator["name"], first["id"]))
+    server = client.start(first, node=aggregator["name"], outputs_dir=results / "server", on_event=progress)
     runs.append(server)
     host, port = address.rsplit(":", 1)[0], int(address.rsplit(":", 1)[1])
     ok = client.pump([server], until=lambda: server.done or (server.state == "RUNNING" and listening(host, port)),
@@ -238,7 +297,7 @@ def follow(args, client: Client, nodes: dict, aggregator: dict, run_id: str, sou
     say(f"the aggregator is RUNNING and listening on {address}: sending the clients")
     clients: list[Run] = []
     for name, node in nodes.items():
-        t = task_for("client", run_id, node, source, {"FL_SERVER_ADDRESS": address, "FL_NODE": name}, "00:20:00")
+        t = client_task(run_id, name, node, source, address)
         role[t["id"]] = "client"
         sent.append((name, t["id"]))
         try:
