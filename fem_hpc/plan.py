@@ -96,9 +96,10 @@ def worst(runs: Iterable[Run]) -> Run | None:
 def cancel_all(client: Client, targets: Iterable[tuple[str, str]], timeout: float = 10.0,
                retry_after: float = 1.0) -> dict[tuple[str, str], dict[str, Any] | str]:
     """Cancel every (queue, task id) at once and wait at most `timeout` seconds in all for the
-    answers: node -> its status reply, or why there is none (a string). A node that is down
-    costs one timeout, not one per node. Whether a node's first status came back does not matter:
-    a cancel of a task the node never saw, or of a final one, is answered and changes nothing.
+    answers: (queue, task id) -> the node's status reply, or why there is none (a string). A node
+    that is down costs one timeout, not one per node. Whether a node's first status came back does
+    not matter: a cancel of a task the node never saw, or of a final one, is answered and changes
+    nothing.
 
     An UNKNOWN answer is asked once more after `retry_after` seconds: a node takes its queued
     messages in parallel, so a cancel that was queued right behind its submit can be answered

@@ -195,7 +195,8 @@ def test_the_fl_driver_cancels_every_task_it_sent(tmp_path, capsys):
     conn.close()
     try:
         with Client(BROKER_URL) as c, Client(BROKER_URL) as observer:
-            sent = [(a.node, "fl-slow"), (a.node, "fl-quick"), (down, "fl-slow")]
+            # fl-never: noted as sent, but its submit never left (the driver was stopped first)
+            sent = [(a.node, "fl-slow"), (a.node, "fl-quick"), (a.node, "fl-never"), (down, "fl-slow")]
             runs = [c.start({"id": "fl-slow", "command": ["sleep", "120"]}, node=a.node),
                     c.start({"id": "fl-quick", "command": ["true"]}, node=a.node),
                     c.start({"id": "fl-slow", "command": ["sleep", "120"]}, node=down)]
@@ -221,7 +222,8 @@ def test_the_fl_driver_cancels_every_task_it_sent(tmp_path, capsys):
         conn.channel().queue_delete(down)
         conn.close()
     err = capsys.readouterr().err
-    assert "cancelling 3 task(s) without a result" in err, err
+    assert "cancelling 4 task(s) without a result" in err, err
+    assert f"{a.node}/fl-never: UNKNOWN this node has never seen this task" in err, err  # harmless
     assert f"{a.node}/fl-quick: COMPLETED already completed; nothing to cancel" in err, err
     assert re.search(rf"{a.node}/fl-slow: RUNNING cancel requested", err), err
     assert f"{down}/fl-slow: cancel not confirmed (no answer within 5s" in err, err
