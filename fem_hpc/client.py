@@ -364,6 +364,10 @@ class Client:
     def _forget(self, waiter: _Waiter) -> None:
         self._waiters.pop(waiter.corr, None)
 
+    def forget(self, correlation_id: str) -> None:
+        """Stop keeping the replies of a request sent with `publish` (late ones are dropped)."""
+        self._waiters.pop(correlation_id, None)
+
     def _pump(self, time_limit: float, deadline: float | None) -> None:
         """Let pika deliver what has arrived (into the waiters' inboxes), recovering from a loss."""
         try:

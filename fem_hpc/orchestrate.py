@@ -26,7 +26,7 @@ from .exits import (
     read_task,
 )
 from .logs import setup_logging
-from .plan import PlanError, load_plan, outcome, worst
+from .plan import PlanError, cancel_all, load_plan, outcome, worst
 
 
 def client_for(args: argparse.Namespace, node: str | None = None) -> Client:
@@ -205,15 +205,17 @@ class _Unsent:
 
 
 def _cancel_open(client: Any, runs: list[Any]) -> None:
-    """Interrupted while following: cancel every node's task that is not final yet."""
+    """Interrupted while following: cancel every node's task that is not final yet, all at once
+    (a node that is down costs one timeout, not one per node)."""
     open_runs = [r for r in runs if not r.done and r.task_id]
     print(f"interrupted: cancelling {len(open_runs)} task(s)", file=sys.stderr)
+    answers = cancel_all(client, [(r.waiter.queue, r.task_id) for r in open_runs], timeout=10)
     for run in open_runs:
-        try:
-            reply = client.cancel(run.task_id, timeout=10, node=run.waiter.queue)
+        reply = answers.get((run.waiter.queue, run.task_id), "no answer")
+        if isinstance(reply, dict):
             print(f"  {run.node}: {reply.get('state')} {reply.get('message') or ''}".rstrip(), file=sys.stderr)
-        except Exception as exc:  # one node's failure must not keep the others running
-            print(f"  {run.node}: cancel not confirmed ({exc})", file=sys.stderr)
+        else:
+            print(f"  {run.node}: cancel not confirmed ({reply})", file=sys.stderr)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -181,4 +181,8 @@ def test_fl_failures_are_reported_by_name(tmp_path):
     assert "never received the task" in run["clients"][down]["error"]
     assert f"missing nodes (no completed client): {down}" in out.stdout
     assert set(run["final"]["nodes"]) == {n["name"] for n in fed["nodes"]} - {down}
+    # The down node's request may still be taken later: the driver cancels it too (only it: the
+    # others have their results), and does not wait for the down node longer than its cancel timeout.
+    assert "cancelling 1 task(s) without a result" in out.stderr, out.stderr
+    assert re.search(rf"{down}/fl-client-\S+: cancel not confirmed \(no answer within 10s", out.stderr), out.stderr
     assert took < 120, f"the run with a node down took {took:.0f}s"

@@ -30,6 +30,10 @@ from fem_hpc.model import State, parse_task
 from fem_hpc.ops.caches import in_use
 from fem_hpc.ops.gc import GcCollector, PeriodicGC, load_report, render_report, run_pass
 from fem_hpc.ops.gc_model import DAY, tree_bytes
+from fem_hpc.protocols.legacy.codec import decode_reply, decode_request
+from fem_hpc.protocols.legacy.frontend import LegacyFrontend
+from fem_hpc.protocols.legacy.handler import LegacyHandler
+from fem_hpc.protocols.legacy.mapping import to_task
 from fem_hpc.protocols.v1.frontend import V1Frontend
 from fem_hpc.staging.git import mirror_path, update_mirror
 from fem_hpc.staging.images import cache_key, ensure_sif, sif_path
@@ -277,6 +281,52 @@ def test_a_duplicate_submit_after_compaction_runs_nothing(tmp_path: Path):
         assert all(("", "replies") in r.destinations and r.properties.get("correlation_id") == "c2" for r in rows)
         assert agent.status("dup1", Route("v1", "q")) == State.COMPLETED  # not UNKNOWN
         assert json.loads(journal.pending()[-1].payload())["seq"] == last_seq + 3
+    finally:
+        agent.close()
+        journal.close()
+
+
+def test_a_late_legacy_duplicate_after_compaction_is_answered_as_an_error(tmp_path: Path):
+    """The legacy path of the test above: the handler answers from the tombstone with an error
+    reply, runs nothing, and counts the request as an error (it returned no outcome before)."""
+    site = config_from_dict({
+        "node": "gcnode", "state_dir": str(tmp_path / "state"), "work_root": str(tmp_path / "work"),
+        "executors": {"local": {"kill_grace_seconds": 1}},
+        "retention": {"workdirs_days": 7, "keep_failed_days": 14, "journal_days": 30, "idempotency_days": 365},
+        "legacy": {"enabled": True, "sandbox_path": str(tmp_path / "sandbox"), "executor_no_image": "local"}})
+    (tmp_path / "sandbox").mkdir()
+    journal = Journal(site.journal_path)
+    agent = Agent(site, journal, workers=2, frontends={
+        "v1": V1Frontend(site.node, site.broker.events_exchange),
+        "legacy": LegacyFrontend(site.node, site.broker.events_exchange, site.legacy)})
+    handler = LegacyHandler(site, journal, agent, lambda: {})
+    ran = tmp_path / "ran.log"
+    info = ("{'_id': 'leg1', 'image': {}, 'command': {'base': 'sh -c', 'args': [{'id': 's', 'type': 'str', "
+            f"'default_value': 'echo ran >> {ran}', 'position': 0, 'prefix': '', 'separate': True, "
+            "'required': True}]}, 'cpus': 1, 'memory': '256M', 'gpus': 0}")
+    raw = "|".join(["submit_run", "tool1", info, '{"execution_id": "exl1", "process_info": []}', "{}", "user7",
+                    "None", "{}", "tok"]).encode()
+    req = decode_request(raw, site.broker.max_body_bytes)
+    task_id = to_task(req, site)[0]["id"]
+    try:
+        assert handler.submit_run(req, Route("legacy", "legacy-q", "c1")) == "ok"
+        rec = agent.wait(task_id, 30)
+        assert rec is not None and rec.state == State.COMPLETED, rec
+        confirm(journal)
+        clock = FakeClock()
+        t1 = clock.t
+        gc(site, journal, clock)
+        gc(site, journal, clock.at(t1 + 31 * DAY))
+        assert journal.get(task_id) is None and journal.retention.tombstone(task_id) is not None
+
+        assert handler.submit_run(req, Route("legacy", "legacy-q", "c2")) == "error"
+        time.sleep(0.5)  # a task that was started would have run by now
+        assert ran.read_text() == "ran\n", "the command ran once"
+        replies = [r.payload() for r in journal.pending(limit=1000)
+                   if ("", "legacy-q") in r.destinations and r.properties.get("correlation_id") == "c2"]
+        reply = decode_reply(replies)
+        assert reply["status"] == "error", reply
+        assert "finished on " in json.dumps(reply) and "outputs expired" in json.dumps(reply), reply
     finally:
         agent.close()
         journal.close()

@@ -163,3 +163,68 @@ def test_interrupting_a_multi_node_submit_cancels_every_task(tmp_path):
             proc.kill()
         a.stop()
         b.stop()
+
+
+def _fl_driver():
+    """examples/federated/driver.py as a module (it needs only fem_hpc and PyYAML to import)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "federated" / "driver.py"
+    spec = importlib.util.spec_from_file_location("fl_example_driver", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.rabbitmq
+def test_the_fl_driver_cancels_every_task_it_sent(tmp_path, capsys):
+    """The driver's cancel reaches a task whose first status it has not heard yet (it asks every
+    node it sent to), answers for a final task and for a node that is down, in one bounded wait."""
+    import pika
+
+    from fem_hpc.client import Client
+
+    services.require("rabbitmq")
+    driver = _fl_driver()
+    a = ServeProcess(tmp_path, unique_node("fa")).start()
+    down = unique_node("fdown")  # its queue exists (it ran before), no service consumes it
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    conn.channel().queue_declare(down, durable=True)
+    conn.close()
+    try:
+        with Client(BROKER_URL) as c, Client(BROKER_URL) as observer:
+            # fl-never: noted as sent, but its submit never left (the driver was stopped first)
+            sent = [(a.node, "fl-slow"), (a.node, "fl-quick"), (a.node, "fl-never"), (down, "fl-slow")]
+            runs = [c.start({"id": "fl-slow", "command": ["sleep", "120"]}, node=a.node),
+                    c.start({"id": "fl-quick", "command": ["true"]}, node=a.node),
+                    c.start({"id": "fl-slow", "command": ["sleep", "120"]}, node=down)]
+            deadline = time.monotonic() + 30
+            # The node runs the slow task (another client asks), yet this client has not read a
+            # single reply: no run has a state, which is what the driver used to skip.
+            while (observer.status("fl-slow", node=a.node)["state"] != "RUNNING"
+                   or observer.status("fl-quick", node=a.node)["state"] != "COMPLETED"):
+                assert time.monotonic() < deadline, "the node did not run the tasks"
+                time.sleep(0.3)
+            assert [r.state for r in runs] == [None, None, None]
+            t0 = time.monotonic()
+            driver.cancel_sent(c, sent, runs, timeout=5)
+            took = time.monotonic() - t0
+            deadline = time.monotonic() + 30
+            while (state := observer.status("fl-slow", node=a.node)["state"]) != "CANCELLED":
+                assert time.monotonic() < deadline, state
+                time.sleep(0.3)
+            assert observer.status("fl-quick", node=a.node)["state"] == "COMPLETED"  # a cancel of a final task: a no-op
+    finally:
+        a.stop()
+        conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+        conn.channel().queue_delete(down)
+        conn.close()
+    err = capsys.readouterr().err
+    assert "cancelling 4 task(s) without a result" in err, err
+    assert f"{a.node}/fl-never: UNKNOWN this node has never seen this task" in err, err  # harmless
+    assert f"{a.node}/fl-quick: COMPLETED already completed; nothing to cancel" in err, err
+    assert re.search(rf"{a.node}/fl-slow: RUNNING cancel requested", err), err
+    assert f"{down}/fl-slow: cancel not confirmed (no answer within 5s" in err, err
+    assert took < 8, f"one bounded wait for all nodes, not one per node: {took:.1f}s"

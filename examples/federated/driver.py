@@ -3,9 +3,11 @@
 orchestrator: through the broker, with fem-hpc's client, like `fem-hpc submit` does.
 
     python examples/federated/driver.py --dir /tmp/fl-demo [--rounds 5] [--min-clients 3]
+        [--app-repo URL [--app-ref REF]] [--print-tasks]
 
-1. The app (app/*.py) is committed to a Git repository the nodes stage in (file:// here; a real
-   federation would name its Git server), pinned to that commit.
+1. The app (app/*.py) is committed to a Git repository the nodes stage in (file:// here), pinned
+   to that commit. A real federation names its Git server instead: `--app-repo URL [--app-ref REF]`
+   (or `app: {repo, ref}` in federation.yaml); the driver pins REF to its commit.
 2. The aggregator task (the Flower server) goes to the aggregator node. The driver waits until the
    task is RUNNING and its port accepts connections: a client started earlier would fail.
 3. One client task per node, with the server's address in its env and the node's read-only
@@ -37,7 +39,7 @@ from typing import Any
 import yaml
 
 from fem_hpc.client import Client, ClientError, Run
-from fem_hpc.plan import outcome
+from fem_hpc.plan import cancel_all, outcome
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "app"
@@ -86,6 +88,41 @@ def commit_app(repo_dir: Path) -> tuple[str, str]:
     return f"file://{bare}", commit
 
 
+def resolve_app(url: str, ref: str | None) -> tuple[str, str]:
+    """The app in a Git repository the nodes fetch from (a real federation's Git server): (URL,
+    the commit REF names there). A 40-digit commit is taken as given (the driver need not reach
+    the repository then); a branch, a tag or HEAD is resolved with `git ls-remote`, so every node
+    checks out the same commit even if the branch moves during the run."""
+    if ref and len(ref) == 40 and all(c in "0123456789abcdef" for c in ref.lower()):
+        return url, ref.lower()
+    want = ref or "HEAD"
+    try:
+        out = subprocess.run(["git", "ls-remote", "--", url, want, f"{want}^{{}}"], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"--app-repo {url}: no answer within 60 s") from None
+    if out.returncode != 0:
+        raise SystemExit(f"--app-repo {url}: cannot read it ({out.stderr.strip() or f'git exit {out.returncode}'})")
+    refs = dict(reversed(line.split("\t", 1)) for line in out.stdout.splitlines() if "\t" in line)
+    # An annotated tag names a tag object: its commit is the peeled entry (`^{}`), asked for too.
+    for name in (want, f"refs/heads/{want}", f"refs/tags/{want}^{{}}", f"refs/tags/{want}"):
+        if name in refs:
+            return url, refs[name]
+    raise SystemExit(f"--app-repo {url}: no branch or tag {want!r} there (give --app-ref, or a 40-digit commit)")
+
+
+def app_source(base: Path, fed: dict, repo: str | None, ref: str | None) -> dict[str, str]:
+    """Where the nodes get the app: --app-repo/--app-ref, else federation.yaml's `app: {repo, ref}`,
+    else a commit of this checkout's app/ in a file:// repository under the federation's
+    directory (only nodes on this machine can read that one)."""
+    app = fed.get("app") or {}
+    repo, ref = repo or app.get("repo"), ref or app.get("ref")
+    if ref and not repo:
+        raise SystemExit("--app-ref (or app.ref) needs --app-repo (or app.repo)")
+    url, commit = resolve_app(repo, ref) if repo else commit_app(base)
+    return {"git": url, "commit": commit}
+
+
 class Progress:
     """One line per node and state, like `fem-hpc submit` with several nodes."""
 
@@ -114,6 +151,17 @@ def task_for(role: str, run_id: str, node: dict, source: dict, env: dict[str, st
     return task
 
 
+def server_task(args: argparse.Namespace, aggregator: dict, run_id: str, source: dict, bind: str, min_clients: int,
+                nodes: dict) -> dict:
+    return task_for("server", run_id, aggregator, source, {
+        "FL_SERVER_ADDRESS": bind, "FL_ROUNDS": str(args.rounds), "FL_MIN_CLIENTS": str(min_clients),
+        "FL_EXPECTED": ",".join(nodes), "FL_CONNECT_TIMEOUT": str(int(args.connect_timeout))}, "00:30:00")
+
+
+def client_task(run_id: str, name: str, node: dict, source: dict, address: str) -> dict:
+    return task_for("client", run_id, node, source, {"FL_SERVER_ADDRESS": address, "FL_NODE": name}, "00:20:00")
+
+
 def plot(metrics: dict, path: Path) -> None:
     import matplotlib
 
@@ -125,9 +173,10 @@ def plot(metrics: dict, path: Path) -> None:
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in ((acc_ax, "accuracy", "accuracy on each node's hold-out"), (loss_ax, "loss", "log loss")):
         for node in nodes:
-            pts = [(r["round"], r["nodes"][node][key]) for r in rounds if node in r["nodes"]]
+            pts = [(r["round"], r["nodes"][node][key]) for r in rounds
+                   if node in r["nodes"] and r["nodes"][node].get(key) is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=node)
-        pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+        pts = [(r["round"], r[key]) for r in rounds if evaluated(r)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", color="black", linewidth=2.5,
                 label="global model (weighted)")
         ax.set_xlabel("round")
@@ -155,6 +204,14 @@ def main() -> int:
                    help="after the server is done, seconds to wait for the clients' results")
     p.add_argument("--connect-timeout", type=float, default=120,
                    help="seconds the server waits for enough clients before it gives up")
+    p.add_argument("--app-repo", metavar="URL",
+                   help="a Git repository every node can fetch, holding app/'s files at its top (default: "
+                        "federation.yaml's app.repo, else a file:// commit of this checkout's app/)")
+    p.add_argument("--app-ref", metavar="REF",
+                   help="branch, tag or 40-digit commit in --app-repo (default: app.ref, else HEAD); pinned "
+                        "to one commit for every node")
+    p.add_argument("--print-tasks", action="store_true",
+                   help="print the task documents the run would send (JSON, one per line) and exit")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # a stopped driver cancels the run, like Ctrl-C
     base = args.dir.resolve()
@@ -162,46 +219,70 @@ def main() -> int:
     nodes = {n["name"]: n for n in fed["nodes"]}
     aggregator = nodes[fed["aggregator"]]
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    results = base / "results" / run_id
-    results.mkdir(parents=True)
-    url, commit = commit_app(base)
-    source = {"git": url, "commit": commit}
+    source = app_source(base, fed, args.app_repo, args.app_ref)
     srv = {"bind": "127.0.0.1", "host": "127.0.0.1", "port": 0, **(fed.get("server") or {})}
     port = int(srv["port"]) or free_port()
     bind, address = f"{srv['bind']}:{port}", f"{srv['host']}:{port}"
     min_clients = args.min_clients or len(nodes)
-    say(f"run {run_id}: app at commit {commit[:10]}, server {address} on {aggregator['name']}, "
-        f"{args.rounds} rounds, {min_clients} of {len(nodes)} clients needed")
+    if args.print_tasks:
+        print(json.dumps({"node": aggregator["name"],
+                          "task": server_task(args, aggregator, run_id, source, bind, min_clients, nodes)}))
+        for name, node in nodes.items():
+            print(json.dumps({"node": name, "task": client_task(run_id, name, node, source, address)}))
+        return 0
+    results = base / "results" / run_id
+    results.mkdir(parents=True)
+    say(f"run {run_id}: app {source['git']} at commit {source['commit'][:10]}, server {address} on "
+        f"{aggregator['name']}, {args.rounds} rounds, {min_clients} of {len(nodes)} clients needed")
     deadline = time.monotonic() + args.timeout
     role: dict[str, str] = {}
     progress = Progress(role)
     runs: list[Run] = []
+    sent: list[tuple[str, str]] = []  # (node queue, task id) of every submit, noted before it is published
     try:
         with Client(fed["broker"]) as client:
             try:
-                return follow(args, client, nodes, aggregator, run_id, source, bind, address, min_clients,
-                              deadline, results, role, progress, runs)
+                code = follow(args, client, nodes, aggregator, run_id, source, bind, address, min_clients,
+                              deadline, results, role, progress, runs, sent)
             except KeyboardInterrupt:
                 say("interrupted: cancelling every node's task")
-                for run in runs:
-                    if not run.done and run.state:
-                        try:
-                            client.cancel(run.task_id, timeout=10, node=run.waiter.queue)
-                        except ClientError as exc:
-                            say(f"{run.node}: cancel not confirmed ({exc})")
+                cancel_sent(client, sent, runs)
                 return 130
+            except ClientError:
+                cancel_sent(client, sent, runs)
+                raise
+            # A task left without a result (the server never listened, a client still running
+            # after the server ended, a node that may yet take its request) must not go on alone.
+            cancel_sent(client, sent, runs)
+            return code
     except ClientError as exc:
         say(f"error: {exc}")
         return 1
 
 
+def cancel_sent(client: Client, sent: list[tuple[str, str]], runs: list[Run], timeout: float = 10) -> None:
+    """Cancel every task that was sent and has no result, whether or not its node's first status
+    came back: a node cancels a task it never saw, or a final one, as a no-op (state UNKNOWN, or
+    "already ..."), so asking costs nothing, while not asking leaves a Flower client running."""
+    finished = {(r.waiter.queue, r.task_id) for r in runs if r.result is not None}
+    targets = [t for t in sent if t not in finished]
+    if not targets:
+        return
+    say(f"cancelling {len(targets)} task(s) without a result")
+    for (queue, task_id), answer in cancel_all(client, targets, timeout=timeout).items():
+        if isinstance(answer, dict):
+            say(f"  {queue}/{task_id}: {answer.get('state')} {answer.get('message') or ''}".rstrip())
+        else:
+            say(f"  {queue}/{task_id}: cancel not confirmed ({answer})")
+
+
 def follow(args, client: Client, nodes: dict, aggregator: dict, run_id: str, source: dict, bind: str, address: str,
-           min_clients: int, deadline: float, results: Path, role: dict, progress, runs: list[Run]) -> int:
-    server_task = task_for("server", run_id, aggregator, source, {
-        "FL_SERVER_ADDRESS": bind, "FL_ROUNDS": str(args.rounds), "FL_MIN_CLIENTS": str(min_clients),
-        "FL_EXPECTED": ",".join(nodes), "FL_CONNECT_TIMEOUT": str(int(args.connect_timeout))}, "00:30:00")
-    role[server_task["id"]] = "server"
-    server = client.start(server_task, node=aggregator["name"], outputs_dir=results / "server", on_event=progress)
+           min_clients: int, deadline: float, results: Path, role: dict, progress, runs: list[Run],
+           sent: list[tuple[str, str]]) -> int:
+    first = server_task(args, aggregator, run_id, source, bind, min_clients, nodes)
+    role[first["id"]] = "server"
+    sent.append((aggregator["name"], first["id"]))
+    server = client.start(first, node=aggregator["name"], outputs_dir=results / "server", on_event=progress)
     runs.append(server)
     host, port = address.rsplit(":", 1)[0], int(address.rsplit(":", 1)[1])
     ok = client.pump([server], until=lambda: server.done or (server.state == "RUNNING" and listening(host, port)),
@@ -216,14 +297,16 @@ def follow(args, client: Client, nodes: dict, aggregator: dict, run_id: str, sou
     say(f"the aggregator is RUNNING and listening on {address}: sending the clients")
     clients: list[Run] = []
     for name, node in nodes.items():
-        t = task_for("client", run_id, node, source, {"FL_SERVER_ADDRESS": address, "FL_NODE": name}, "00:20:00")
+        t = client_task(run_id, name, node, source, address)
         role[t["id"]] = "client"
+        sent.append((name, t["id"]))
         try:
             # A request no node took before the server gives up is dropped by the broker: a node
             # that comes back later must not start a client for a run that is over.
             run = client.start(t, node=name, outputs_dir=results / name, on_event=progress,
                                expiration_seconds=args.connect_timeout)
         except ClientError as exc:
+            sent.remove((name, t["id"]))  # nothing to cancel: it never reached a queue
             say(f"{name}: client not sent: {exc}")
             continue
         clients.append(run)
@@ -238,6 +321,44 @@ def follow(args, client: Client, nodes: dict, aggregator: dict, run_id: str, sou
                    else f"still {run.state} after the server ended")
             run.fail(f"no result: {why}", timed_out=True)
     return report(server, clients, nodes, results, address)
+
+
+def num(value: float | None, spec: str = ".4f") -> str:
+    """A metric as text: a round nobody evaluated has none, and must not end the report."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def evaluated(entry: dict) -> bool:
+    # "evaluated" is written by this example's server; a round without it is judged by its numbers.
+    return bool(entry.get("evaluated", True)) and entry.get("loss") is not None and entry.get("accuracy") is not None
+
+
+def last_evaluated(metrics: dict | None) -> dict | None:
+    rounds = [r for r in (metrics or {}).get("rounds", []) if evaluated(r)]
+    return rounds[-1] if rounds else None
+
+
+def not_evaluated(metrics: dict | None) -> list[int]:
+    return [r["round"] for r in (metrics or {}).get("rounds", []) if not evaluated(r)]
+
+
+def global_lines(metrics: dict | None) -> list[str]:
+    """The summary's lines about the global model: its last evaluated round, and the rounds that
+    had no evaluation (every client's failed), named rather than shown as numbers."""
+    if metrics is None:
+        return ["no metrics from the server (metrics.json missing): no plot"]
+    final = last_evaluated(metrics)
+    lines = []
+    if final is None:
+        lines.append("no round was evaluated: no plot")
+    else:
+        lines.append(f"global model after round {final['round']}: accuracy {num(final['accuracy'])}, loss "
+                     f"{num(final['loss'])} (weighted over {', '.join(sorted(final['nodes']))})")
+    if skipped := not_evaluated(metrics):
+        lines.append(f"rounds without evaluation (every client's evaluation failed or none ran): "
+                     f"{', '.join(map(str, skipped))} of {len(metrics['rounds'])}")
+    lines.append(f"server time {metrics.get('seconds', '-')}s, flwr {metrics.get('flwr', '-')}")
+    return lines
 
 
 def report(server: Run, clients: list[Run], nodes: dict, results: Path, address: str) -> int:
@@ -258,7 +379,8 @@ def report(server: Run, clients: list[Run], nodes: dict, results: Path, address:
             m = json.loads(local.read_text())
             if m["rounds"]:
                 last = m["rounds"][-1]
-                rounds = f"{len(m['rounds'])} rounds, last accuracy {last['accuracy']:.3f} loss {last['loss']:.3f}"
+                rounds = (f"{len(m['rounds'])} rounds, last accuracy {num(last.get('accuracy'), '.3f')} "
+                          f"loss {num(last.get('loss'), '.3f')}")
         native = (run.native_id or "-")[:14]  # a container id is 64 hex digits; docker shows 12
         lines.append(f"  {run.node:<22} {nodes[run.node]['executor']:<7} {outcome(run):<10} "
                      f"native={native:<14} {rounds}")
@@ -269,15 +391,11 @@ def report(server: Run, clients: list[Run], nodes: dict, results: Path, address:
             lines.append(f"    {run.state}: {tail[-1] if tail else run.result.result.get('reason')}")
     for name in sorted(set(nodes) - {r.node for r in clients}):
         lines.append(f"  {name:<22} {nodes[name]['executor']:<7} NOT SENT")
-    if metrics and metrics["rounds"]:
-        final = metrics["rounds"][-1]
-        lines.append(f"global model after round {final['round']}: accuracy {final['accuracy']:.4f}, loss "
-                     f"{final['loss']:.4f} (weighted over {', '.join(sorted(final['nodes']))})")
-        lines.append(f"server time {metrics['seconds']}s, flwr {metrics['flwr']}")
+    final = last_evaluated(metrics)
+    lines += global_lines(metrics)
+    if final is not None:
         plot(metrics, results / "training.png")
         lines.append(f"plot: {results / 'training.png'}")
-    else:
-        lines.append("no round was evaluated: no plot")
     if missing:
         lines.append(f"missing nodes (no completed client): {', '.join(missing)}")
     text = "\n".join(lines) + "\n"
@@ -285,7 +403,8 @@ def report(server: Run, clients: list[Run], nodes: dict, results: Path, address:
     (results / "run.json").write_text(json.dumps({
         "server": {"node": server.node, "state": outcome(server), "native_id": server.native_id},
         "clients": {r.node: {"state": outcome(r), "native_id": r.native_id, "error": r.error} for r in clients},
-        "missing": missing, "final": metrics["rounds"][-1] if metrics and metrics["rounds"] else None}, indent=2))
+        "missing": missing, "final": final,
+        "rounds_not_evaluated": not_evaluated(metrics)}, indent=2))
     print(text, end="")
     return 0 if outcome(server) == "COMPLETED" and not missing else 1
 

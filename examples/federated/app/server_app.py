@@ -3,7 +3,9 @@ of rounds. It holds no data. It writes into out/:
 
   global_model.npz   the final global weights (coef, intercept)
   metrics.json       per round: loss and accuracy of every node (evaluated on its own hold-out)
-                     and aggregated (weighted by the nodes' hold-out sizes), plus the failures
+                     and aggregated (weighted by the nodes' hold-out sizes), plus the failures;
+                     a round whose evaluations all failed is kept with loss and accuracy null
+                     ("evaluated": false, listed in "rounds_not_evaluated"), and training goes on
 
 Environment (set by the driver in the task's env):
   FL_SERVER_ADDRESS  where to listen, host:port (e.g. 127.0.0.1:4433)
@@ -50,20 +52,52 @@ class RecordingFedAvg(FedAvg):
         return params, metrics
 
     def aggregate_evaluate(self, server_round, results, failures):
-        loss, metrics = super().aggregate_evaluate(server_round, results, failures)
-        nodes = {}
-        for _proxy, res in results:
-            name = str(res.metrics.get("node", _proxy.cid))
-            nodes[name] = {"loss": float(res.loss), "accuracy": float(res.metrics["accuracy"]),
-                           "n": int(res.num_examples)}
-        total = sum(n["n"] for n in nodes.values()) or 1
-        accuracy = sum(n["accuracy"] * n["n"] for n in nodes.values()) / total
-        self.rounds[server_round] = {"round": server_round, "loss": None if loss is None else float(loss),
-                                     "accuracy": accuracy, "nodes": nodes}
+        loss, _metrics = super().aggregate_evaluate(server_round, results, failures)
+        evaluations = [(str(res.metrics.get("node", proxy.cid if proxy is not None else "?")), res)
+                       for proxy, res in results]
+        entry = record_round(server_round, loss, evaluations, len(failures))
+        self.rounds[server_round] = entry
         self.failures += [f"round {server_round} evaluate: {f!r}" for f in failures]
-        print(f"round {server_round}: aggregated loss {loss:.4f} accuracy {accuracy:.4f} from "
-              f"{', '.join(sorted(nodes))}", flush=True)
-        return loss, {"accuracy": accuracy}
+        print(round_line(entry), flush=True)
+        # Flower's metrics are scalars: a round nobody evaluated has no accuracy to give it.
+        return loss, ({} if entry["accuracy"] is None else {"accuracy": entry["accuracy"]})
+
+
+def num(value: float | None, spec: str = ".4f") -> str:
+    """A metric as text; a round without evaluation has none (n/a), which must not stop the run."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def record_round(server_round: int, loss: float | None, evaluations: list, failed: int) -> dict:
+    """One round of metrics.json from the evaluations that came back, as (node, EvaluateRes).
+    A round in which every evaluation failed (or none was run) is kept, with loss and accuracy
+    None and `evaluated` false: FedAvg gives no loss then, and an accuracy of 0 would be a lie."""
+    nodes = {name: {"loss": float(res.loss), "accuracy": float(res.metrics["accuracy"]), "n": int(res.num_examples)}
+             for name, res in evaluations}
+    total = sum(n["n"] for n in nodes.values())
+    accuracy = sum(n["accuracy"] * n["n"] for n in nodes.values()) / total if total else None
+    evaluated = loss is not None and accuracy is not None
+    return {"round": server_round, "loss": None if loss is None else float(loss),
+            "accuracy": accuracy if evaluated else None, "nodes": nodes, "evaluated": evaluated,
+            "failed_evaluations": failed}
+
+
+def round_line(entry: dict) -> str:
+    if not entry["evaluated"]:
+        return (f"round {entry['round']}: no evaluation ({entry['failed_evaluations']} failed, "
+                f"{len(entry['nodes'])} came back); training goes on")
+    return (f"round {entry['round']}: aggregated loss {num(entry['loss'])} accuracy {num(entry['accuracy'])} "
+            f"from {', '.join(sorted(entry['nodes']))}")
+
+
+def metrics_report(strategy: RecordingFedAvg, rounds: int, expected: list[str], seconds: float) -> dict:
+    """metrics.json: every configured round, those Flower ran no evaluation for included as such."""
+    entries = [strategy.rounds.get(k) or {"round": k, "loss": None, "accuracy": None, "nodes": {}, "evaluated": False,
+                                          "failed_evaluations": 0} for k in range(1, rounds + 1)]
+    seen = sorted({n for r in entries for n in r["nodes"]})
+    return {"rounds": entries, "rounds_not_evaluated": [r["round"] for r in entries if not r["evaluated"]],
+            "failures": strategy.failures, "nodes_seen": seen, "nodes_missing": [n for n in expected if n not in seen],
+            "seconds": round(seconds, 1), "flwr": flwr.__version__}
 
 
 def watch_connections(manager: SimpleClientManager, needed: int, timeout: float, expected: list[str]) -> None:
@@ -91,22 +125,22 @@ def main() -> int:
                      daemon=True).start()
     t0 = time.monotonic()
     print(f"Flower server listening on {address}: {rounds} rounds, at least {min_clients} clients", flush=True)
-    flwr.server.start_server(server_address=address, config=ServerConfig(num_rounds=rounds,
-                                                                         round_timeout=round_timeout),
-                             strategy=strategy, client_manager=manager)
-    OUT.mkdir(exist_ok=True)
-    coef, intercept = strategy.weights
-    np.savez(OUT / "global_model.npz", coef=coef, intercept=intercept)
-    seen = sorted({n for r in strategy.rounds.values() for n in r["nodes"]})
-    report = {"rounds": [strategy.rounds[k] for k in sorted(strategy.rounds)], "failures": strategy.failures,
-              "nodes_seen": seen, "nodes_missing": [n for n in expected if n not in seen],
-              "seconds": round(time.monotonic() - t0, 1), "flwr": flwr.__version__}
-    (OUT / "metrics.json").write_text(json.dumps(report, indent=2))
-    if len(strategy.rounds) < rounds:
-        print(f"only {len(strategy.rounds)} of {rounds} rounds were evaluated", file=sys.stderr)
+    try:
+        flwr.server.start_server(server_address=address, config=ServerConfig(num_rounds=rounds,
+                                                                             round_timeout=round_timeout),
+                                 strategy=strategy, client_manager=manager)
+    finally:
+        # Whatever ended the training, the rounds recorded so far are the researcher's.
+        OUT.mkdir(exist_ok=True)
+        coef, intercept = strategy.weights
+        np.savez(OUT / "global_model.npz", coef=coef, intercept=intercept)
+        report = metrics_report(strategy, rounds, expected, time.monotonic() - t0)
+        (OUT / "metrics.json").write_text(json.dumps(report, indent=2))
+    if report["rounds_not_evaluated"]:
+        print(f"only {rounds - len(report['rounds_not_evaluated'])} of {rounds} rounds were evaluated "
+              f"(not evaluated: {', '.join(map(str, report['rounds_not_evaluated']))})", file=sys.stderr)
         return 6
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -144,7 +144,7 @@ class LegacyHandler:
             result = self.agent.intake(task, to, workdir=workdir, secret_env=secret)
             if result.settled:  # compacted by retention long ago: said, not run again
                 self.reply(to, error_reply(req.action, result.settled, **self._ids(req, None)))
-                return
+                return "error"  # what the requester got: an error reply, nothing run
             errors = result.errors
         if errors:
             message = "; ".join(f"{e.field}: {e.message}" for e in errors)
