@@ -25,6 +25,7 @@ from .metrics import Metrics, Sources, TrackerGauge
 from .model import FieldError
 from .ops.gc import GcCollector, PeriodicGC
 from .ops.health import ServiceState, health_reply
+from .protocols.legacy.codec import order_key as legacy_order_key
 from .protocols.legacy.frontend import PROTOCOL as LEGACY
 from .protocols.legacy.frontend import LegacyFrontend
 from .protocols.legacy.handler import LegacyHandler
@@ -32,6 +33,7 @@ from .protocols.v1.dispatch import V1Dispatch, dead_letter_message
 from .protocols.v1.frontend import PROTOCOL as V1
 from .protocols.v1.frontend import V1Frontend
 from .protocols.v1.requests import is_v1
+from .protocols.v1.requests import order_key as v1_order_key
 from .staging.git import stage_source
 
 log = logging.getLogger("fem_hpc.service")
@@ -71,10 +73,18 @@ class Service:
         self.publisher = Publisher(site.broker, self.journal, on_reconnect=self._reconnected,
                                    connection_name=f"{site.node} (events)")
         self.consumer = Consumer(site.broker, site.queue, self.handle, workers=min(8, site.workers),
-                                 on_reconnect=self._reconnected, connection_name=site.node)
+                                 on_reconnect=self._reconnected, connection_name=site.node,
+                                 order_key=self.order_key)
         self.metrics: Metrics | None = None
         self.gc = PeriodicGC(site)  # retention: a low-priority pass every retention.interval_seconds
         self._stop = threading.Event()
+
+    def order_key(self, body: bytes) -> str | None:
+        """The task (v1) or execution (legacy) a message is about: the consumer keeps their order."""
+        limit = self.site.broker.max_body_bytes
+        if is_v1(body):
+            return v1_order_key(body, limit)
+        return legacy_order_key(body, limit) if self.legacy is not None else None
 
     def _reconnected(self, who: str) -> None:
         self.reconnects += 1

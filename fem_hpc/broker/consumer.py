@@ -4,6 +4,12 @@ pika is not thread-safe, so the I/O thread only receives and acks: each message 
 worker, and the worker's ack comes back through `add_callback_threadsafe`. A message is acked
 once its task is committed to the journal, never held until the task ends (RabbitMQ's
 consumer_timeout would close the channel under a long job).
+
+Messages about the same task are handled in the order the queue delivered them: a worker pool
+alone would let a cancel that waited in the queue behind its submit (a node coming back after
+an outage) be handled first, find no task, and leave the task to run. `order_key` names the
+task a body is about (the protocols know how); messages with the same key form a lane that one
+worker drains in order, while other tasks' messages go on in parallel.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,8 +48,11 @@ class Delivery:
 
 class Consumer:
     def __init__(self, cfg: BrokerConfig, queue: str, handler: Callable[[Delivery], None], *, workers: int = 4,
-                 on_reconnect: Callable[[str], None] | None = None, connection_name: str | None = None):
+                 on_reconnect: Callable[[str], None] | None = None, connection_name: str | None = None,
+                 order_key: Callable[[bytes], str | None] | None = None):
         self.cfg = cfg
+        self.order_key = order_key
+        self._lanes: dict[str, deque[Delivery]] = {}  # key -> messages waiting behind the one in hand
         self.queue = queue
         self.connection_name = connection_name  # the node's name, as the broker lists the connection
         self.handler = handler
@@ -116,7 +126,34 @@ class Consumer:
         delivery = Delivery(body=body, reply_to=props.reply_to, correlation_id=props.correlation_id,
                             message_id=props.message_id, headers=dict(props.headers or {}),
                             ack=ack, nack=nack)
-        self._pool.submit(self._handle, delivery)
+        self.dispatch(delivery)
+
+    def dispatch(self, delivery: Delivery) -> None:
+        """Hand `delivery` to a worker, behind the earlier messages of its task (its lane)."""
+        try:
+            key = self.order_key(delivery.body) if self.order_key is not None else None
+        except Exception:  # a body the key function cannot read is handled (and refused) on its own
+            key = None
+        if key is not None:
+            with self._lock:
+                lane = self._lanes.get(key)
+                if lane is not None:
+                    lane.append(delivery)
+                    return
+                self._lanes[key] = deque()
+        self._pool.submit(self._drain, key, delivery)
+
+    def _drain(self, key: str | None, delivery: Delivery) -> None:
+        while True:
+            self._handle(delivery)
+            if key is None:
+                return
+            with self._lock:
+                lane = self._lanes[key]
+                if not lane:
+                    del self._lanes[key]
+                    return
+                delivery = lane.popleft()
 
     def _handle(self, delivery: Delivery) -> None:
         try:

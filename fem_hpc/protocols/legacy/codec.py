@@ -317,3 +317,14 @@ def decode_reply(messages: list[bytes]) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise LegacyError("the joined reply is not a JSON object")
     return payload
+
+
+def order_key(body: bytes, max_bytes: int) -> str | None:
+    """The execution a legacy request is about (its `execution_id`), so the consumer handles a
+    submit_run and a cancel_run of one execution in their queue order; None when it names none."""
+    try:
+        req = decode_request(body, max_bytes)
+    except (LegacyError, LiteralError):
+        return None
+    execution_id = req.execution.get("execution_id")
+    return None if execution_id is None else f"legacy:{execution_id}"

@@ -33,6 +33,22 @@ def is_v1(body: bytes) -> bool:
     return body[:1] == b"{"
 
 
+def order_key(body: bytes, max_bytes: int) -> str | None:
+    """The task a v1 body is about (a submit's task.id, a cancel's or status's task_id), so the
+    consumer handles the messages of one task in their queue order; None when it names none."""
+    if len(body) > max_bytes or not is_v1(body):
+        return None
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    task = data.get("task")
+    task_id = task.get("id") if isinstance(task, dict) else data.get("task_id")
+    return task_id if isinstance(task_id, str) and re.fullmatch(ID_PATTERN, task_id) else None
+
+
 def decode(body: bytes, max_bytes: int) -> Request | Invalid:
     if len(body) > max_bytes:  # not parsed at all: size alone decides
         return Invalid([FieldError(field="body", message=f"{len(body)} bytes is over the limit of {max_bytes}")],
