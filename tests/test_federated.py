@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -186,3 +189,44 @@ def test_fl_failures_are_reported_by_name(tmp_path):
     assert "cancelling 1 task(s) without a result" in out.stderr, out.stderr
     assert re.search(rf"{down}/fl-client-\S+: cancel not confirmed \(no answer within 10s", out.stderr), out.stderr
     assert took < 120, f"the run with a node down took {took:.0f}s"
+
+
+def _readme_commands() -> list[str]:
+    """The shell lines of the example README's "Run it" block, as a researcher would paste them."""
+    text = (EXAMPLE / "README.md").read_text()
+    block = re.search(r"## Run it[^\n]*\n+```sh\n(.*?)```", text, re.S)
+    assert block, "examples/federated/README.md has no 'Run it' sh block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_the_readme_commands_as_written(tmp_path):
+    """The example README's two commands, run as written (the venv's python, a demo dir and a suffix
+    of this test's own, so it shares the broker with nobody); pip install is the suite's own."""
+    _require_fl()
+    lines = _readme_commands()
+    assert len(lines) == 2, lines
+    demo, suffix = tmp_path / "fl-demo", f"-{unique_node('')[1:]}"
+    argvs = []
+    for line in lines:
+        words = shlex.split(line.split("&&")[-1].replace("/tmp/fl-demo", str(demo)))
+        assert words[0] == ".venv/bin/python", line
+        argvs.append([sys.executable, *words[1:]])
+    make, drive = argvs
+    assert make[1:2] == ["examples/federated/make_sites.py"] and "--start" in make
+    assert drive[1:2] == ["examples/federated/driver.py"]
+    try:
+        made = subprocess.run([*make, f"--suffix={suffix}"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert made.returncode == 0, made.stdout + made.stderr
+        assert "all three nodes are consuming their queues" in made.stdout
+        out = subprocess.run([*drive, "--timeout", "180"], capture_output=True, text=True, timeout=240, cwd=ROOT)
+        assert out.returncode == 0, out.stdout + out.stderr
+        clients = [ln for ln in out.stdout.splitlines() if ln.startswith("  ")]
+        assert len(clients) == 3 and all(" COMPLETED " in ln for ln in clients), out.stdout
+        run = _latest_run(demo)
+        assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        for pid_file in (demo / "run").glob("*.pid"):
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGTERM)  # started in a session of its own
+            except (ProcessLookupError, ValueError):
+                pass
