@@ -133,6 +133,12 @@ class PBSExecutor(BatchExecutor):
             return self._poll_all(ids)
         return statuses
 
+    def no_record_note(self) -> str | None:
+        # Without job history PBS forgets a job the moment it ends (qdel included): no F, no
+        # substate 91, no Exit_status. The outcome is then decided from the marker and what the
+        # tracker saw, and its message says why PBS's word is missing.
+        return None if self.history else cmds.NO_HISTORY_NOTE
+
     def cancel(self, job: Job) -> None:
         if job.native_id:
             res = self.command(cmds.qdel_argv(job.native_id))
@@ -174,7 +180,8 @@ class PBSExecutor(BatchExecutor):
                          "Exit_status, comment and substate in `qstat -x`")
         return Check(name=name, status="warning",
                      detail="job_history_enable is False (the OpenPBS default): fem-hpc follows live jobs without "
-                     "-x and settles finished ones by their exit-code markers, but a job PBS ends before its "
-                     "wrapper can write a marker (deleted while queued, failed to start) is reported LOST instead "
-                     "of with PBS's reason",
+                     "-x and settles finished ones by their exit-code markers and what it saw of them (a job gone "
+                     "before it started, or SIGTERM'd before its walltime, is CANCELLED without who deleted it), "
+                     "but a job PBS ends before its wrapper can write a marker (failed to start, node lost) is "
+                     "reported LOST instead of with PBS's reason",
                      fix=f"as a PBS manager: {cmds.HISTORY_FIX}")
