@@ -237,6 +237,10 @@ def test_requeued_after_on_recorded_and_derived_statuses() -> None:
     assert requeued_after(FIRST_RUN, derived(*RERUN_R), None) is not None  # no stamp: PBS's word wins
     # the marker is this run's own (same start): it just ended and PBS still lists it
     assert requeued_after(FIRST_RUN, derived(*RERUN_R), FIRST_RUN.started) is None
+    # the rerun's own exit, seen before PBS lists it finished: never stale, stamp or not
+    own_exit = Marker(exit_code=0, started="2026-12-01T18:21:31Z", finished="2026-12-01T18:22:00Z")
+    assert requeued_after(own_exit, derived(*RERUN_R), None) is None
+    assert requeued_after(own_exit, derived(*RERUN_R), "2026-12-01T18:21:31Z") is None
     # no requeue word: a running job whose marker appeared has simply ended
     assert requeued_after(FIRST_RUN, status("qstat-json-running.json", "3.pbs-vm"), None) is None
     assert requeued_after(FIRST_RUN, status(*FINISHED), None) is None

@@ -103,14 +103,17 @@ def requeued_after(marker: Marker, status: NativeStatus | None, started_stamp: s
     rerun/retry, `scontrol requeue`): the message to show, else None (the marker is the job's end).
     `status` must come from a poll made after the marker was read. Queued again: a job never goes
     back to the queue after its command ended unless it was requeued. Running with the scheduler's
-    requeue word: the marker is stale when the wrapper's `started` stamp is newer than the marker's
-    start (the rerun has begun); without a stamp to compare, the scheduler's word wins."""
+    requeue word and a marker of a stopped run: the marker is stale when the wrapper's `started`
+    stamp is newer than the marker's start (the rerun has begun); without a stamp to compare, the
+    scheduler's word wins."""
     if status is None or status.state.final:
         return None
     if status.state == State.SUBMITTED:
         return status.message if status.requeued and status.message else (
             f"requeued: the scheduler lists the job queued again after its command ended (exit {marker.exit_code})")
-    if not status.requeued:
+    # Running again: only a stopped run (signal) is rerun; a marker of an own exit is this run's end,
+    # which the scheduler has not seen yet (with no stamp to compare, it would be lost otherwise).
+    if not status.requeued or not (marker.signal or marker.exit_code >= 128):
         return None
     if started_stamp is not None and marker.started is not None and started_stamp <= marker.started:
         return None  # the marker is this run's own: it has just ended and the scheduler lags
