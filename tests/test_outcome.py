@@ -385,3 +385,23 @@ def test_a_requeued_task_goes_back_to_submitted_in_the_journal(tmp_path: Path) -
     finally:
         tracker.stop()
         agent.close()
+
+
+def test_requeued_then_gone_without_a_new_marker_falls_back_to_the_earlier_run(rig, tmp_path: Path) -> None:
+    """Queued again after a SIGTERM marker, then gone with no new run (e.g. Slurm's PREEMPTED when
+    the job is not requeued after all): not LOST, the earlier run's marker is the last word."""
+    tracker, ex, listener, clock = rig
+    j = job(tmp_path)
+    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
+    tracker.track(j)
+    run(tracker, clock, 1)
+    write_marker(j, marker(143, "TERM", 4))
+    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.SUBMITTED, message="Preempted")
+    run(tracker, clock, 6)
+    assert listener.final is None
+    del ex.queue[j.native_id]
+    run(tracker, clock, 70)  # past the lost grace (60 s)
+    final = listener.final
+    assert final is not None and (final.state, final.reason, final.exit_code) == (F, Reason.EXIT_CODE, 143)
+    assert final.message == ("left the queue after it was requeued, without a new exit-code marker; its earlier run: "
+                             "command exited with code 143 after SIGTERM was sent to it")

@@ -7,7 +7,9 @@ Two things a real OpenPBS does that the poll adapts to, each learnt once per exe
 (one per cluster) and logged once:
 - job history off (`job_history_enable = False`, the OpenPBS default): `qstat -x IDS` then prints
   no job at all, so jobs are polled without -x. Finished jobs vanish from qstat at once and are
-  settled by their exit-code markers, as a job that left squeue is.
+  settled by their exit-code markers, as a job that left squeue is. With no F/substate-91 record
+  of a qdel, no_record_note() tells the tracker to judge by the evidence there is: a job gone
+  before it started, or SIGTERM'd before its walltime, was deleted (lifecycle/outcome.py).
 - a qstat that prints fewer of the asked ids than it was given, with no word about the others
   (openpbs/openpbs#2672 on the master branch): polls become one unfiltered `qstat -f -F json [-x]`
   filtered here. Still one call per cycle, never one per job.

@@ -83,6 +83,13 @@ def _gone(t: _Tracked, executor: Executor, lost_grace: float) -> Outcome:
     a scheduler that keeps no record of ended jobs (PBS without job history), one that left the
     queue before it ever started was deleted there; anything else is LOST."""
     no_record = executor.no_record_note()
+    if t.stale_marker is not None:
+        # Requeued, then gone with no new marker (e.g. a Slurm PREEMPTED that was not requeued after
+        # all): the earlier run's marker is the only word on how the command ended.
+        earlier = decide(t.stale_marker, None, t.cancel_requested, t.job, no_record=no_record, last_seen=t.last_seen)
+        earlier.message = (f"left the queue after it was requeued, without a new exit-code marker; its earlier run: "
+                           f"{earlier.message or earlier.state.value.lower()}")
+        return earlier
     started = t.running_reported or executor.started_stamp(t.job) is not None
     return (vanished(t.last_seen, started, no_record) if no_record else None) or Outcome(
         State.FAILED, Reason.LOST, None, f"job {t.job.native_id} left the queue without an exit-code marker and "
