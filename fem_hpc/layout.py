@@ -18,6 +18,7 @@ from .model import Task
 FEM_DIR = ".fem"
 ARCHIVE_NAME = "outputs.tar.gz"
 MARKER_NAME = "exit_code"
+STARTED_NAME = "started"  # written by the wrapper (wrapper.sh.j2) when the command starts
 SCRIPT_NAME = "job.sh"
 SOURCE_NAME = "source"  # .fem/source: the checkout of a task that mounts its source (a `checkout` volume)
 

@@ -302,6 +302,27 @@ def test_slurm_controller_down_is_an_error(cli, write_config, good, tmp_path):
     assert live and all(c["status"] == "ok" for c in live), live
 
 
+@pytest.mark.ssh
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_doctor_checks_the_remote_work_root_of_an_off_cluster_executor(cli, write_config, good, tmp_path, sshd):
+    """An executor without a shared file system: doctor runs its kind's check of the cluster-side
+    work root (writable, python, tar, flock) over the real sshd, not only the scheduler's."""
+    scratch = tmp_path / "cluster-scratch"
+    good["executors"] = {"local": {},
+                         "offc": {"type": "slurm", "partition": services.SLURM_PARTITION, "command_timeout": 30,
+                                  "ssh": sshd.settings_dict(connect_timeout=5), "remote_work_root": str(scratch)}}
+    code, report = _doctor(cli, write_config(good))
+    checks = _by_name(report)
+    root = checks.get("offc: remote work root")
+    assert root is not None, sorted(checks)
+    assert root["status"] == "ok", root
+    assert root["detail"].startswith(f"{scratch} writable on the cluster, python3 ")
+    assert root["detail"].endswith(", flock")  # util-linux's flock is on this machine, the SSH side
+    assert scratch.is_dir()  # created by the check, over SSH
+    assert any(name.startswith("offc") and name != "offc: remote work root" for name in checks)  # and sinfo's
+
+
 @pytest.mark.docker
 def test_docker_daemon_running_is_ok(cli, write_config, good):
     services.require("docker")

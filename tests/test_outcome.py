@@ -4,6 +4,7 @@ driven by a fake executor and an injected clock (no sleeps, no threads)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ import pytest
 
 from fem_hpc.config import config_from_dict
 from fem_hpc.executors.base import Executor, ExecutorSettings, Job, NativeStatus
+from fem_hpc.journal import Journal
 from fem_hpc.layout import Marker
+from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.lifecycle.outcome import Outcome, decide
 from fem_hpc.lifecycle.tracker import Tracker
 from fem_hpc.model import Reason, State, parse_task
@@ -282,3 +285,123 @@ def test_the_second_opinion_survives_the_next_polls(rig, tmp_path: Path) -> None
     run(tracker, clock, 12, step=0.5)
     assert listener.final is not None and listener.final.state == State.FAILED
     assert listener.final.reason == Reason.EXIT_CODE and listener.final.exit_code == 137
+
+
+# -- requeue: the scheduler runs the job again after a run that left a marker --------------------------
+def test_a_requeued_job_is_not_ended_by_its_earlier_runs_marker(rig, tmp_path: Path) -> None:
+    """Slurm's `scontrol requeue` (or a PBS rerun): PENDING again after the first run's SIGTERM
+    marker. The job stays tracked well past the signal wait and ends by the next run's marker."""
+    tracker, ex, listener, clock = rig
+    j = job(tmp_path)
+    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
+    tracker.track(j)
+    run(tracker, clock, 1)
+    assert listener.events == [("running", State.RUNNING)]
+    write_marker(j, marker(143, "TERM", 4))
+    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.SUBMITTED, message="BeginTime")
+    run(tracker, clock, 12)  # the first poll after the marker sees it queued again
+    assert listener.final is None and len(tracker) == 1
+    assert ("pending", "requeued: the scheduler lists the job queued again after its command ended (exit 143)") \
+        in listener.events
+    run(tracker, clock, 30)  # three signal waits: the stale marker, read again every cycle, is still set aside
+    assert listener.final is None and len(tracker) == 1
+    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
+    run(tracker, clock, 6)
+    assert [e for e in listener.events if e[0] == "running"] == [("running", State.RUNNING)] * 2
+    write_marker(j, Marker(exit_code=0, started="2026-12-01T10:05:00Z", finished="2026-12-01T10:06:00Z"))
+    run(tracker, clock, 2)
+    final = listener.final
+    assert final is not None and (final.state, final.exit_code, final.started) == (C, 0, "2026-12-01T10:05:00Z")
+
+
+def test_a_marker_while_the_job_still_runs_is_its_end(rig, tmp_path: Path) -> None:
+    """No requeue word and not queued: the scheduler only lags behind the job's end (unchanged)."""
+    tracker, ex, listener, clock = rig
+    j = job(tmp_path)
+    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
+    tracker.track(j)
+    run(tracker, clock, 1)
+    write_marker(j, marker(143, "TERM", 4))
+    run(tracker, clock, 12)
+    final = listener.final
+    assert final is not None and (final.state, final.reason, final.exit_code) == (F, Reason.EXIT_CODE, 143)
+
+
+class QueueExecutor(FakeExecutor):
+    """FakeExecutor that takes submits: the job shows RUNNING at once."""
+
+    def submit(self, job: Job) -> str:
+        self.queue["q-1"] = NativeStatus(native_id="q-1", state=State.RUNNING, job_name=job.job_name)
+        return "q-1"
+
+    def poll_interval(self, youngest_age: float) -> float:
+        return 0.2
+
+
+def test_a_requeued_task_goes_back_to_submitted_in_the_journal(tmp_path: Path) -> None:
+    """Through the real Agent and journal: RUNNING, then SUBMITTED with the requeue message (an
+    event of its own), RUNNING again, and COMPLETED by the rerun's marker."""
+    site = config_from_dict({"node": "n", "state_dir": str(tmp_path / "s"), "work_root": str(tmp_path / "w"),
+                             "executors": {"local": {}}})
+    agent = Agent(site, Journal(site.journal_path, outbox=False))
+    fake = QueueExecutor(site)
+    fake.name = "local"
+    tracker = Tracker(fake, agent.results, watch_markers=False, signal_wait=0.5)
+    agent.executors._executors["local"] = fake  # the pool hands out the fake for "local"
+    agent.executors._trackers["local"] = tracker
+    tracker.start()
+
+    def until(state: State) -> Any:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rec = agent.journal.get("rq")
+            if rec is not None and (rec.state == state or rec.final):
+                return rec
+            time.sleep(0.05)
+        return agent.journal.get("rq")
+
+    try:
+        agent.intake({"id": "rq", "command": ["true"]})
+        rec = until(State.RUNNING)
+        assert rec is not None and rec.state == State.RUNNING, rec
+        fem = Path(rec.workdir or "") / ".fem"
+        (fem / "exit_code").write_text(json.dumps(marker(143, "TERM", 4).model_dump()))
+        fake.queue["q-1"] = NativeStatus(native_id="q-1", state=State.SUBMITTED)
+        rec = until(State.SUBMITTED)
+        assert rec is not None and rec.state == State.SUBMITTED, rec
+        assert (rec.message or "").startswith("requeued: the scheduler lists the job queued again")
+        time.sleep(1.5)  # three signal waits
+        rec = agent.journal.get("rq")
+        assert rec is not None and rec.state == State.SUBMITTED, rec
+        fake.queue["q-1"] = NativeStatus(native_id="q-1", state=State.RUNNING)
+        assert until(State.RUNNING).state == State.RUNNING
+        (fem / "exit_code").write_text(json.dumps({"exit_code": 0, "started": "2026-12-01T10:05:00Z",
+                                                   "finished": "2026-12-01T10:05:01Z"}))
+        done = agent.wait("rq", timeout=20)
+        assert done is not None and done.state == State.COMPLETED, done
+        states = [t["state"] for t in agent.journal.transitions("rq")]
+        assert states[states.index("RUNNING"):states.index("RUNNING") + 3] == ["RUNNING", "SUBMITTED", "RUNNING"]
+        assert "FAILED" not in states
+    finally:
+        tracker.stop()
+        agent.close()
+
+
+def test_requeued_then_gone_without_a_new_marker_falls_back_to_the_earlier_run(rig, tmp_path: Path) -> None:
+    """Queued again after a SIGTERM marker, then gone with no new run (e.g. Slurm's PREEMPTED when
+    the job is not requeued after all): not LOST, the earlier run's marker is the last word."""
+    tracker, ex, listener, clock = rig
+    j = job(tmp_path)
+    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
+    tracker.track(j)
+    run(tracker, clock, 1)
+    write_marker(j, marker(143, "TERM", 4))
+    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.SUBMITTED, message="Preempted")
+    run(tracker, clock, 6)
+    assert listener.final is None
+    del ex.queue[j.native_id]
+    run(tracker, clock, 70)  # past the lost grace (60 s)
+    final = listener.final
+    assert final is not None and (final.state, final.reason, final.exit_code) == (F, Reason.EXIT_CODE, 143)
+    assert final.message == ("left the queue after it was requeued, without a new exit-code marker; its earlier run: "
+                             "command exited with code 143 after SIGTERM was sent to it")

@@ -322,3 +322,96 @@ def test_gpu_resource_reaches_the_job_script(tmp_path):
     task = Task.model_validate({"id": "g1", "command": ["true"], "resources": {"gpus": 2}})
     lines = ex.directives(Job(task=task, workdir=tmp_path / "work" / "g1"))
     assert "#PBS -l select=1:ncpus=1:ngpus=2:gpu_model=a100" in lines
+
+
+NO_X = ["-f", "-F", "json"]  # qstat's options before the ids, without history
+
+
+def stamp(job: Job, started: str) -> None:
+    """What the wrapper writes to .fem/started when the command starts (a rerun writes it again)."""
+    (job.fem_dir / "started").write_text(started + "\n")
+
+
+def test_history_off_outside_qdel_is_cancelled_and_a_walltime_kill_is_timeout(tmp_path, run_tracker):
+    """job_history_enable = False: PBS forgets every job the moment it ends (DERIVED sequence, see
+    tests/fixtures/openpbs-23.06-derived/README.txt). A running job qdel'd long before its walltime
+    and a queued one are CANCELLED, a job SIGTERM'd at its walltime is TIMEOUT; none is LOST."""
+    ids = ["88.pbs-vm", "89.pbs-vm", "90.pbs-vm"]
+    replay = Replay(tmp_path, {
+        "qsub": [{"out": "historyoff-jobid.txt"}, {"out": "derived/historyoff-qsub-89.txt"},
+                 {"out": "derived/historyoff-qsub-90.txt"}],
+        "qstat": [{"argv": [*IDS, *ids], "out": "historyoff-qstat-json-x-running.json"},
+                  {"argv": [*NO_X, *ids], "out": "derived/historyoff-qstat-json-no-x-three.json", "until": "qdel"},
+                  # any ids: once two jobs are settled by their markers, only the queued one is asked for
+                  {"out": "derived/historyoff-qstat-json-no-x-gone.json"}],
+    })
+    ex = executor(tmp_path, replay)
+    running = submit(ex, tmp_path, "hrun", "rec-histoff", walltime="01:00:00")
+    queued = submit(ex, tmp_path, "hq", "rec-histoff-q", walltime="01:00:00")
+    wall = submit(ex, tmp_path, "hwall", "rec-histoff-wall", walltime="00:00:02")
+    assert [j.native_id for j in (running, queued, wall)] == ids
+    stamp(running, "2026-12-01T18:20:00Z")
+    stamp(wall, "2026-12-01T18:20:00Z")
+    tracker, seen = run_tracker(ex, [running, queued, wall])
+    seen.wait(lambda s: sorted(s.running) == ["hrun", "hwall"] and s.pending)
+    assert seen.pending == [("hq", "Not Running: Not enough free nodes available")]
+    assert ex.history is False and ex.no_record_note() is not None
+    replay.flag("qdel")  # qdel of 88 and 89, 90 killed at its walltime: all three gone from qstat at once
+    marker(running, 143, "TERM", seconds=1)  # their wrappers got PBS's SIGTERM
+    marker(wall, 143, "TERM", seconds=21)
+    seen.wait(lambda s: len(s.final) == 3)
+    got = {tid: (o.state, o.reason, o.exit_code) for tid, o in seen.final.items()}
+    assert got == {"hrun": (State.CANCELLED, None, 143), "hq": (State.CANCELLED, None, None),
+                   "hwall": (State.FAILED, Reason.TIMEOUT, 143)}
+    run_msg, queued_msg = seen.final["hrun"].message or "", seen.final["hq"].message or ""
+    assert run_msg.startswith("terminated by SIGTERM before its walltime (ran 00:00:01 of its walltime 01:00:00)")
+    assert queued_msg.startswith("left the queue before it started (deleted outside fem-hpc; PBS keeps no job history")
+    assert all("job_history_enable=False, so who deleted it is not known" in m for m in (run_msg, queued_msg))
+    assert "00:00:21 of its walltime 00:00:02" in (seen.final["hwall"].message or "")
+    calls = replay.calls()
+    assert [c["rc"] for c in calls[:2]] == [0, 0] and {c["rc"] for c in calls[2:]} <= {0, 153}  # 99: unexpected
+    assert calls[-1]["rc"] == 153 and calls[-1]["argv"] == [*NO_X, "89.pbs-vm"]
+    assert len(calls) == tracker.poll_count + 1
+    assert replay.calls("qdel") == []
+
+
+@pytest.mark.parametrize("queued_seen", [True, False], ids=["back in Q", "straight to R again"])
+def test_a_rerun_job_stays_tracked_and_its_first_runs_marker_does_not_end_it(tmp_path, run_tracker, queued_seen):
+    """PBS reruns job 3 (Exit_status -11, DERIVED statuses) after its first run was SIGTERM'd and
+    left a marker: the job stays tracked past the signal wait, is reported requeued, and ends by the
+    rerun's own marker."""
+    job_id = "3.pbs-vm"
+    steps: list[dict[str, Any]] = [{"argv": [*IDS, job_id], "out": "qstat-json-running.json", "until": "rerun"}]
+    if queued_seen:
+        steps.append({"argv": [*IDS, job_id], "out": "derived/rerun-qstat-json-queued.json", "until": "restarted"})
+    steps += [{"argv": [*IDS, job_id], "out": "derived/rerun-qstat-json-running.json", "until": "done"},
+              {"argv": [*IDS, job_id], "out": "qstat-json-finished.json"}]
+    replay = Replay(tmp_path, {"qsub": [{"out": "qsub-ok.txt"}], "qstat": steps})
+    ex = executor(tmp_path, replay)
+    job = submit(ex, tmp_path, "rerun", "rec-ok")
+    stamp(job, "2026-12-01T18:20:00Z")
+    tracker, seen = run_tracker(ex, [job], signal_wait=0.5)
+    seen.wait(lambda s: s.running == ["rerun"])
+    if not queued_seen:
+        stamp(job, "2026-12-01T18:21:30Z")  # the rerun has started before fem-hpc looks again
+    replay.flag("rerun")
+    marker(job, 143, "TERM", seconds=50)  # the first run's wrapper, SIGTERM'd for the rerun
+    if queued_seen:
+        seen.wait(lambda s: any("requeued by PBS after Exit_status -11" in (m or "") for _, m in s.pending))
+    else:
+        seen.wait(lambda s: s.running == ["rerun", "rerun"])
+    polls = tracker.poll_count
+    time.sleep(1.5)  # three signal waits: the first run's marker would have ended the job by now
+    assert seen.final == {} and len(tracker) == 1 and tracker.poll_count > polls
+    if queued_seen:
+        stamp(job, "2026-12-01T18:21:30Z")
+        replay.flag("restarted")
+        seen.wait(lambda s: s.running == ["rerun", "rerun"])
+    job.marker_path.write_text(json.dumps({"exit_code": 0, "signal": "", "started": "2026-12-01T18:21:30Z",
+                                           "finished": "2026-12-01T18:22:00Z"}))
+    replay.flag("done")
+    seen.wait(lambda s: "rerun" in s.final)
+    outcome = seen.final["rerun"]
+    assert (outcome.state, outcome.reason, outcome.exit_code) == (State.COMPLETED, None, 0)
+    assert outcome.started == "2026-12-01T18:21:30Z"  # the rerun's, not the first run's
+    assert all(c["rc"] == 0 for c in replay.calls())

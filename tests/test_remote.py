@@ -12,6 +12,7 @@ import ast
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -238,6 +239,46 @@ def test_fetch_without_python_on_the_cluster_says_so(tmp_path: Path) -> None:
         assert check.name == "remote work root" and check.status == "error"
     finally:
         ex.close()
+
+
+class ClusterPathRunner(LocalRunner):
+    """A local runner whose commands find only what is in `bin` on PATH: a cluster where some
+    tools are not installed (a real shell and real binaries, with fewer of them)."""
+
+    def __init__(self, bin_dir: Path):
+        self.path = str(bin_dir)
+
+    def run(self, argv: list[str], *, timeout: float = 30, env: dict[str, str] | None = None):
+        return super().run(argv, timeout=timeout, env={**(env or {}), "PATH": self.path})
+
+
+@pytest.mark.parametrize(("tools", "runtime", "status"), [
+    (("sh", "mkdir", "tar", "flock"), "apptainer", "ok"),
+    (("sh", "mkdir", "tar"), "apptainer", "warning"),
+    (("sh", "mkdir", "tar"), "docker", "ok"),  # no SIF cache, no lock: flock is not needed
+], ids=["with flock", "no flock, apptainer", "no flock, docker"])
+def test_the_remote_work_root_check_looks_for_flock(tmp_path: Path, tools: tuple[str, ...], runtime: str,
+                                                    status: str) -> None:
+    bin_dir = tmp_path / "cluster-bin"
+    bin_dir.mkdir()
+    for tool in tools:
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    site = config_from_dict({"node": "n", "state_dir": str(tmp_path / "s"), "work_root": str(tmp_path / "w")})
+    ex = SlurmExecutor("slurm", SlurmSettings_remote(tmp_path / "c", tmp_path, container={"runtime": runtime}), site)
+    ex.runner = ClusterPathRunner(bin_dir)
+    try:
+        check = ex.health_checks()[0]
+    finally:
+        ex.close()
+    assert (check.name, check.status) == ("remote work root", status), check
+    assert f"{tmp_path / 'c'} writable on the cluster, {sys.executable} {sys.version.split()[0]}" in check.detail
+    if status == "warning":
+        assert "flock not found on the cluster" in check.detail and str(tmp_path / "c" / ".sif") in check.detail
+        assert check.fix is not None and "util-linux" in check.fix
+    else:
+        assert check.detail.endswith(", flock") == ("flock" in tools)
 
 
 def test_the_job_script_names_only_cluster_paths(rig) -> None:

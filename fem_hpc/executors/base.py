@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..layout import FEM_DIR, MARKER_NAME, SCRIPT_NAME, Marker, job_name, read_marker, source_dir
+from ..layout import FEM_DIR, MARKER_NAME, SCRIPT_NAME, STARTED_NAME, Marker, job_name, read_marker, source_dir
 from ..model import Check, Reason, State, Task
 from ..staging.outputs import Archive
 
@@ -122,6 +122,10 @@ class NativeStatus(BaseModel):
     exit_code: int | None = None
     message: str | None = None
     job_name: str | None = None
+    # The scheduler put the job back in its queue after a run that ended (PBS's rerun/retry
+    # Exit_status on a live job): a marker of that earlier run does not end the task.
+    requeued: bool = False
+    walltime_limit: int | None = None  # seconds, the limit the scheduler enforces (queue defaults included)
 
 
 class Executor(ABC):
@@ -166,6 +170,22 @@ class Executor(ABC):
     def lookup_finished(self, job: Job) -> NativeStatus | None:
         """Second opinion for a job that left the queue without a marker (e.g. sacct)."""
         return None
+
+    def no_record_note(self) -> str | None:
+        """Why a job this runtime no longer lists has no record of its end, when the runtime keeps
+        none (PBS without job history); None when it keeps one or has a second opinion. The outcome
+        of such a job is then decided from the evidence there is (outcome.vanished, decide)."""
+        return None
+
+    def started_stamp(self, job: Job) -> str | None:
+        """The UTC time the wrapper wrote to .fem/started when the job's command last started; None
+        when it has not started or the file is not on this host (markers not local)."""
+        if not self.markers_are_local():
+            return None
+        try:
+            return (job.fem_dir / STARTED_NAME).read_text().strip() or None
+        except OSError:
+            return None
 
     def after_final(self, job: Job) -> None:  # noqa: B027 - optional hook
         """Clean up runtime resources of a finished job (e.g. remove its container)."""

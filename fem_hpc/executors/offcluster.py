@@ -213,5 +213,10 @@ class RemoteSide:
             return Check(name=name, status="error", detail=_tail(res.stderr or res.stdout),
                          fix="create remote_work_root on the cluster for the SSH user, and install python3 and tar "
                              "there (or set remote_python)")
-        return Check(name=name, status="ok", detail=f"{self.root} writable on the cluster, "
-                     f"{self.settings.remote_python} {res.stdout.strip()}")
+        version, flock = remote.parse_check(res.stdout)
+        found = f"{self.root} writable on the cluster, {self.settings.remote_python} {version}"
+        if not flock and self.settings.container.runtime == "apptainer":
+            return Check(name=name, status="warning", detail=f"{found}, but flock not found on the cluster: a task "
+                         f"with an image would fail, the SIF cache ({self.sif_cache}) is locked with it",
+                         fix="install flock on the cluster (Debian/Ubuntu: util-linux; RHEL: util-linux-core)")
+        return Check(name=name, status="ok", detail=found + (", flock" if flock else ""))

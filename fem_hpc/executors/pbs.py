@@ -7,7 +7,9 @@ Two things a real OpenPBS does that the poll adapts to, each learnt once per exe
 (one per cluster) and logged once:
 - job history off (`job_history_enable = False`, the OpenPBS default): `qstat -x IDS` then prints
   no job at all, so jobs are polled without -x. Finished jobs vanish from qstat at once and are
-  settled by their exit-code markers, as a job that left squeue is.
+  settled by their exit-code markers, as a job that left squeue is. With no F/substate-91 record
+  of a qdel, no_record_note() tells the tracker to judge by the evidence there is: a job gone
+  before it started, or SIGTERM'd before its walltime, was deleted (lifecycle/outcome.py).
 - a qstat that prints fewer of the asked ids than it was given, with no word about the others
   (openpbs/openpbs#2672 on the master branch): polls become one unfiltered `qstat -f -F json [-x]`
   filtered here. Still one call per cycle, never one per job.
@@ -133,6 +135,12 @@ class PBSExecutor(BatchExecutor):
             return self._poll_all(ids)
         return statuses
 
+    def no_record_note(self) -> str | None:
+        # Without job history PBS forgets a job the moment it ends (qdel included): no F, no
+        # substate 91, no Exit_status. The outcome is then decided from the marker and what the
+        # tracker saw, and its message says why PBS's word is missing.
+        return None if self.history else cmds.NO_HISTORY_NOTE
+
     def cancel(self, job: Job) -> None:
         if job.native_id:
             res = self.command(cmds.qdel_argv(job.native_id))
@@ -174,7 +182,8 @@ class PBSExecutor(BatchExecutor):
                          "Exit_status, comment and substate in `qstat -x`")
         return Check(name=name, status="warning",
                      detail="job_history_enable is False (the OpenPBS default): fem-hpc follows live jobs without "
-                     "-x and settles finished ones by their exit-code markers, but a job PBS ends before its "
-                     "wrapper can write a marker (deleted while queued, failed to start) is reported LOST instead "
-                     "of with PBS's reason",
+                     "-x and settles finished ones by their exit-code markers and what it saw of them (a job gone "
+                     "before it started, or SIGTERM'd before its walltime, is CANCELLED without who deleted it), "
+                     "but a job PBS ends before its wrapper can write a marker (failed to start, node lost) is "
+                     "reported LOST instead of with PBS's reason",
                      fix=f"as a PBS manager: {cmds.HISTORY_FIX}")

@@ -183,6 +183,8 @@ def parse_history_setting(text: str) -> bool:
 
 
 HISTORY_FIX = "qmgr -c 'set server job_history_enable=True'"
+NO_HISTORY_NOTE = ("PBS keeps no job history here: job_history_enable=False, so who deleted it is not known; "
+                   f"to keep PBS's record of finished jobs: {HISTORY_FIX}")
 
 
 # --- job script directives ---------------------------------------------------------------------

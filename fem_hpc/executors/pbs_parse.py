@@ -231,20 +231,21 @@ def _job_status(job_id: str, job: Mapping[str, Any], dialect: Dialect) -> Native
     if state in final_states:
         return _final_status(job_id, job, name, dialect)
     requeued = _requeue_note(job, dialect)
+    # What a live job says that its end may need: whether PBS put it back after a run (a marker
+    # of that run is stale), and the walltime PBS enforces (the task's, or the queue's default),
+    # which tells a walltime kill from a qdel when the server keeps no job history.
+    live = {"job_name": name, "requeued": requeued is not None,
+            "walltime_limit": _seconds(_get(job, "Resource_List", "walltime")) or None}
     if state in ("Q", "H", "W", "T", "M"):
         label = {"Q": None, "H": "held", "W": "waiting", "T": "in transit", "M": "moved"}[state]
         message = "; ".join(p for p in (label, requeued, comment) if p) or None
-        return NativeStatus(native_id=job_id, state=State.SUBMITTED, message=message, job_name=name)
+        return NativeStatus(native_id=job_id, state=State.SUBMITTED, message=message, **live)
     if state in ("R", "E", "B"):
-        return NativeStatus(native_id=job_id, state=State.RUNNING, message=requeued, job_name=name)
+        return NativeStatus(native_id=job_id, state=State.RUNNING, message=requeued, **live)
     if state in ("S", "U"):
-        return NativeStatus(native_id=job_id, state=State.RUNNING, message="suspended", job_name=name)
-    return NativeStatus(
-        native_id=job_id,
-        state=State.RUNNING,
-        message=f"unknown PBS job_state {state or '(none)'}",
-        job_name=name,
-    )
+        return NativeStatus(native_id=job_id, state=State.RUNNING, message="suspended", **live)
+    return NativeStatus(native_id=job_id, state=State.RUNNING, message=f"unknown PBS job_state {state or '(none)'}",
+                        **live)
 
 
 def parse_qstat_json(text: str) -> dict[str, NativeStatus]:

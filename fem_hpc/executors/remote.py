@@ -167,10 +167,19 @@ def docker_pull_argv(binary: str, ref: str, pull_policy: str) -> list[str]:
 
 
 # -- checks ---------------------------------------------------------------------------------------
+# Prints python's version, then whether `flock` is there: the SIF cache lock (_SIF) needs it, but
+# only tasks with an image in apptainer use it, so its absence is the caller's warning, not a failure.
 _CHECK = 'mkdir -p -- "$1" && [ -w "$1" ] || { echo "$1 is not writable" >&2; exit 1; }; ' \
          'command -v "$2" >/dev/null || { echo "$2 not found on the cluster" >&2; exit 1; }; ' \
          'command -v tar >/dev/null || { echo "tar not found on the cluster" >&2; exit 1; }; ' \
-         '"$2" -c "import sys; print(sys.version.split()[0])"'
+         '"$2" -c "import sys; print(sys.version.split()[0])" || exit 1; ' \
+         'if command -v flock >/dev/null; then echo flock; else echo no-flock; fi'
+
+
+def parse_check(stdout: str) -> tuple[str, bool]:
+    """(python version, whether flock was found) from the check's output."""
+    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+    return (lines[0] if lines else "?"), "flock" in lines[1:]
 
 
 def check_argv(root: str, python: str) -> list[str]:

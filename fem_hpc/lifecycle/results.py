@@ -62,8 +62,13 @@ class Results:
         self.transitions.change(job.task.id, State.RUNNING, message=status.message)
 
     def on_pending(self, job: Job, status: NativeStatus) -> None:
-        # Why the scheduler holds the job (Priority, Resources, ...): shown by `status` and in the
-        # reply to a status request; not an event of its own, the state has not changed.
+        # Queued again after it ran (PBS rerun, Slurm requeue): the task is back to SUBMITTED, an
+        # event that says why. Otherwise why the scheduler holds the job (Priority, Resources, ...):
+        # shown by `status` and in the reply to a status request; the state has not changed.
+        record = self.journal.get(job.task.id)
+        if record is not None and record.state == State.RUNNING:
+            self.transitions.change(job.task.id, State.SUBMITTED, message=status.message or "queued again")
+            return
         self.journal.update(job.task.id, message=f"pending: {status.message}" if status.message else None)
 
     def on_final(self, job: Job, outcome: Outcome) -> None:

@@ -33,7 +33,7 @@ from ..executors.base import Deferred, Executor, Job, NativeStatus, TransportErr
 from ..layout import Marker
 from ..model import Reason, State
 from .markers import MarkerWatcher
-from .outcome import Outcome, decide
+from .outcome import Outcome, decide, requeued_after, vanished
 
 log = logging.getLogger("fem_hpc.tracker")
 OPINION_RETRY = 10.0  # seconds between two second opinions on one job missing from the queue
@@ -67,6 +67,33 @@ class _Tracked:
     opinion: NativeStatus | None = None  # a final word from the second opinion, kept over later polls
     paused: bool = False
     cancel_failed: bool = False  # the cancel could not reach the cluster: sent again when it can
+    last_seen: NativeStatus | None = None  # the scheduler's last word on the job while it was alive
+    stale_marker: Marker | None = None  # an earlier run's marker (the job was requeued): not this run's end
+
+    def requeued(self) -> None:
+        """The scheduler runs the job again: its marker is the earlier run's. Forget it (and ignore
+        it when read again, until the new run's marker replaces it) and follow the job afresh."""
+        self.stale_marker, self.marker = self.marker, None
+        self.marker_at, self.polled_after_marker = 0.0, False
+        self.final_seen_at = self.missing_since = None
+
+
+def _gone(t: _Tracked, executor: Executor, lost_grace: float) -> Outcome:
+    """A job gone from the queue, with no marker and no record of its end after the lost grace. On
+    a scheduler that keeps no record of ended jobs (PBS without job history), one that left the
+    queue before it ever started was deleted there; anything else is LOST."""
+    no_record = executor.no_record_note()
+    if t.stale_marker is not None:
+        # Requeued, then gone with no new marker (e.g. a Slurm PREEMPTED that was not requeued after
+        # all): the earlier run's marker is the only word on how the command ended.
+        earlier = decide(t.stale_marker, None, t.cancel_requested, t.job, no_record=no_record, last_seen=t.last_seen)
+        earlier.message = (f"left the queue after it was requeued, without a new exit-code marker; its earlier run: "
+                           f"{earlier.message or earlier.state.value.lower()}")
+        return earlier
+    started = t.running_reported or executor.started_stamp(t.job) is not None
+    return (vanished(t.last_seen, started, no_record) if no_record else None) or Outcome(
+        State.FAILED, Reason.LOST, None, f"job {t.job.native_id} left the queue without an exit-code marker and "
+        f"no record of its end was found within {lost_grace:.0f}s")
 
 
 class Tracker:
@@ -195,7 +222,7 @@ class Tracker:
             self._link_up(tracked)  # they came from the cluster: it answers
         for t in pending:
             marker = found.get(t.job.task.id)
-            if marker is not None:
+            if marker is not None and marker != t.stale_marker:
                 t.marker, t.marker_at = marker, now
         return True
 
@@ -273,6 +300,8 @@ class Tracker:
             if st is not None and st.job_name and st.job_name != t.job.job_name:
                 st = None  # the id was reused by another job (e.g. after a controller reset)
             t.status = st if st is not None else t.opinion  # gone from the queue: accounting's word stays
+            if st is not None and not st.state.final:
+                t.last_seen = st
             if t.marker is not None:
                 t.polled_after_marker = True
         return True
@@ -285,13 +314,19 @@ class Tracker:
 
     def _decide(self, t: _Tracked, now: float, polled: bool) -> None:
         st = t.status
+        if t.marker is not None and t.polled_after_marker and not t.cancel_requested:
+            note = requeued_after(t.marker, st, self.executor.started_stamp(t.job))
+            if note is not None and st is not None:
+                self._requeued(t, st, note)
+                return
         if t.marker is not None:
             if self._stopped(t) and now - t.marker_at < self.signal_wait:
                 # Give the runtime a moment to say why (TIMEOUT, OUT_OF_MEMORY, ...): wait for a
                 # poll after the marker, and while that poll still shows the job, for its end.
                 if not t.polled_after_marker or (st is not None and not st.state.final):
                     return
-            self._finish(t, decide(t.marker, st, t.cancel_requested, t.job))
+            no_record = self.executor.no_record_note() if st is None else None
+            self._finish(t, decide(t.marker, st, t.cancel_requested, t.job, no_record=no_record, last_seen=t.last_seen))
             return
         if st is not None and st.state.final:
             t.final_seen_at = t.final_seen_at or now
@@ -303,8 +338,8 @@ class Tracker:
             if st.state == State.RUNNING and not t.running_reported:
                 t.running_reported = True
                 self.listener.on_running(t.job, st)
-            elif st.state == State.SUBMITTED and st.message != t.pending_reason:
-                t.pending_reason = st.message
+            elif st.state == State.SUBMITTED and (st.message != t.pending_reason or t.running_reported):
+                t.pending_reason, t.running_reported = st.message, False  # queued again after running: requeued
                 self.listener.on_pending(t.job, st)
             return
         if not polled or t.job.native_id is None:
@@ -332,10 +367,16 @@ class Tracker:
                 t.missing_since = now
                 return
         if now - t.missing_since >= self.lost_grace:
-            self._finish(t, Outcome(
-                State.FAILED, Reason.LOST, None,
-                f"job {t.job.native_id} left the queue without an exit-code marker and no record of its end "
-                f"was found within {self.lost_grace:.0f}s"))
+            self._finish(t, _gone(t, self.executor, self.lost_grace))
+
+    def _requeued(self, t: _Tracked, st: NativeStatus, note: str) -> None:
+        log.info("%s: %s; the marker of its earlier run is set aside", t.job.task.id, note,
+                 extra={"task_id": t.job.task.id, "native_id": t.job.native_id})
+        t.requeued()
+        shown = st.model_copy(update={"message": note, "requeued": True})
+        t.running_reported = st.state == State.RUNNING
+        t.pending_reason = note if st.state == State.SUBMITTED else None
+        (self.listener.on_running if t.running_reported else self.listener.on_pending)(t.job, shown)
 
     def _finish(self, t: _Tracked, outcome: Outcome) -> None:
         with self._lock:

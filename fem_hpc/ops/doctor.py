@@ -248,7 +248,8 @@ def _with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
 
 
 def check_executor(site: SiteConfig, name: str, timeout: float = 120.0) -> list[Check]:
-    """The executor's own checks (runtime present and answering; over SSH when configured);
+    """The executor's health checks (runtime present and answering, over SSH when configured; the
+    remote work root of one without a shared file system);
     an executor without checks is looked for on PATH."""
     try:
         executor = registry.create(name, site)
@@ -256,7 +257,9 @@ def check_executor(site: SiteConfig, name: str, timeout: float = 120.0) -> list[
         return [make_check(f"{name}: executor", "error", f"cannot be set up: {exc}",
                            f"fix executors.{name} in the config")]
     try:
-        checks = _with_timeout(executor.checks, timeout)
+        # health_checks, not checks: also the checks of the executor's kind, e.g. the remote work
+        # root (writable, python, tar, flock) of a batch executor without a shared file system.
+        checks = _with_timeout(executor.health_checks, timeout)
     except Exception as exc:
         return [make_check(f"{name}: executor", "error", f"its checks failed: {exc}",
                    f"check the runtime of executors.{name} (and its SSH host, if any)")]
