@@ -159,8 +159,6 @@ class Tracker:
         now = self.clock()
         if not tracked:
             self.paused, self.stale = None, False  # nothing waits on the link (the next job asks again)
-            if self.executor.has_pending_work() and now >= max(self._next_markers, self._next_poll):
-                self._read_markers([], now)  # e.g. remote work dirs left to remove
             return
         if not self._read_markers(tracked, now):
             return  # the cluster is unreachable: nothing to decide until it answers again

@@ -7,7 +7,11 @@ One pass does, in this order, at most `retention.max_items_per_pass` items of ea
    never from the task's end, so nothing is removed before the orchestrator had it.
 2. Work dirs (with their `.fem/` archive) of tasks confirmed `workdirs_days` ago (FAILED tasks:
    `keep_failed_days`). A dir several tasks share (a legacy execution) goes when the last of them
-   is due. Only dirs under work_root (or the legacy sandbox) are ever removed.
+   is due. Only dirs under work_root (or the legacy sandbox) are ever removed. Then the work dirs
+   on a cluster without a shared file system (an executor's `remote_work_root`), as that executor's
+   `remote_cleanup` and `remote_keep_days` say: one command per cluster over the connection the
+   service holds (`remover`; without one, e.g. `fem-hpc gc`, they are left for the service), the
+   removal noted in the journal, so a restart neither forgets nor repeats one.
 3. Journal: tasks confirmed `journal_days` ago (and whose work dir is gone) become a tombstone:
    their row, transitions and any outbox row left go in one transaction. The tombstone answers
    a late duplicate submit ("finished on <date>, outputs expired") and runs nothing.
@@ -31,12 +35,16 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import SiteConfig
 from ..diskguard import DiskGuard, human_bytes
+from ..executors import registry, remote
+from ..executors.batch import BatchSettings
 from ..journal import Journal
+from ..model import FINAL_STATES
 from ..staging.locks import try_exclusive
 from .caches import Docker, Entry, docker_entries, evict, git_entries, in_use, plan_cache, sif_entries, stale_temps
 from .gc_model import (
@@ -121,6 +129,65 @@ def remove_workdir(site: SiteConfig, item: Item, now: float) -> bool:
     return True
 
 
+# -- remote work dirs -----------------------------------------------------------------------------
+Remover = Callable[[str, list[str]], None]  # (executor name, `user/execution/task` dirs): one command
+_CLEANUP_STATES = {"always": tuple(s.value for s in FINAL_STATES), "on-success": ("COMPLETED",), "never": ()}
+
+
+@dataclass
+class RemoteItem:
+    executor: str
+    task_id: str
+    rel: str
+    item: Item
+
+
+def plan_remote(site: SiteConfig, journal: Journal, now: float) -> list[RemoteItem]:
+    out = []
+    for name in site.executors:
+        try:
+            settings = registry.settings(name, site)
+        except Exception:  # noqa: S112 - checked when the config was loaded; a broken plugin is doctor's
+            continue
+        if not isinstance(settings, BatchSettings) or settings.remote_work_root is None:
+            continue
+        root = remote.check_root(settings.remote_work_root)
+        states = _CLEANUP_STATES[settings.remote_cleanup]
+        setting = f"executors.{name}.remote_cleanup {settings.remote_cleanup}, remote_keep_days " \
+                  f"{settings.remote_keep_days:g}"
+        for due in journal.retention.remote_due(name, states, now - settings.remote_keep_days * DAY,
+                                                site.retention.max_items_per_pass) if states else []:
+            rel = remote.relative_path(due.user_id, due.execution_id, due.task_id)
+            out.append(RemoteItem(name, due.task_id, rel, Item(
+                area="remote", what=f"{name}:{root}/{rel}",
+                reason=f"{due.task_id} {due.state}; result confirmed {days_ago(due.confirmed, now)} ({setting})")))
+    return out
+
+
+def remove_remote(planned: list[RemoteItem], remover: Remover | None) -> list[str]:
+    """Remove the planned remote dirs, one command per executor; the ids of the tasks whose dir is gone."""
+    done: list[str] = []
+    for name in dict.fromkeys(p.executor for p in planned):
+        mine = [p for p in planned if p.executor == name]
+        if remover is None:
+            for p in mine:
+                p.item.skipped = "left to the service's retention pass (it holds the cluster's SSH connection)"
+            continue
+        try:
+            remover(name, [p.rel for p in mine])
+        except Exception as exc:  # an unreachable cluster, above all: the next pass tries again
+            log.warning("retention: %d work dir(s) on the cluster of %s not removed (%s); next pass", len(mine),
+                        name, exc)
+            for p in mine:
+                p.item.skipped = f"the cluster did not take it ({exc}); tried again next pass"
+            continue
+        for p in mine:
+            p.item.done = True
+            done.append(p.task_id)
+        log.info("retention: removed %d work dir(s) on the cluster of %s", len(mine), name)
+    return done
+
+
 # -- journal and tombstones --------------------------------------------------------------------------
 def plan_journal(site: SiteConfig, journal: Journal, now: float, removed_workdirs: set[str]) -> list[Item]:
     """Tasks to compact: confirmed journal_days ago, and their work dir is gone (or goes in this pass)."""
@@ -152,18 +219,19 @@ def _journal_bytes(site: SiteConfig) -> int:
 
 
 def run_pass(site: SiteConfig, journal: Journal, *, now: Clock = time.time, dry_run: bool = False,
-             docker_factory: Callable[[str | None], Any] | None = None) -> GcReport:
+             docker_factory: Callable[[str | None], Any] | None = None, remover: Remover | None = None) -> GcReport:
     """One retention pass (see the module docstring). Never raises for what it finds on disk:
     problems are in the report's `errors` and `skipped`, and are tried again next pass."""
     if dry_run:  # changes nothing: needs no lock, and creates nothing (not even the lock file)
-        return _run_pass(site, journal, now, dry_run, Docker(docker_factory))
+        return _run_pass(site, journal, now, dry_run, Docker(docker_factory), None)
     with try_exclusive(site.state_dir / "gc.lock") as held:
         if not held:
             return GcReport(time=now(), dry_run=dry_run, errors=["another gc pass is running; nothing done"])
-        return _run_pass(site, journal, now, dry_run, Docker(docker_factory))
+        return _run_pass(site, journal, now, dry_run, Docker(docker_factory), remover)
 
 
-def _run_pass(site: SiteConfig, journal: Journal, now: Clock, dry_run: bool, docker: Docker) -> GcReport:
+def _run_pass(site: SiteConfig, journal: Journal, now: Clock, dry_run: bool, docker: Docker,
+              remover: Remover | None) -> GcReport:
     r = site.retention
     t = now()  # one time for the whole pass: a clock started by this pass never expires in it
     report = GcReport(time=t, dry_run=dry_run)
@@ -173,6 +241,10 @@ def _run_pass(site: SiteConfig, journal: Journal, now: Clock, dry_run: bool, doc
     if not dry_run and workdirs:
         journal.retention.mark_workdirs_removed([i.what for i in workdirs if remove_workdir(site, i, t)], t)
     report.items += workdirs
+    remote_dirs = plan_remote(site, journal, t)
+    if not dry_run and remote_dirs:
+        journal.retention.mark_remote_removed(remove_remote(remote_dirs, remover), t)
+    report.items += [p.item for p in remote_dirs]
     compact = plan_journal(site, journal, t, {i.what for i in workdirs if i.done or (dry_run and not i.skipped)})
     if not dry_run and compact:
         journal.retention.compact([i.what for i in compact], t)
@@ -305,8 +377,9 @@ class PeriodicGC:
     journal connection (the service's stays free for intake and the publisher)."""
 
     def __init__(self, site: SiteConfig, *, now: Clock = time.time, first_delay: float | None = None,
-                 docker_factory: Callable[[str | None], Any] | None = None):
+                 docker_factory: Callable[[str | None], Any] | None = None, remover: Remover | None = None):
         self.site = site
+        self.remover = remover  # the service's executors: remote work dirs go over their connections
         self.now = now
         interval = site.retention.interval_seconds
         self.first_delay = min(60.0, interval) if first_delay is None else first_delay
@@ -339,7 +412,8 @@ class PeriodicGC:
             while not self._stop.is_set():
                 try:
                     journal = journal or Journal(self.site.journal_path)
-                    self.last = run_pass(self.site, journal, now=self.now, docker_factory=self.docker_factory)
+                    self.last = run_pass(self.site, journal, now=self.now, docker_factory=self.docker_factory,
+                                         remover=self.remover)
                     self.passes += 1
                     save_report(self.site, self.last)
                 except Exception:  # a full disk, a locked journal: the next pass tries again
