@@ -27,6 +27,7 @@ received here, and the split marker -> STAGING_OUT (the tracker saw it) / STAGIN
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -186,6 +187,9 @@ def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channel
                         event = json.loads(body)
                         if event.get("type") == "result" and event["task_id"] not in results:
                             results[event["task_id"]] = event["state"]
+                            if event["state"] != "COMPLETED":
+                                log(f"{mode}: {event['task_id']} {event['state']} {event.get('reason')}: "
+                                    f"{event.get('message') or ''} {event.get('stderr_tail') or ''} (log {serve_log})")
                             received[event["task_id"]] = time.time()
                             if sequential and len(results) < n:
                                 publish(len(results))  # the next one only now: an idle link
@@ -242,10 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("shared", "offcluster"), help="one phase only")
     ap.add_argument("--latency", type=int, metavar="N", help="completion latency of N tasks one after the other "
                     "(an idle link) instead of the N-task throughput phases")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (serve logs, journals)")
     args = ap.parse_args(argv)
     if args.latency:
         args.n = args.latency
-    with tempfile.TemporaryDirectory(prefix="fem-bench-oc-") as tmp:
+    kept = contextlib.nullcontext(tempfile.mkdtemp(prefix="fem-bench-oc-")) if args.keep else None
+    with kept or tempfile.TemporaryDirectory(prefix="fem-bench-oc-") as tmp:
         root = Path(tmp)
         rows = []
         for r in range(args.repeat):
