@@ -2,6 +2,7 @@
 """Off-cluster (no shared file system) against shared file system, over the same SSH (run by hand).
 
     python bench/offcluster.py [-n 200] [--repeat 1]
+    python bench/offcluster.py --latency 20 [--only offcluster]
 
 Two phases with N trivial tasks (`true`) each, through a `fem-hpc serve` subprocess whose default
 executor is the real Slurm reached over a real sshd on 127.0.0.1 (tests/sshkit.py starts it):
@@ -13,17 +14,28 @@ executor is the real Slurm reached over a real sshd on 127.0.0.1 (tests/sshkit.p
 Printed per phase: wall time (first publish -> last result), SSH round trips (channels opened,
 from the service's metrics) and per task, SSH connections, the service's peak RSS (VmHWM), and
 the scheduler calls by kind. Then the ratio of the wall times. Needs `scripts/testbed up`.
+
+--latency N: completion latency on an idle link instead (issue 13: "completion seen within 2 s of
+the job's end"). N tasks (`sleep 2`) one after the other, the next published when the previous
+result is in, so the link carries nothing but that task and the tracker's cycles. A watcher
+thread here (outside the service's namespace: it sees the cluster's scratch) records the mtime
+(ns) of each job's `.fem/exit_code` as the wrapper wrote it; after the run the journal gives the
+COMPLETED transition's time. Printed: median and p95 of marker -> COMPLETED, marker -> result
+received here, and the split marker -> STAGING_OUT (the tracker saw it) / STAGING_OUT -> COMPLETED.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -74,7 +86,51 @@ def fem_hpc_argv() -> list[str]:
     return [str(beside)] if beside.exists() else [sys.executable, "-m", "fem_hpc.cli"]
 
 
-def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channels: int) -> dict[str, Any]:
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class MarkerWatch:
+    """The mtime of every job's marker under `scan` (work dirs at */*/<task>), first seen within
+    ~10 ms of its writing: off-cluster the service removes the remote dir soon after the result."""
+
+    def __init__(self, scan: Path):
+        self.scan = scan
+        self.mtimes: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            for marker in self.scan.glob("*/*/*/.fem/exit_code"):
+                tid = marker.parent.parent.name
+                if tid not in self.mtimes:
+                    try:
+                        self.mtimes[tid] = marker.stat().st_mtime_ns / 1e9
+                    except OSError:  # removed meanwhile
+                        pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def transition_times(state_dir: Path) -> dict[str, dict[str, float]]:
+    """{task: {state: time}} from the journal of a stopped service (read-only)."""
+    db = sqlite3.connect(f"file:{state_dir / 'journal.sqlite'}?mode=ro", uri=True)
+    try:
+        out: dict[str, dict[str, float]] = {}
+        for tid, state, at in db.execute("SELECT task_id, state, time FROM transitions"):
+            out.setdefault(tid, {})[state] = at
+        return out
+    finally:
+        db.close()
+
+
+def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channels: int,
+              sequential: bool = False) -> dict[str, Any]:
     node = f"bench-oc-{uuid.uuid4().hex[:8]}"
     port = free_port()
     slurm: dict[str, Any] = {"partition": "debug", "ssh": sshd.settings_dict(max_channels=channels)}
@@ -83,7 +139,10 @@ def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channel
         hidden = root / f"cluster-{node}"
         (hidden / "scratch").mkdir(parents=True)
         slurm["remote_work_root"] = str(hidden / "scratch")
+        scan = hidden / "scratch"
         prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", HIDE, "sh", str(hidden)]
+    else:
+        scan = root / f"{node}-work"
     cfg = {"node": node, "broker": {"url": BROKER_URL}, "state_dir": str(root / f"{node}-state"),
            "work_root": str(root / f"{node}-work"), "default_executor": "slurm", "executors": {"slurm": slurm},
            "metrics": {"listen": f"127.0.0.1:{port}"}}
@@ -103,13 +162,20 @@ def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channel
         conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
         ch = conn.channel()
         ch.queue_declare(queue=reply, durable=True)
-        t0 = time.monotonic()
-        for i in range(n):
-            body = json.dumps({"fem": 1, "op": "submit", "task": {"id": f"t{i:05d}-{node}", "command": ["true"]}})
+        watch = MarkerWatch(scan) if sequential else None
+        command = ["sleep", "2"] if sequential else ["true"]
+
+        def publish(i: int) -> None:
+            body = json.dumps({"fem": 1, "op": "submit", "task": {"id": f"t{i:05d}-{node}", "command": command}})
             ch.basic_publish("", node, body.encode(), pika.BasicProperties(
                 content_type="application/json", delivery_mode=2, correlation_id=uuid.uuid4().hex,
                 message_id=uuid.uuid4().hex, reply_to=reply))
+
+        t0 = time.monotonic()
+        for i in range(1 if sequential else n):
+            publish(i)
         results: dict[str, str] = {}
+        received: dict[str, float] = {}  # wall clock, as the marker's mtime and the journal's times
         end = t0 + timeout
         while len(results) < n and time.monotonic() < end:
             try:
@@ -119,8 +185,14 @@ def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channel
                 for method, props, body in ch.consume(reply, auto_ack=True, inactivity_timeout=0.2):
                     if method is not None and props.type != "chunk":
                         event = json.loads(body)
-                        if event.get("type") == "result":
+                        if event.get("type") == "result" and event["task_id"] not in results:
                             results[event["task_id"]] = event["state"]
+                            if event["state"] != "COMPLETED":
+                                log(f"{mode}: {event['task_id']} {event['state']} {event.get('reason')}: "
+                                    f"{event.get('message') or ''} {event.get('stderr_tail') or ''} (log {serve_log})")
+                            received[event["task_id"]] = time.time()
+                            if sequential and len(results) < n:
+                                publish(len(results))  # the next one only now: an idle link
                     if len(results) == n or time.monotonic() > end:
                         break
             except pika.exceptions.AMQPError as exc:
@@ -128,6 +200,8 @@ def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channel
                 time.sleep(0.5)
         wall = time.monotonic() - t0
         time.sleep(1.5)  # the last remote cleanup cycle
+        if watch is not None:
+            watch.stop()
         m = metrics(port)
         rss = vmhwm_mb(proc.pid)
         try:
@@ -145,9 +219,22 @@ def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channel
     channels = m.get('fem_ssh_channels_total{host="127.0.0.1"}', 0.0)
     calls = {k.split('kind="')[1].rstrip('"}'): v for k, v in m.items()
              if k.startswith("fem_scheduler_calls_total{")}
-    return {"mode": mode, "n": n, "ok": sum(1 for s in results.values() if s == "COMPLETED"), "wall": wall,
-            "channels": channels, "per_task": channels / n, "rss_mb": rss, "calls": calls,
-            "connects": m.get('fem_ssh_connects_total{host="127.0.0.1"}')}
+    row = {"mode": mode, "n": n, "ok": sum(1 for s in results.values() if s == "COMPLETED"), "wall": wall,
+           "channels": channels, "per_task": channels / n, "rss_mb": rss, "calls": calls,
+           "connects": m.get('fem_ssh_connects_total{host="127.0.0.1"}')}
+    if watch is not None:
+        times = transition_times(Path(cfg["state_dir"]))
+        lat: dict[str, list[float]] = {"marker->COMPLETED": [], "marker->received": [], "marker->STAGING_OUT": [],
+                                       "STAGING_OUT->COMPLETED": []}
+        for tid, at in watch.mtimes.items():
+            t = times.get(tid, {})
+            if "COMPLETED" in t and "STAGING_OUT" in t and tid in received:
+                lat["marker->COMPLETED"].append(t["COMPLETED"] - at)
+                lat["marker->received"].append(received[tid] - at)
+                lat["marker->STAGING_OUT"].append(t["STAGING_OUT"] - at)
+                lat["STAGING_OUT->COMPLETED"].append(t["COMPLETED"] - t["STAGING_OUT"])
+        row["latency"] = lat
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--max-channels", type=int, default=4, help="ssh.max_channels (default 4, as the config's)")
     ap.add_argument("--only", choices=("shared", "offcluster"), help="one phase only")
+    ap.add_argument("--latency", type=int, metavar="N", help="completion latency of N tasks one after the other "
+                    "(an idle link) instead of the N-task throughput phases")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (serve logs, journals)")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="fem-bench-oc-") as tmp:
+    if args.latency:
+        args.n = args.latency
+    kept = contextlib.nullcontext(tempfile.mkdtemp(prefix="fem-bench-oc-")) if args.keep else None
+    with kept or tempfile.TemporaryDirectory(prefix="fem-bench-oc-") as tmp:
         root = Path(tmp)
         rows = []
         for r in range(args.repeat):
@@ -166,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 sshd = SSHD(root / f"sshd-{mode}-{r}").start()  # a fresh sshd: its own connection count
                 try:
                     log(f"{mode} #{r + 1}: {args.n} tasks")
-                    rows.append(run_phase(root, sshd, mode, args.n, args.timeout, args.max_channels))
+                    rows.append(run_phase(root, sshd, mode, args.n, args.timeout, args.max_channels,
+                                          sequential=bool(args.latency)))
                     rows[-1]["accepted"] = sshd.accepted()
                 finally:
                     sshd.stop()
@@ -175,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['mode']:<11} {row['ok']:>5} {row['wall']:>8.1f} {row['channels']:>10.0f} {row['per_task']:>9.2f} "
               f"{row['accepted']:>6} {row['rss_mb']:>12.0f}  {row['calls']}")
+    for row in rows:
+        for name, values in row.get("latency", {}).items():
+            if values:
+                print(f"{row['mode']:<11} {name:<24} median {pct(values, .5):.3f}s  p95 {pct(values, .95):.3f}s  "
+                      f"max {max(values):.3f}s  (n={len(values)})")
     by_mode = {mode: sorted(r["wall"] for r in rows if r["mode"] == mode) for mode in ("shared", "offcluster")}
     med = {mode: walls[len(walls) // 2] for mode, walls in by_mode.items() if walls}
     if len(med) == 2:

@@ -193,7 +193,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     import tempfile
 
     from .journal import Journal
-    from .ops.gc import render_report, run_pass, save_report
+    from .ops.gc import run_pass
+    from .ops.gc_report import render_report, save_report
 
     site = _load(args.config)
     setup_logging("text", "WARNING")

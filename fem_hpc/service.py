@@ -76,7 +76,9 @@ class Service:
                                  on_reconnect=self._reconnected, connection_name=site.node,
                                  order_key=self.order_key)
         self.metrics: Metrics | None = None
-        self.gc = PeriodicGC(site)  # retention: a low-priority pass every retention.interval_seconds
+        # Retention: a low-priority pass every retention.interval_seconds; remote work dirs go over
+        # the connection of the service's own executor instance (one per cluster).
+        self.gc = PeriodicGC(site, remover=lambda name, rels: self.agent.executors.start(name)[0].remove_remote(rels))
         self._stop = threading.Event()
 
     def order_key(self, body: bytes) -> str | None:

@@ -41,12 +41,12 @@ def event(task_id: str) -> Any:
 
 
 def add_task(journal: Journal, site: SiteConfig, task_id: str, state: State = State.COMPLETED,
-             workdir: Path | None = None, **task: Any) -> Path:
+             workdir: Path | None = None, executor: str = "local", **task: Any) -> Path:
     """A task through the journal as the agent records it, with a real work dir and archive."""
     parsed, errors = parse_task({"id": task_id, "command": ["true"], **task})
     assert parsed is not None, errors
     wd = workdir or task_workdir(site.work_root, parsed)
-    journal.insert(parsed, executor="local", workdir=wd, route=Route("v1"), event=event(task_id))
+    journal.insert(parsed, executor=executor, workdir=wd, route=Route("v1"), event=event(task_id))
     (wd / ".fem").mkdir(parents=True, exist_ok=True)
     (wd / ".fem" / "outputs.tar.gz").write_bytes(b"x" * 4000)
     (wd / "result.txt").write_text("42\n")

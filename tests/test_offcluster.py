@@ -43,6 +43,8 @@ def remote_dirs(root: Path) -> list[str]:
 
 def test_twenty_tasks_and_a_failing_one_without_a_shared_file_system(sshd: SSHD, tmp_path: Path):
     serve, root = offcluster(tmp_path, sshd)
+    # The remote work dirs go in the retention pass after the broker confirmed the results: often here.
+    serve.config["retention"] = {"interval_seconds": 2}
     serve.start()
     node = serve.node
     tasks = {
@@ -64,7 +66,7 @@ def test_twenty_tasks_and_a_failing_one_without_a_shared_file_system(sshd: SSHD,
         assert (root / "alice" / "run1").is_dir() and seen_running
         results = runs.wait(list(tasks), 180, tmp_path / "out")
         text = metrics_text(serve)
-        wait_for(lambda: remote_dirs(root) == [], 20, "the remote work dirs to be removed after the results")
+        wait_for(lambda: remote_dirs(root) == [], 30, "the retention pass to remove the remote work dirs")
     finally:
         runs.close()
         serve.stop()

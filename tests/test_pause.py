@@ -247,3 +247,27 @@ def test_later_runs_in_order_and_stops() -> None:
     assert not later.call(0, seen.append, 4)
     time.sleep(0.1)
     assert seen == [1, 2]
+
+
+def test_the_remote_marker_read_is_on_time_not_a_tick_late(tmp_path: Path) -> None:
+    """Off-cluster the marker is read once per marker_seconds (1 s here); the loop's tick (0.2 s)
+    must not be added on top of it, which cost up to 0.2 s of every completion on an idle link."""
+    site = config_from_dict({"node": "n", "state_dir": str(tmp_path / "s"), "work_root": str(tmp_path / "w")})
+    clock, listener = Clock(), Listener()
+    ex = LinkExecutor(site, remote_markers=True)
+    tracker = Tracker(ex, listener, clock=clock, marker_interval=0.2, watch_markers=False)
+    assert tracker.sleep_for() == 0.2  # nothing tracked: the tick (a new job wakes the loop)
+    j = job(tmp_path)
+    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
+    tracker.track(j)
+    tracker.step()
+    assert ex.marker_reads == 1
+    clock.advance(0.9)
+    assert tracker.sleep_for() == pytest.approx(0.1)  # the read falls due before the tick ends
+    clock.advance(0.1)
+    tracker.step()
+    assert ex.marker_reads == 2  # exactly 1 s after the first
+    ex.down_since = clock.now
+    clock.advance(1.0)
+    tracker.step()
+    assert tracker.paused is not None and tracker.sleep_for() == 0.2  # the backoff decides, not the reads

@@ -29,7 +29,7 @@ from fem_hpc.executors.base import ExecutorError, Job
 from fem_hpc.executors.commands import LocalRunner
 from fem_hpc.executors.slurm import SlurmExecutor
 from fem_hpc.layout import FEM_DIR, job_name
-from fem_hpc.model import State, parse_task
+from fem_hpc.model import parse_task
 from fem_hpc.render import render_job
 from fem_hpc.staging import packer
 from fem_hpc.staging.outputs import StageOutError, build_archive, collect
@@ -171,7 +171,7 @@ def test_stage_sends_the_work_dir_in_one_stream_and_replaces_an_old_one(rig) -> 
     assert not (there / "stale").exists()
 
 
-def test_markers_in_one_read_and_cleanup_after_the_result(rig) -> None:
+def test_markers_in_one_read_and_removal_in_one_command(rig) -> None:
     ex, site, cluster = rig
     jobs = [staged_job(site, make_task(f"t{i}")) for i in range(3)]
     for j in jobs:
@@ -180,26 +180,13 @@ def test_markers_in_one_read_and_cleanup_after_the_result(rig) -> None:
     (cluster / "u1" / "e1" / "t1" / FEM_DIR / "exit_code").write_text(json.dumps({"exit_code": 3}) + "\n")
     found = ex.read_markers(jobs)
     assert list(found) == ["t1"] and found["t1"].exit_code == 3
-    assert not ex.has_pending_work()
-    ex.release(jobs[1], State.COMPLETED)
-    assert ex.has_pending_work()
-    assert (cluster / "u1" / "e1" / "t1").exists()
-    ex.read_markers([jobs[0]])  # the next cycle removes it
-    assert not (cluster / "u1" / "e1" / "t1").exists() and (cluster / "u1" / "e1" / "t0").exists()
-    assert not ex.has_pending_work()
-
-
-def test_cleanup_policy_keeps_failed_work_dirs(tmp_path: Path) -> None:
-    site = config_from_dict({"node": "n", "state_dir": str(tmp_path / "s"), "work_root": str(tmp_path / "w")})
-    ex = SlurmExecutor("slurm", SlurmSettings_remote(tmp_path / "c", tmp_path, remote_cleanup="on-success"), site)
-    try:
-        job = Job(task=make_task(), workdir=tmp_path / "w")
-        ex.release(job, State.FAILED)
-        assert not ex.has_pending_work()
-        ex.release(job, State.COMPLETED)
-        assert ex.has_pending_work()
-    finally:
-        ex.close()
+    assert (cluster / "u1" / "e1" / "t1").exists()  # a read never removes: the retention pass does
+    # What the retention pass asks for (test_remote_retention.py): many dirs, one command; one
+    # already gone is no error.
+    ex.remove_remote(["u1/e1/t1", "u1/e1/t2", "u1/e1/gone"])
+    assert sorted(p.name for p in (cluster / "u1" / "e1").iterdir()) == ["t0"]
+    with pytest.raises(ValueError):
+        ex.remove_remote(["u1/../t0"])
 
 
 def test_fetch_builds_the_archive_there_and_hashes_it_on_the_way(rig) -> None:

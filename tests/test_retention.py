@@ -28,8 +28,9 @@ from fem_hpc.journal import Compacted, Journal, Route
 from fem_hpc.lifecycle.agent import Agent
 from fem_hpc.model import State, parse_task
 from fem_hpc.ops.caches import in_use
-from fem_hpc.ops.gc import GcCollector, PeriodicGC, load_report, render_report, run_pass
+from fem_hpc.ops.gc import GcCollector, PeriodicGC, run_pass
 from fem_hpc.ops.gc_model import DAY, tree_bytes
+from fem_hpc.ops.gc_report import load_report, render_report
 from fem_hpc.protocols.legacy.codec import decode_reply, decode_request
 from fem_hpc.protocols.legacy.frontend import LegacyFrontend
 from fem_hpc.protocols.legacy.handler import LegacyHandler

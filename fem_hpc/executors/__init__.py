@@ -98,11 +98,14 @@ class Registry:
             return format_errors(exc)
         return []
 
+    def settings(self, name: str, site: SiteConfig) -> Any:
+        """The settings of the executor named `name`, parsed by its own model (nothing started)."""
+        cls = self.get(site.executor_type(name))
+        return cls.Settings.model_validate({k: v for k, v in site.executors.get(name, {}).items() if k != "type"})
+
     def create(self, name: str, site: SiteConfig) -> Executor:
-        kind = site.executor_type(name)
-        cls = self.get(kind)
-        raw = {k: v for k, v in site.executors.get(name, {}).items() if k != "type"}
-        return cls(name, cls.Settings.model_validate(raw), site)
+        cls = self.get(site.executor_type(name))
+        return cls(name, self.settings(name, site), site)
 
 
 registry = Registry()

@@ -224,12 +224,9 @@ class Executor(ABC):
         in job.fem_dir/stdout, stderr); None: the work dir is here, stage-out builds it itself."""
         return None
 
-    def release(self, job: Job, state: State) -> None:  # noqa: B027 - optional hook
-        """The task's result is committed: its runtime-side leftovers may go (remote work dir)."""
-
-    def has_pending_work(self) -> bool:
-        """True while the executor wants read_markers() calls even with no job tracked (cleanups)."""
-        return False
+    def remove_remote(self, rels: list[str]) -> None:  # noqa: B027 - optional hook
+        """Remove these runtime-side work dirs (`user/execution/task` under its remote root) in one
+        go: the retention pass calls it for the results the broker confirmed."""
 
     def unreachable(self) -> TransportError | None:
         """The link error while the runtime cannot be reached (host and since when), else None."""

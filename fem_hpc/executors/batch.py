@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import metrics
 from ..layout import Marker
-from ..model import Check, State
+from ..model import Check
 from ..staging.errors import StageError
 from ..staging.images import PullPolicy, default_sif_cache, sif_path, stage_image
 from ..staging.mirrors import site_image
@@ -83,7 +83,11 @@ class BatchSettings(ExecutorSettings):
     # from there. `shared_fs: false` says the same and requires remote_work_root.
     remote_work_root: PurePosixPath | None = None
     shared_fs: bool | None = None
-    remote_cleanup: Literal["always", "on-success", "never"] = "always"  # after the result is committed
+    # Which remote work dirs the retention pass (ops/gc.py) removes once the broker confirmed the
+    # result, and how many days after that: the journal records what it removed, so a restart or a
+    # crash leaks nothing; an unreachable cluster is tried again at the next pass.
+    remote_cleanup: Literal["always", "on-success", "never"] = "always"
+    remote_keep_days: float = Field(default=0.0, ge=0)
     remote_python: str = "python3"  # on the cluster, for building the outputs archive there (>= 3.6)
     remote_sif_cache: PurePosixPath | None = None  # default <remote_work_root>/.sif
     marker_seconds: float = Field(default=1.0, ge=0.2)  # one remote marker read per this many seconds
@@ -295,12 +299,9 @@ class BatchExecutor(Executor):
             return None
         return self.remote.fetch(job, patterns, max_bytes=max_bytes, compress_level=compress_level)
 
-    def release(self, job: Job, state: State) -> None:
+    def remove_remote(self, rels: list[str]) -> None:
         if self.remote is not None:
-            self.remote.release(job, state)
-
-    def has_pending_work(self) -> bool:
-        return self.remote is not None and self.remote.has_pending_work()
+            self.remote.remove(rels)
 
     def health_checks(self) -> list[Check]:
         return ([self.remote.check()] if self.remote is not None else []) + self.checks()

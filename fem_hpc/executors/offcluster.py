@@ -4,8 +4,9 @@ connection, each a single command (a round trip), transfers streamed in constant
 
 - stage: the work dir staged here (checkout, script, inputs) goes to
   `<remote_work_root>/<user>/<execution>/<task>` as one tar stream;
-- markers: one command per tracker cycle reads every tracked job's marker and removes the work
-  dirs whose results are committed;
+- markers: one command per tracker cycle reads every tracked job's marker;
+- remove: the work dirs whose results the broker confirmed, many in one command, when the
+  retention pass (ops/gc.py, which keeps what is removed in the journal) says so;
 - fetch: the outputs archive is built on the cluster by packer.py (the same selection rules and
   size cap as here) and streamed back, hashed as it arrives; the logs are unpacked beside it;
 - images: `apptainer pull` into the cluster's SIF cache (flock + rename), or `docker pull` there.
@@ -19,13 +20,12 @@ import logging
 import os
 import shutil
 import tarfile
-import threading
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Protocol, TypeVar
 
 from ..layout import ARCHIVE_NAME, Marker
-from ..model import Check, State
+from ..model import Check
 from ..staging import packer
 from ..staging.images import apptainer_env_credentials, cache_key, credentials_for, parse_image_ref
 from ..staging.outputs import Archive, StageOutError
@@ -60,8 +60,6 @@ class RemoteSide:
         assert s.remote_work_root is not None
         self.root = remote.check_root(s.remote_work_root)
         self.sif_cache = PurePosixPath(str(s.remote_sif_cache or PurePosixPath(self.root) / ".sif"))
-        self._removals: list[str] = []
-        self._lock = threading.Lock()
 
     @property
     def settings(self) -> Any:
@@ -97,33 +95,25 @@ class RemoteSide:
     # -- tracking -------------------------------------------------------------------------------
     def read_markers(self, jobs: list[Job]) -> dict[str, Marker]:
         rels = {remote.relative_dir(j.task): j.task.id for j in jobs}
-        with self._lock:
-            removals, self._removals = self._removals, []
-        stdin = remote.cycle_input(list(rels), removals)
-        try:
-            res = self._stream(remote.cycle_argv(self.root), self.settings.command_timeout,
-                               feed=lambda out: out.write(stdin))
-        except ExecutorError:
-            with self._lock:  # removing twice is harmless: try again next cycle
-                self._removals[:0] = removals
-            raise
+        res = self._stream(remote.cycle_argv(self.root), self.settings.command_timeout,
+                           feed=lambda out: out.write(remote.cycle_input(list(rels), [])))
         if not res.ok:
-            with self._lock:
-                self._removals[:0] = removals
             raise ExecutorError(f"reading the markers on the cluster failed (exit {res.returncode}): "
                                 f"{_tail(res.stderr)}")
         return {rels[rel]: marker for rel, marker in remote.parse_cycle(res.stdout).items() if rel in rels}
 
-    def release(self, job: Job, state: State) -> None:
-        policy = self.settings.remote_cleanup
-        if policy == "never" or (policy == "on-success" and state != State.COMPLETED):
+    # -- retention --------------------------------------------------------------------------------
+    def remove(self, rels: list[str]) -> None:
+        """Remove these work dirs (`user/execution/task` under the root) in one command; one not
+        there is no error. Raises TransportError while the cluster cannot be reached."""
+        if not rels:
             return
-        with self._lock:
-            self._removals.append(remote.relative_dir(job.task))
-
-    def has_pending_work(self) -> bool:
-        with self._lock:
-            return bool(self._removals)
+        stdin = remote.cycle_input([], rels)  # checks every path: each line is one dir under the root
+        res = self._stream(remote.cycle_argv(self.root), self.settings.command_timeout,
+                           feed=lambda out: out.write(stdin))
+        if not res.ok:
+            raise ExecutorError(f"removing {len(rels)} work dir(s) on the cluster failed (exit {res.returncode}): "
+                                f"{_tail(res.stderr)}")
 
     # -- stage-out ------------------------------------------------------------------------------
     def fetch(self, job: Job, patterns: list[str], *, max_bytes: int, compress_level: int | None) -> Archive:

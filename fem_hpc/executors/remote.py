@@ -3,8 +3,9 @@ remote operation and parsers of what it prints (like slurm_cmds.py: nothing here
 
 Every remote operation is ONE command on the one SSH connection:
 - upload: `tar -x` of the staged work dir, fed on stdin by a local tar writer;
-- the tracker's cycle: the markers of all tracked jobs and the removal of finished work dirs, the
-  job list on stdin (so the command line stays the same size whatever the number of jobs);
+- the tracker's cycle: the markers of all tracked jobs, the job list on stdin (so the command line
+  stays the same size whatever the number of jobs); the same script removes the work dirs the
+  retention pass lets go (ops/gc.py), many in one command;
 - stage-out: packer.py (sent as `python3 -c`) writes the archive to stdout;
 - the cluster-side SIF cache: `apptainer pull` under flock into a temp file, then a rename.
 
@@ -36,7 +37,12 @@ def check_root(root: str | PurePosixPath) -> str:
 
 def relative_dir(task: Task) -> str:
     """`<user>/<execution>/<task>`: where a task's work dir is under the remote root."""
-    parts = [task.user_id, task.execution, task.id]
+    return relative_path(task.user_id, task.execution, task.id)
+
+
+def relative_path(user_id: str, execution: str, task_id: str) -> str:
+    """The same from the journal's columns (the retention pass has no Task at hand)."""
+    parts = [user_id, execution, task_id]
     for part in parts:
         if not _SEGMENT.fullmatch(part) or part in (".", ".."):
             raise ValueError(f"{part!r} cannot be a path segment of a remote work dir")

@@ -1,5 +1,5 @@
 """The journal's retention tables (the SQL of fem_hpc/ops/gc.py): when each final task's result
-was confirmed by the broker, which work dirs are gone, and the tombstones that keep a compacted
+was confirmed by the broker, which work dirs (here, and on a cluster) are gone, and the tombstones that keep a compacted
 task's id an idempotency key for `retention.idempotency_days`."""
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS tombstones (
     compacted REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tombstones_confirmed ON tombstones(confirmed);
+CREATE TABLE IF NOT EXISTS remote_workdirs (
+    task_id TEXT PRIMARY KEY,  -- its work dir on a cluster without a shared file system is gone
+    removed REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS outbox_task ON outbox(task_id);
 CREATE INDEX IF NOT EXISTS tasks_workdir ON tasks(workdir);
 """
@@ -80,6 +84,17 @@ class WorkdirDue:
     task_ids: list[str]
     states: list[str]
     confirmed: float  # the latest confirmation of its tasks
+
+
+@dataclass
+class RemoteDue:
+    """A confirmed task whose work dir on a cluster (remote_work_root) may go."""
+
+    task_id: str
+    user_id: str
+    execution_id: str
+    state: str
+    confirmed: float
 
 
 @dataclass
@@ -139,6 +154,23 @@ class RetentionTables:
             db.executemany("UPDATE retention SET workdir_removed=? WHERE workdir_removed IS NULL AND task_id IN"
                            " (SELECT id FROM tasks WHERE workdir=?)", [(now, w) for w in workdirs])
 
+    def remote_due(self, executor: str, states: tuple[str, ...], before: float, limit: int) -> list[RemoteDue]:
+        """Tasks of `executor` in one of `states`, confirmed at `before` or earlier (remote_keep_days 0:
+        in the pass that saw the confirmation), whose remote work dir was not removed yet, with
+        nothing in the outbox; oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT t.id, t.user_id, t.execution_id, t.state, r.confirmed FROM retention r JOIN tasks t"
+                f" ON t.id=r.task_id WHERE t.executor=? AND t.state IN ({','.join('?' * len(states))})"
+                " AND r.confirmed <= ? AND NOT EXISTS (SELECT 1 FROM remote_workdirs w WHERE w.task_id=t.id)"
+                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.task_id=t.id) ORDER BY r.confirmed LIMIT ?",
+                (executor, *states, before, limit)).fetchall()
+        return [RemoteDue(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def mark_remote_removed(self, task_ids: list[str], now: float) -> None:
+        with self._tx() as db:
+            db.executemany("INSERT OR IGNORE INTO remote_workdirs VALUES (?, ?)", [(t, now) for t in task_ids])
+
     def compaction_due(self, before: float, limit: int, going: tuple[str, ...] = ()) -> list[CompactionDue]:
         """Confirmed tasks whose clock started before `before`, whose work dir was removed (or is
         one of `going`, removed in the same pass), with no outbox row; oldest first."""
@@ -166,7 +198,7 @@ class RetentionTables:
                     " WHERE t.id=?", (now, task_id)).rowcount
                 if made:
                     for table, column in (("transitions", "task_id"), ("outbox", "task_id"),
-                                          ("retention", "task_id"), ("tasks", "id")):
+                                          ("retention", "task_id"), ("remote_workdirs", "task_id"), ("tasks", "id")):
                         db.execute(f"DELETE FROM {table} WHERE {column}=?", (task_id,))
                     done += 1
         return done

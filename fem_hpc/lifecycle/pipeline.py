@@ -184,7 +184,6 @@ class Pipeline:
             return
         except (ExecutorError, OSError) as exc:
             self.journal.update(task_id, intent=0)
-            executor.release(job, State.FAILED)
             self.results.finish_early(task_id, Reason.SUBMIT, f"submit failed: {exc}")
             return
         self.retries.done(task_id)

@@ -4,8 +4,8 @@ listener (RUNNING, pending reasons, pauses, the end) and the early end of a task
 A stage-out that cannot reach the cluster (outputs built where the job ran) stays in STAGING_OUT,
 paused, and is tried again later with backoff; so does one that finds the disk (or the journal)
 full: a job that ended well is never turned FAILED by a full disk, its outputs go back once there is
-space. The executor may drop the job's runtime-side leftovers (a remote work dir) only once the
-final transition is committed."""
+space. A remote work dir outlives the result: the retention pass (ops/gc.py) removes it once the
+broker confirmed the result."""
 
 from __future__ import annotations
 
@@ -135,11 +135,8 @@ class Results:
             stderr_tail=tail(job.fem_dir / "stderr", cfg.tail_bytes),
             labels=job.task.labels, native_id=job.native_id)
         metrics.stage_out(record.executor, time.monotonic() - started, archive.size)
-        if self.final(task_id, result, note, executor=record.executor):
-            try:
-                executor.release(job, result.state)
-            except Exception as exc:  # a leftover on the cluster, never a reason to touch the result
-                log.warning("%s: cleanup after the result failed: %s", task_id, exc, extra={"task_id": task_id})
+        # A remote work dir stays until the broker confirmed the result: the retention pass removes it.
+        self.final(task_id, result, note, executor=record.executor)
 
     def _archive(self, executor: Executor, job: Job, patterns: list[str]) -> Archive:
         """The archive built where the job ran (and brought here), or here from the work dir."""

@@ -175,8 +175,20 @@ class Tracker:
                 self.step()
             except Exception:  # a bug in one cycle must not stop tracking
                 log.exception("tracker %s cycle failed", self.executor.name)
-            self._wake.wait(self.marker_interval)
+            self._wake.wait(self.sleep_for())
             self._wake.clear()
+
+    def sleep_for(self) -> float:
+        """Until the next cycle: one tick, or less when a remote marker read falls due before the
+        tick ends (a fixed tick after each cycle would add up to a tick to every remote read, and
+        so to the completion seen on an idle link)."""
+        if self.executor.marker_interval() is None or self.paused is not None:
+            return self.marker_interval
+        with self._lock:
+            waiting = any(t.marker is None for t in self._jobs.values())
+        if not waiting:
+            return self.marker_interval
+        return max(0.01, min(self.marker_interval, self._next_markers - self.clock()))
 
     def step(self) -> None:
         """One cycle: read markers, poll if due, decide. The thread calls it; tests call it directly
@@ -186,8 +198,6 @@ class Tracker:
         now = self.clock()
         if not tracked:
             self.paused, self.stale = None, False  # nothing waits on the link (the next job asks again)
-            if self.executor.has_pending_work() and now >= max(self._next_markers, self._next_poll):
-                self._read_markers([], now)  # e.g. remote work dirs left to remove
             return
         if not self._read_markers(tracked, now):
             return  # the cluster is unreachable: nothing to decide until it answers again

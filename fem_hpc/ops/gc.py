@@ -7,7 +7,11 @@ One pass does, in this order, at most `retention.max_items_per_pass` items of ea
    never from the task's end, so nothing is removed before the orchestrator had it.
 2. Work dirs (with their `.fem/` archive) of tasks confirmed `workdirs_days` ago (FAILED tasks:
    `keep_failed_days`). A dir several tasks share (a legacy execution) goes when the last of them
-   is due. Only dirs under work_root (or the legacy sandbox) are ever removed.
+   is due. Only dirs under work_root (or the legacy sandbox) are ever removed. Then the work dirs
+   on a cluster without a shared file system (an executor's `remote_work_root`), as that executor's
+   `remote_cleanup` and `remote_keep_days` say: one command per cluster over the connection the
+   service holds (`remover`; without one, e.g. `fem-hpc gc`, they are left for the service), the
+   removal noted in the journal, so a restart neither forgets nor repeats one.
 3. Journal: tasks confirmed `journal_days` ago (and whose work dir is gone) become a tombstone:
    their row, transitions and any outbox row left go in one transaction. The tombstone answers
    a late duplicate submit ("finished on <date>, outputs expired") and runs nothing.
@@ -31,12 +35,16 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import SiteConfig
 from ..diskguard import DiskGuard, human_bytes
+from ..executors import registry, remote
+from ..executors.batch import BatchSettings
 from ..journal import Journal
+from ..model import FINAL_STATES
 from ..staging.locks import try_exclusive
 from .caches import Docker, Entry, docker_entries, evict, git_entries, in_use, plan_cache, sif_entries, stale_temps
 from .gc_model import (
@@ -52,6 +60,7 @@ from .gc_model import (
     rmtree,
     tree_bytes,
 )
+from .gc_report import last_report_path, load_report, save_report
 
 log = logging.getLogger("fem_hpc.ops.gc")
 
@@ -121,6 +130,65 @@ def remove_workdir(site: SiteConfig, item: Item, now: float) -> bool:
     return True
 
 
+# -- remote work dirs -----------------------------------------------------------------------------
+Remover = Callable[[str, list[str]], None]  # (executor name, `user/execution/task` dirs): one command
+_CLEANUP_STATES = {"always": tuple(s.value for s in FINAL_STATES), "on-success": ("COMPLETED",), "never": ()}
+
+
+@dataclass
+class RemoteItem:
+    executor: str
+    task_id: str
+    rel: str
+    item: Item
+
+
+def plan_remote(site: SiteConfig, journal: Journal, now: float) -> list[RemoteItem]:
+    out = []
+    for name in site.executors:
+        try:
+            settings = registry.settings(name, site)
+        except Exception:  # noqa: S112 - checked when the config was loaded; a broken plugin is doctor's
+            continue
+        if not isinstance(settings, BatchSettings) or settings.remote_work_root is None:
+            continue
+        root = remote.check_root(settings.remote_work_root)
+        states = _CLEANUP_STATES[settings.remote_cleanup]
+        setting = f"executors.{name}.remote_cleanup {settings.remote_cleanup}, remote_keep_days " \
+                  f"{settings.remote_keep_days:g}"
+        for due in journal.retention.remote_due(name, states, now - settings.remote_keep_days * DAY,
+                                                site.retention.max_items_per_pass) if states else []:
+            rel = remote.relative_path(due.user_id, due.execution_id, due.task_id)
+            out.append(RemoteItem(name, due.task_id, rel, Item(
+                area="remote", what=f"{name}:{root}/{rel}",
+                reason=f"{due.task_id} {due.state}; result confirmed {days_ago(due.confirmed, now)} ({setting})")))
+    return out
+
+
+def remove_remote(planned: list[RemoteItem], remover: Remover | None) -> list[str]:
+    """Remove the planned remote dirs, one command per executor; the ids of the tasks whose dir is gone."""
+    done: list[str] = []
+    for name in dict.fromkeys(p.executor for p in planned):
+        mine = [p for p in planned if p.executor == name]
+        if remover is None:
+            for p in mine:
+                p.item.skipped = "left to the service's retention pass (it holds the cluster's SSH connection)"
+            continue
+        try:
+            remover(name, [p.rel for p in mine])
+        except Exception as exc:  # an unreachable cluster, above all: the next pass tries again
+            log.warning("retention: %d work dir(s) on the cluster of %s not removed (%s); next pass", len(mine),
+                        name, exc)
+            for p in mine:
+                p.item.skipped = f"the cluster did not take it ({exc}); tried again next pass"
+            continue
+        for p in mine:
+            p.item.done = True
+            done.append(p.task_id)
+        log.info("retention: removed %d work dir(s) on the cluster of %s", len(mine), name)
+    return done
+
+
 # -- journal and tombstones --------------------------------------------------------------------------
 def plan_journal(site: SiteConfig, journal: Journal, now: float, removed_workdirs: set[str]) -> list[Item]:
     """Tasks to compact: confirmed journal_days ago, and their work dir is gone (or goes in this pass)."""
@@ -152,18 +220,19 @@ def _journal_bytes(site: SiteConfig) -> int:
 
 
 def run_pass(site: SiteConfig, journal: Journal, *, now: Clock = time.time, dry_run: bool = False,
-             docker_factory: Callable[[str | None], Any] | None = None) -> GcReport:
+             docker_factory: Callable[[str | None], Any] | None = None, remover: Remover | None = None) -> GcReport:
     """One retention pass (see the module docstring). Never raises for what it finds on disk:
     problems are in the report's `errors` and `skipped`, and are tried again next pass."""
     if dry_run:  # changes nothing: needs no lock, and creates nothing (not even the lock file)
-        return _run_pass(site, journal, now, dry_run, Docker(docker_factory))
+        return _run_pass(site, journal, now, dry_run, Docker(docker_factory), None)
     with try_exclusive(site.state_dir / "gc.lock") as held:
         if not held:
             return GcReport(time=now(), dry_run=dry_run, errors=["another gc pass is running; nothing done"])
-        return _run_pass(site, journal, now, dry_run, Docker(docker_factory))
+        return _run_pass(site, journal, now, dry_run, Docker(docker_factory), remover)
 
 
-def _run_pass(site: SiteConfig, journal: Journal, now: Clock, dry_run: bool, docker: Docker) -> GcReport:
+def _run_pass(site: SiteConfig, journal: Journal, now: Clock, dry_run: bool, docker: Docker,
+              remover: Remover | None) -> GcReport:
     r = site.retention
     t = now()  # one time for the whole pass: a clock started by this pass never expires in it
     report = GcReport(time=t, dry_run=dry_run)
@@ -173,6 +242,10 @@ def _run_pass(site: SiteConfig, journal: Journal, now: Clock, dry_run: bool, doc
     if not dry_run and workdirs:
         journal.retention.mark_workdirs_removed([i.what for i in workdirs if remove_workdir(site, i, t)], t)
     report.items += workdirs
+    remote_dirs = plan_remote(site, journal, t)
+    if not dry_run and remote_dirs:
+        journal.retention.mark_remote_removed(remove_remote(remote_dirs, remover), t)
+    report.items += [p.item for p in remote_dirs]
     compact = plan_journal(site, journal, t, {i.what for i in workdirs if i.done or (dry_run and not i.skipped)})
     if not dry_run and compact:
         journal.retention.compact([i.what for i in compact], t)
@@ -230,98 +303,15 @@ def _measure(site: SiteConfig, journal: Journal, report: GcReport) -> None:
     ]
 
 
-# -- the last report, for `fem-hpc status` ------------------------------------------------------------------
-def last_report_path(site: SiteConfig) -> Path:
-    return site.state_dir / "gc-last.json"
-
-
-def save_report(site: SiteConfig, report: GcReport) -> None:
-    """Keep the last real pass's report (atomically) for `fem-hpc status`; a full disk only loses it."""
-    path = last_report_path(site)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        tmp.write_text(report.model_dump_json())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        log.warning("cannot save the gc report to %s (%s)", path, exc)
-
-
-def load_report(site: SiteConfig) -> GcReport | None:
-    try:
-        return GcReport.model_validate_json(last_report_path(site).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def render_report(report: GcReport) -> list[str]:
-    """What `fem-hpc gc` prints: one line per item, then the bytes per area."""
-    verb = "would remove" if report.dry_run else "removed"
-    lines = []
-    for item in report.items:
-        state = verb if report.dry_run or item.done else f"kept ({item.skipped})"
-        lines.append(f"{state:<14} {item.area:<10} {human_bytes(item.bytes):>10}  {item.what}  [{item.reason}]")
-    totals: dict[str, int] = {}
-    for item in report.items:
-        if item.done or report.dry_run:
-            totals[item.area] = totals.get(item.area, 0) + item.bytes
-    summary = ", ".join(f"{area} {human_bytes(n)}" for area, n in totals.items()) or "nothing"
-    lines.append(f"{'would free' if report.dry_run else 'freed'}: {summary}"
-                 + (f" ({report.confirmed} result(s) newly confirmed: their clocks start now)" if report.confirmed
-                    else ""))
-    lines += [f"error: {e}" for e in report.errors]
-    return lines
-
-
-def disk_status(site: SiteConfig) -> dict[str, Any]:
-    """The areas (free space, live) and what the last gc pass measured and freed: `status --json`'s
-    `disk`, and what `status` prints (area_lines)."""
-    areas = [{"name": a.name, "path": str(a.path), "free_bytes": a.free, "total_bytes": a.total,
-              "keep_free_bytes": a.threshold, "low": a.low, "error": a.error}
-             for a in DiskGuard(site).areas(fresh=True)]
-    report = load_report(site)
-    last = None if report is None else {
-        "time": report.time, "freed_bytes": report.freed(), "errors": report.errors,
-        "kept": [u.model_dump() for u in report.usage], "unconfirmed_since": report.clocks.get("unconfirmed")}
-    return {"areas": areas, "last_gc": last}
-
-
-def area_lines(site: SiteConfig, now: Clock = time.time) -> list[str]:
-    """The areas for `fem-hpc status`: free space (live) and what the last gc pass measured."""
-    t = now()
-    disk = disk_status(site)
-    lines = [f"{'AREA':<22} {'FREE':>10} {'KEPT FREE':>10}  PATH"]
-    for a in disk["areas"]:
-        flag = "  LOW: new tasks do not start" if a["low"] else (f"  ({a['error']})" if a["error"] else "")
-        lines.append(f"{a['name']:<22} {human_bytes(a['free_bytes'] or 0):>10} {human_bytes(a['keep_free_bytes']):>10}"
-                     f"  {a['path']}{flag}")
-    last = disk["last_gc"]
-    if last is None:
-        lines.append("retention: no gc pass yet (fem-hpc gc --dry-run shows what one would free)")
-        return lines
-    freed = last["freed_bytes"]
-    lines.append(f"last gc {days_ago(last['time'], t)}: freed "
-                 + ", ".join(f"{k} {human_bytes(v)}" for k, v in freed.items() if v) if any(freed.values())
-                 else f"last gc {days_ago(last['time'], t)}: freed nothing")
-    lines.append(f"{'KEPT':<22} {'BYTES':>10} {'ENTRIES':>10}  OLDEST KEPT (its clock started)")
-    for u in last["kept"]:
-        oldest = days_ago(u["oldest"], t) if u["oldest"] else "-"
-        entries = "-" if u["entries"] is None else str(u["entries"])
-        lines.append(f"{u['area']:<22} {human_bytes(u['bytes']):>10} {entries:>10}  {oldest}")
-    if last["unconfirmed_since"]:
-        lines.append(f"results not yet confirmed by the broker since {days_ago(last['unconfirmed_since'], t)}: "
-                     "kept until they are")
-    return lines
-
-
 # -- periodic, in the service ---------------------------------------------------------------------------------
 class PeriodicGC:
     """Runs a pass every `retention.interval_seconds` on a low-priority thread, with its own
     journal connection (the service's stays free for intake and the publisher)."""
 
     def __init__(self, site: SiteConfig, *, now: Clock = time.time, first_delay: float | None = None,
-                 docker_factory: Callable[[str | None], Any] | None = None):
+                 docker_factory: Callable[[str | None], Any] | None = None, remover: Remover | None = None):
         self.site = site
+        self.remover = remover  # the service's executors: remote work dirs go over their connections
         self.now = now
         interval = site.retention.interval_seconds
         self.first_delay = min(60.0, interval) if first_delay is None else first_delay
@@ -375,7 +365,8 @@ class PeriodicGC:
             while not self._stop.is_set():
                 try:
                     journal = journal or Journal(self.site.journal_path)
-                    report = run_pass(self.site, journal, now=self.now, docker_factory=self.docker_factory)
+                    report = run_pass(self.site, journal, now=self.now, docker_factory=self.docker_factory,
+                                      remover=self.remover)
                     self.last = report
                     self.passes += 1
                     save_report(self.site, report)

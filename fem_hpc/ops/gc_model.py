@@ -26,10 +26,10 @@ STALE_TEMP_SECONDS = DAY  # a half-written clone or pull this old was left by a 
 PRUNE_PARENT_SECONDS = 3600.0  # an empty user/execution dir is removed once this old (not racing a new task)
 
 
-AREAS = ("workdirs", "journal", "tombstones", "git", "sif", "docker")
+AREAS = ("workdirs", "remote", "journal", "tombstones", "git", "sif", "docker")
 
 
-Area = Literal["workdirs", "journal", "tombstones", "git", "sif", "docker"]
+Area = Literal["workdirs", "remote", "journal", "tombstones", "git", "sif", "docker"]  # remote: a cluster's
 
 
 Clock = Callable[[], float]

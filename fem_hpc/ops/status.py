@@ -11,7 +11,7 @@ import time
 from ..config import SiteConfig
 from ..journal import JournalReader
 from ..model import FINAL_STATES
-from .gc import area_lines, disk_status
+from .gc_report import area_lines, disk_status
 
 
 def _age(seconds: float) -> str:
