@@ -70,12 +70,16 @@ class _Tracked:
     last_seen: NativeStatus | None = None  # the scheduler's last word on the job while it was alive
     stale_marker: Marker | None = None  # an earlier run's marker (the job was requeued): not this run's end
 
-    def requeued(self) -> None:
+    def requeued(self, st: NativeStatus, note: str) -> NativeStatus:
         """The scheduler runs the job again: its marker is the earlier run's. Forget it (and ignore
-        it when read again, until the new run's marker replaces it) and follow the job afresh."""
+        it when read again, until the new run's marker replaces it) and follow the job afresh, as
+        queued or running again; returns the status to report."""
         self.stale_marker, self.marker = self.marker, None
         self.marker_at, self.polled_after_marker = 0.0, False
         self.final_seen_at = self.missing_since = None
+        self.running_reported = st.state == State.RUNNING
+        self.pending_reason = note if st.state == State.SUBMITTED else None
+        return st.model_copy(update={"message": note, "requeued": True})
 
 
 def _gone(t: _Tracked, executor: Executor, lost_grace: float) -> Outcome:
@@ -182,11 +186,9 @@ class Tracker:
         """Until the next cycle: one tick, or less when a remote marker read falls due before the
         tick ends (a fixed tick after each cycle would add up to a tick to every remote read, and
         so to the completion seen on an idle link)."""
-        if self.executor.marker_interval() is None or self.paused is not None:
-            return self.marker_interval
         with self._lock:
             waiting = any(t.marker is None for t in self._jobs.values())
-        if not waiting:
+        if self.executor.marker_interval() is None or self.paused is not None or not waiting:
             return self.marker_interval
         return max(0.01, min(self.marker_interval, self._next_markers - self.clock()))
 
@@ -246,10 +248,9 @@ class Tracker:
                         exc.pause_message, exc, len(tracked), delay)
         self.paused = exc
         self.stale = True
-        for t in tracked:
-            if not t.paused:
-                t.paused = True
-                self.listener.on_paused(t.job, exc.pause_message)
+        for t in (t for t in tracked if not t.paused):
+            t.paused = True
+            self.listener.on_paused(t.job, exc.pause_message)
 
     def _link_up(self, tracked: list[_Tracked]) -> None:
         if self.paused is None:
@@ -258,11 +259,10 @@ class Tracker:
                  self.paused.pause_message.rsplit(" ", 1)[-1])
         self.paused = None
         self._backoff.reset()
-        for t in tracked:
-            if t.paused:
-                t.paused = False
-                t.pending_reason = None  # let the next poll say again why it waits
-                self.listener.on_resumed(t.job)
+        for t in (t for t in tracked if t.paused):
+            t.paused = False
+            t.pending_reason = None  # let the next poll say again why it waits
+            self.listener.on_resumed(t.job)
         self._resend_cancels(tracked)
 
     def _resend_cancels(self, tracked: list[_Tracked]) -> None:
@@ -382,10 +382,7 @@ class Tracker:
     def _requeued(self, t: _Tracked, st: NativeStatus, note: str) -> None:
         log.info("%s: %s; the marker of its earlier run is set aside", t.job.task.id, note,
                  extra={"task_id": t.job.task.id, "native_id": t.job.native_id})
-        t.requeued()
-        shown = st.model_copy(update={"message": note, "requeued": True})
-        t.running_reported = st.state == State.RUNNING
-        t.pending_reason = note if st.state == State.SUBMITTED else None
+        shown = t.requeued(st, note)
         (self.listener.on_running if t.running_reported else self.listener.on_pending)(t.job, shown)
 
     def _finish(self, t: _Tracked, outcome: Outcome) -> None:
