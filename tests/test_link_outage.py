@@ -7,11 +7,11 @@ While it is down: tracked tasks keep their state with the message `paused: <host
 since <time>`, tasks submitted meanwhile stay staged (paused too), the health report and the
 metrics say so. When it is back: every task ends COMPLETED, each with exactly one Slurm job.
 
-In the off-cluster mode only (to keep the file near 3 minutes, each mode costs the full 60 s),
-the service is also restarted in the middle of the outage (SIGTERM, started again while sshd is
-still down): the new service re-adopts every task without reaching the cluster, reports them
-paused itself (its own health report and metrics, messages with its own `since`), fails nothing
-and submits nothing until the link is back.
+The two modes are two services side by side through one outage. The off-cluster one is also
+restarted in the middle of it (SIGTERM, started again while sshd is still down): the new service
+re-adopts every task without reaching the cluster, reports them paused itself (its own health
+report and metrics, messages with its own `since`), fails nothing and submits nothing until the
+link is back.
 """
 
 from __future__ import annotations
@@ -63,64 +63,81 @@ def assert_paused(serve: ServeProcess, running: list[str], later: list[str]) -> 
     assert (metric(text, "fem_executor_unreachable_seconds", executor="slurm") or 0) > 0
 
 
-@pytest.mark.parametrize("mode", ["shared-fs", "off-cluster"])
-def test_sshd_down_for_60s_pauses_and_fails_nothing(sshd: SSHD, tmp_path: Path, mode: str):
-    offcluster = mode == "off-cluster"
-    if offcluster:  # markers, outputs and inputs all cross the link (see test_offcluster.py)
-        root = tmp_path / "cluster" / "scratch"
-        root.mkdir(parents=True)
-        serve = isolate(slurm_over_ssh(tmp_path, sshd, remote_work_root=str(root)), root.parent).start()
-        assert service_sees(serve, root.parent) == []
-    else:
-        serve = slurm_over_ssh(tmp_path, sshd).start()
-    node = serve.node
-    running = [f"run{i}-{node}" for i in range(4)]
-    later = [f"late{i}-{node}" for i in range(2)]
-    runs = Runs(node)
-    restarted = False
+class Side:
+    """One node of the test: a service in one mode, its tasks and its client."""
+
+    def __init__(self, tmp: Path, sshd: SSHD, mode: str):
+        self.mode, self.tmp = mode, tmp
+        self.offcluster = mode == "off-cluster"
+        tmp.mkdir(parents=True, exist_ok=True)
+        if self.offcluster:  # markers, outputs and inputs all cross the link (see test_offcluster.py)
+            root = tmp / "cluster" / "scratch"
+            root.mkdir(parents=True)
+            self.serve = isolate(slurm_over_ssh(tmp, sshd, remote_work_root=str(root)), root.parent).start()
+            assert service_sees(self.serve, root.parent) == []
+        else:
+            self.serve = slurm_over_ssh(tmp, sshd).start()
+        node = self.serve.node
+        self.running = [f"run{i}-{node}" for i in range(4)]
+        self.later = [f"late{i}-{node}" for i in range(2)]
+        self.runs = Runs(node)
+
+
+def test_sshd_down_for_60s_pauses_and_fails_nothing(sshd: SSHD, tmp_path: Path):
+    """Both modes go through the same 60 s outage, side by side (one outage, not two)."""
+    sides = [Side(tmp_path / mode, sshd, mode) for mode in ("shared-fs", "off-cluster")]
+    off = sides[1]
     try:
-        runs.submit({tid: task(tid, 20) for tid in running})
-        wait_for(lambda: all(rows(serve).get(t, {}).get("state") == "RUNNING" for t in running), 60,
-                 "the first tasks to run")
+        for s in sides:
+            s.runs.submit({tid: task(tid, 20) for tid in s.running})
+        for s in sides:
+            wait_for(lambda s=s: all(rows(s.serve).get(t, {}).get("state") == "RUNNING" for t in s.running), 60,
+                     f"the first tasks to run ({s.mode})")
         sshd.stop()
         down_at = time.monotonic()
-        runs.submit({tid: task(tid, 1) for tid in later})  # while the cluster cannot be reached
-        wait_for(lambda: all_paused(serve, running + later), 25, "every task to say it is paused")
-        assert_paused(serve, running, later)
-        if offcluster:
-            # The jobs end meanwhile (20 s): their markers and outputs wait on the cluster.
-            assert serve.stop() == 0, serve.log()[-3000:]
-            before = rows(serve)
-            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(time.time())))
-            serve.start()
-            restarted = True
-            assert not sshd.alive()
-            wait_for(lambda: all_paused(serve, running + later, since), 25,
-                     "the restarted service to report every task paused itself")
-            assert_paused(serve, running, later)
-            after = rows(serve)
-            assert {t: after[t]["native_id"] for t in running} == {t: before[t]["native_id"] for t in running}
-            assert down_at + OUTAGE_SECONDS - time.monotonic() > 5, "the restart ate the outage"
-        for tid in running + later:  # the scheduler's own word, without the link: no second job
-            assert len(jobs_named(f"fem-{tid}")) == (1 if tid in running else 0), (tid, jobs_named(f"fem-{tid}"))
+        for s in sides:
+            s.runs.submit({tid: task(tid, 1) for tid in s.later})  # while the cluster cannot be reached
+        for s in sides:
+            wait_for(lambda s=s: all_paused(s.serve, s.running + s.later), 25,
+                     f"every task to say it is paused ({s.mode})")
+            assert_paused(s.serve, s.running, s.later)
+        # Off-cluster, the jobs end meanwhile (20 s): their markers and outputs wait on the cluster.
+        # That service is restarted in the middle of the outage.
+        assert off.serve.stop() == 0, off.serve.log()[-3000:]
+        before = rows(off.serve)
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(time.time())))
+        off.serve.start()
+        assert not sshd.alive()
+        wait_for(lambda: all_paused(off.serve, off.running + off.later, since), 25,
+                 "the restarted service to report every task paused itself")
+        assert_paused(off.serve, off.running, off.later)
+        after = rows(off.serve)
+        assert {t: after[t]["native_id"] for t in off.running} == {t: before[t]["native_id"] for t in off.running}
+        assert down_at + OUTAGE_SECONDS - time.monotonic() > 5, "the restart ate the outage"
+        for s in sides:
+            for tid in s.running + s.later:  # the scheduler's own word, without the link: no second job
+                assert len(jobs_named(f"fem-{tid}")) == (1 if tid in s.running else 0), (tid, jobs_named(f"fem-{tid}"))
         time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
         sshd.start()
         back_at = time.monotonic()
-        results = runs.wait(running + later, 120, tmp_path / "out")
-        finished = time.monotonic() - back_at
-        text = metrics_text(serve)
+        outcomes = {}
+        for s in sides:
+            results = s.runs.wait(s.running + s.later, 120, s.tmp / "out")
+            outcomes[s.mode] = (results, time.monotonic() - back_at, metrics_text(s.serve))
     finally:
-        runs.close()
-        serve.stop()
-    log = serve.log()
-    if restarted:
-        assert log.count("carrying on with 6 task(s) from the journal") == 1, log[-3000:]
-    for tid, res in results.items():
-        assert res.state == "COMPLETED", (tid, res.result, log[-3000:])
-        assert (tmp_path / "out" / tid / "outputs" / "out.txt").read_text() == f"done {tid}\n"
-        assert "FAILED" not in res.states
-        assert len(jobs_named(f"fem-{tid}")) == 1, (tid, jobs_named(f"fem-{tid}"))  # never a second job
-    assert metric(text, "fem_executor_unreachable", executor="slurm") == 0.0
-    assert finished < 60, finished  # resumed within the backoff caps, not minutes later
-    print(f"{mode}: all {len(results)} tasks completed {finished:.1f}s after sshd came back"
-          + (" (the service was restarted during the outage)" if restarted else ""))
+        for s in sides:
+            s.runs.close()
+            s.serve.stop()
+    assert off.serve.log().count("carrying on with 6 task(s) from the journal") == 1, off.serve.log()[-3000:]
+    for s in sides:
+        results, finished, text = outcomes[s.mode]
+        log = s.serve.log()
+        for tid, res in results.items():
+            assert res.state == "COMPLETED", (s.mode, tid, res.result, log[-3000:])
+            assert (s.tmp / "out" / tid / "outputs" / "out.txt").read_text() == f"done {tid}\n"
+            assert "FAILED" not in res.states
+            assert len(jobs_named(f"fem-{tid}")) == 1, (tid, jobs_named(f"fem-{tid}"))  # never a second job
+        assert metric(text, "fem_executor_unreachable", executor="slurm") == 0.0
+        assert finished < 60, (s.mode, finished)  # resumed within the backoff caps, not minutes later
+        print(f"{s.mode}: all {len(results)} tasks completed {finished:.1f}s after sshd came back"
+              + (" (the service was restarted during the outage)" if s.offcluster else ""))
