@@ -3,6 +3,7 @@ loopback sshd (tests/sshkit.py) for the tests that reach a cluster over SSH."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import subprocess
@@ -92,3 +93,27 @@ def sshd(request: pytest.FixtureRequest, tmp_path: Path):
     server = SSHD(tmp_path).start()
     yield server
     server.stop()
+
+
+SERVICE_MARKERS = {"rabbitmq", "slurm", "pbs", "docker", "ssh", "slow"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, as scripts/test runs the suite), every test that
+    uses a real service runs on one worker, one after another, in file order: they share the one
+    Slurm, the broker (some stop its app) and the docker daemon, and their timings assume they are
+    alone with them. The unit tests (no service marker) spread over the workers beside them."""
+    for item in items:
+        if SERVICE_MARKERS & {m.name for m in item.iter_markers()} or _asks_for_a_service(item):
+            item.add_marker(pytest.mark.xdist_group("services"))
+
+
+def _asks_for_a_service(item: pytest.Item) -> bool:
+    """A test without a marker that still calls services.require (or takes the sshd fixture)."""
+    if "sshd" in getattr(item, "fixturenames", ()):
+        return True
+    function = getattr(item, "function", None)
+    try:
+        return function is not None and "require(" in inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
