@@ -314,13 +314,19 @@ def test_a_requeued_job_is_not_ended_by_its_earlier_runs_marker(rig, tmp_path: P
     assert final is not None and (final.state, final.exit_code, final.started) == (C, 0, "2026-12-01T10:05:00Z")
 
 
-def test_a_marker_while_the_job_still_runs_is_its_end(rig, tmp_path: Path) -> None:
-    """No requeue word and not queued: the scheduler only lags behind the job's end (unchanged)."""
-    tracker, ex, listener, clock = rig
+def running_job(tracker: Tracker, ex: FakeExecutor, clock: Clock, tmp_path: Path) -> Job:
+    """A job the scheduler says runs, tracked and polled once."""
     j = job(tmp_path)
     ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
     tracker.track(j)
     run(tracker, clock, 1)
+    return j
+
+
+def test_a_marker_while_the_job_still_runs_is_its_end(rig, tmp_path: Path) -> None:
+    """No requeue word and not queued: the scheduler only lags behind the job's end (unchanged)."""
+    tracker, ex, listener, clock = rig
+    j = running_job(tracker, ex, clock, tmp_path)
     write_marker(j, marker(143, "TERM", 4))
     run(tracker, clock, 12)
     final = listener.final
@@ -391,10 +397,7 @@ def test_requeued_then_gone_without_a_new_marker_falls_back_to_the_earlier_run(r
     """Queued again after a SIGTERM marker, then gone with no new run (e.g. Slurm's PREEMPTED when
     the job is not requeued after all): not LOST, the earlier run's marker is the last word."""
     tracker, ex, listener, clock = rig
-    j = job(tmp_path)
-    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
-    tracker.track(j)
-    run(tracker, clock, 1)
+    j = running_job(tracker, ex, clock, tmp_path)
     write_marker(j, marker(143, "TERM", 4))
     ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.SUBMITTED, message="Preempted")
     run(tracker, clock, 6)
