@@ -166,6 +166,16 @@ def run(tracker: Tracker, clock: Clock, seconds: float, step: float = 1.0) -> No
         t += step
 
 
+def running_job(tracker: Tracker, ex: FakeExecutor, clock: Clock, tmp_path: Path, *, seconds: float = 1,
+                walltime: str | None = None) -> Job:
+    """A job the scheduler says runs, tracked and followed for `seconds` of the fake clock."""
+    j = job(tmp_path, walltime)
+    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
+    tracker.track(j)
+    run(tracker, clock, seconds)
+    return j
+
+
 def test_running_then_marker_completes(rig, tmp_path: Path) -> None:
     tracker, ex, listener, clock = rig
     j = job(tmp_path)
@@ -223,10 +233,7 @@ def test_second_opinion_settles_a_vanished_job(rig, tmp_path: Path) -> None:
 
 def test_signalled_job_waits_for_the_schedulers_reason(rig, tmp_path: Path) -> None:
     tracker, ex, listener, clock = rig
-    j = job(tmp_path, "01:00:00")
-    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
-    tracker.track(j)
-    run(tracker, clock, 6)
+    j = running_job(tracker, ex, clock, tmp_path, seconds=6, walltime="01:00:00")
     write_marker(j, marker(137))  # died of a signal; the scheduler still shows it running
     run(tracker, clock, 4)
     assert listener.final is None
@@ -237,10 +244,7 @@ def test_signalled_job_waits_for_the_schedulers_reason(rig, tmp_path: Path) -> N
 
 def test_signalled_job_decided_by_marker_after_the_wait(rig, tmp_path: Path) -> None:
     tracker, ex, listener, clock = rig
-    j = job(tmp_path, "01:00:00")
-    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
-    tracker.track(j)
-    run(tracker, clock, 6)
+    j = running_job(tracker, ex, clock, tmp_path, seconds=6, walltime="01:00:00")
     write_marker(j, marker(143, "TERM"))
     run(tracker, clock, 9)
     assert listener.final is None
@@ -292,10 +296,7 @@ def test_a_requeued_job_is_not_ended_by_its_earlier_runs_marker(rig, tmp_path: P
     """Slurm's `scontrol requeue` (or a PBS rerun): PENDING again after the first run's SIGTERM
     marker. The job stays tracked well past the signal wait and ends by the next run's marker."""
     tracker, ex, listener, clock = rig
-    j = job(tmp_path)
-    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
-    tracker.track(j)
-    run(tracker, clock, 1)
+    j = running_job(tracker, ex, clock, tmp_path)
     assert listener.events == [("running", State.RUNNING)]
     write_marker(j, marker(143, "TERM", 4))
     ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.SUBMITTED, message="BeginTime")
@@ -312,15 +313,6 @@ def test_a_requeued_job_is_not_ended_by_its_earlier_runs_marker(rig, tmp_path: P
     run(tracker, clock, 2)
     final = listener.final
     assert final is not None and (final.state, final.exit_code, final.started) == (C, 0, "2026-12-01T10:05:00Z")
-
-
-def running_job(tracker: Tracker, ex: FakeExecutor, clock: Clock, tmp_path: Path) -> Job:
-    """A job the scheduler says runs, tracked and polled once."""
-    j = job(tmp_path)
-    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
-    tracker.track(j)
-    run(tracker, clock, 1)
-    return j
 
 
 def test_a_marker_while_the_job_still_runs_is_its_end(rig, tmp_path: Path) -> None:

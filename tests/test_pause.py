@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_outcome import Clock, FakeExecutor, Listener, job, marker, run, write_marker
+from test_outcome import Clock, FakeExecutor, Listener, job, marker, run, running_job, write_marker
 
 from fem_hpc.config import config_from_dict
 from fem_hpc.executors.base import Deferred, ExecutorSettings, Job, NativeStatus, TransportError
@@ -103,10 +103,7 @@ def test_an_outage_pauses_every_job_and_fails_none(link_rig, tmp_path: Path) -> 
 
 def test_lost_only_on_the_schedulers_word_after_the_link_returns(link_rig, tmp_path: Path) -> None:
     tracker, ex, listener, clock = link_rig
-    j = job(tmp_path)
-    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
-    tracker.track(j)
-    run(tracker, clock, 2)
+    j = running_job(tracker, ex, clock, tmp_path, seconds=2)
     ex.down_since = clock.now
     del ex.queue[j.native_id]  # the job vanished during the outage, but nobody can see it yet
     run(tracker, clock, 300)
@@ -120,10 +117,7 @@ def test_lost_only_on_the_schedulers_word_after_the_link_returns(link_rig, tmp_p
 
 def test_a_cancel_during_the_outage_is_sent_when_the_link_returns(link_rig, tmp_path: Path) -> None:
     tracker, ex, listener, clock = link_rig
-    j = job(tmp_path)
-    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
-    tracker.track(j)
-    run(tracker, clock, 2)
+    j = running_job(tracker, ex, clock, tmp_path, seconds=2)
     ex.down_since = clock.now
     run(tracker, clock, 5)
     assert tracker.cancel(j.task.id)
@@ -152,10 +146,7 @@ def test_a_deferred_poll_is_later_not_stale(tmp_path: Path) -> None:
     site = config_from_dict({"node": "n", "state_dir": str(tmp_path / "s"), "work_root": str(tmp_path / "w")})
     clock, listener, ex = Clock(), Listener(), BudgetExecutor(site)
     tracker = Tracker(ex, listener, clock=clock, watch_markers=False)
-    j = job(tmp_path)
-    ex.queue[j.native_id] = NativeStatus(native_id=j.native_id, state=State.RUNNING)
-    tracker.track(j)
-    run(tracker, clock, 9)
+    running_job(tracker, ex, clock, tmp_path, seconds=9)
     assert ex.deferrals == 3 and not tracker.stale and tracker.poll_errors == 0
     assert listener.events == []  # no poll got through yet: 3 deferrals of 4 s
     run(tracker, clock, 5)
