@@ -30,8 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -47,20 +45,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from sshkit import SSHD  # noqa: E402 - the test kit's real sshd
+from clusterkit import HIDE  # noqa: E402 - the test bed's "no shared file system" mount
+from sshkit import SSHD, free_port  # noqa: E402 - the test kit's real sshd
+
+from fem_hpc.journal import Journal  # noqa: E402
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-HIDE = 'mount -t tmpfs -o size=1m,mode=0 fem-cluster-hidden "$1" && shift && exec "$@"'
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(port: int) -> dict[str, float]:
@@ -117,16 +111,13 @@ class MarkerWatch:
         self._thread.join()
 
 
-def transition_times(state_dir: Path) -> dict[str, dict[str, float]]:
-    """{task: {state: time}} from the journal of a stopped service (read-only)."""
-    db = sqlite3.connect(f"file:{state_dir / 'journal.sqlite'}?mode=ro", uri=True)
+def transition_times(state_dir: Path, task_ids: list[str]) -> dict[str, dict[str, float]]:
+    """{task: {state: time}} from the journal of a stopped service."""
+    journal = Journal(state_dir / "journal.sqlite", outbox=False)
     try:
-        out: dict[str, dict[str, float]] = {}
-        for tid, state, at in db.execute("SELECT task_id, state, time FROM transitions"):
-            out.setdefault(tid, {})[state] = at
-        return out
+        return {tid: {t["state"]: t["time"] for t in journal.transitions(tid)} for tid in task_ids}
     finally:
-        db.close()
+        journal.close()
 
 
 def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channels: int,
@@ -223,7 +214,7 @@ def run_phase(root: Path, sshd: SSHD, mode: str, n: int, timeout: float, channel
            "channels": channels, "per_task": channels / n, "rss_mb": rss, "calls": calls,
            "connects": m.get('fem_ssh_connects_total{host="127.0.0.1"}')}
     if watch is not None:
-        times = transition_times(Path(cfg["state_dir"]))
+        times = transition_times(Path(cfg["state_dir"]), list(watch.mtimes))
         lat: dict[str, list[float]] = {"marker->COMPLETED": [], "marker->received": [], "marker->STAGING_OUT": [],
                                        "STAGING_OUT->COMPLETED": []}
         for tid, at in watch.mtimes.items():
