@@ -60,6 +60,9 @@ class Consumer:
         self.connected = threading.Event()
         self.fatal: BaseException | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fem-intake")
+        # Reads each body's order key, one message after another in delivery order: a key can take a
+        # parse (a legacy literal), which must not hold up pika's I/O thread (heartbeats, acks).
+        self._sorter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fem-intake-order")
         self._stop = threading.Event()
         self._inflight = 0
         self._lock = threading.Lock()
@@ -72,6 +75,7 @@ class Consumer:
         """Stop consuming, let intake in flight finish and ack, then close."""
         self._stop.set()
         self._thread.join(timeout=timeout)
+        self._sorter.shutdown(wait=True)  # first: it still hands messages to the pool
         self._pool.shutdown(wait=True)
 
     @property
@@ -126,7 +130,7 @@ class Consumer:
         delivery = Delivery(body=body, reply_to=props.reply_to, correlation_id=props.correlation_id,
                             message_id=props.message_id, headers=dict(props.headers or {}),
                             ack=ack, nack=nack)
-        self.dispatch(delivery)
+        self._sorter.submit(self.dispatch, delivery)
 
     def dispatch(self, delivery: Delivery) -> None:
         """Hand `delivery` to a worker, behind the earlier messages of its task (its lane)."""
