@@ -95,25 +95,24 @@ class RemoteSide:
     # -- tracking -------------------------------------------------------------------------------
     def read_markers(self, jobs: list[Job]) -> dict[str, Marker]:
         rels = {remote.relative_dir(j.task): j.task.id for j in jobs}
-        res = self._stream(remote.cycle_argv(self.root), self.settings.command_timeout,
-                           feed=lambda out: out.write(remote.cycle_input(list(rels), [])))
-        if not res.ok:
-            raise ExecutorError(f"reading the markers on the cluster failed (exit {res.returncode}): "
-                                f"{_tail(res.stderr)}")
-        return {rels[rel]: marker for rel, marker in remote.parse_cycle(res.stdout).items() if rel in rels}
+        stdout = self._cycle(list(rels), [], "reading the markers on the cluster")
+        return {rels[rel]: marker for rel, marker in remote.parse_cycle(stdout).items() if rel in rels}
 
     # -- retention --------------------------------------------------------------------------------
     def remove(self, rels: list[str]) -> None:
         """Remove these work dirs (`user/execution/task` under the root) in one command; one not
         there is no error. Raises TransportError while the cluster cannot be reached."""
-        if not rels:
-            return
-        stdin = remote.cycle_input([], rels)  # checks every path: each line is one dir under the root
+        if rels:
+            self._cycle([], rels, f"removing {len(rels)} work dir(s) on the cluster")
+
+    def _cycle(self, markers: list[str], removals: list[str], what: str) -> str:
+        """One run of the cluster-side cycle command (read these markers, remove these dirs); its stdout."""
+        stdin = remote.cycle_input(markers, removals)  # checks every path: each line is one dir under the root
         res = self._stream(remote.cycle_argv(self.root), self.settings.command_timeout,
                            feed=lambda out: out.write(stdin))
         if not res.ok:
-            raise ExecutorError(f"removing {len(rels)} work dir(s) on the cluster failed (exit {res.returncode}): "
-                                f"{_tail(res.stderr)}")
+            raise ExecutorError(f"{what} failed (exit {res.returncode}): {_tail(res.stderr)}")
+        return res.stdout
 
     # -- stage-out ------------------------------------------------------------------------------
     def fetch(self, job: Job, patterns: list[str], *, max_bytes: int, compress_level: int | None) -> Archive:
