@@ -93,40 +93,31 @@ def worst(runs: Iterable[Run]) -> Run | None:
     return min(runs, key=lambda r: _SEVERITY.index(outcome(r)), default=None)
 
 
-def cancel_all(client: Client, targets: Iterable[tuple[str, str]], timeout: float = 10.0,
-               retry_after: float = 1.0) -> dict[tuple[str, str], dict[str, Any] | str]:
+def cancel_all(client: Client, targets: Iterable[tuple[str, str]],
+               timeout: float = 10.0) -> dict[tuple[str, str], dict[str, Any] | str]:
     """Cancel every (queue, task id) at once and wait at most `timeout` seconds in all for the
     answers: (queue, task id) -> the node's status reply, or why there is none (a string). A node
     that is down costs one timeout, not one per node. Whether a node's first status came back does
     not matter: a cancel of a task the node never saw, or of a final one, is answered and changes
-    nothing.
-
-    An UNKNOWN answer is asked once more after `retry_after` seconds: a node takes its queued
-    messages in parallel, so a cancel that was queued right behind its submit can be answered
-    before that submit is in the node's journal."""
+    nothing, and one queued behind its submit is handled after it (the node keeps one task's
+    messages in their queue order)."""
     deadline = time.monotonic() + timeout
     answers: dict[tuple[str, str], dict[str, Any] | str] = {}
-    pending = list(dict.fromkeys(targets))
-    for attempt in (1, 2):
-        asks: dict[tuple[str, str], str] = {}
-        for queue, task_id in pending:
-            try:
-                asks[(queue, task_id)] = client.publish({"fem": 1, "op": "cancel", "task_id": task_id}, queue=queue)
-            except ClientError as exc:
-                answers[(queue, task_id)] = f"not sent: {exc}"
-        for key, corr in asks.items():
-            try:
-                for _props, body in client.replies(corr, max(0.0, deadline - time.monotonic())):
-                    answers[key] = json.loads(body)
-                    break
-            except Timeout:
-                answers[key] = f"no answer within {timeout:.0f}s (the request stays queued for the node)"
-            except (ClientError, ValueError) as exc:
-                answers[key] = f"no answer: {exc}"
-            finally:
-                client.forget(corr)
-        pending = [k for k in asks if isinstance(answers.get(k), dict) and answers[k].get("state") == "UNKNOWN"]
-        if not pending or attempt == 2 or time.monotonic() + retry_after >= deadline:
-            break
-        time.sleep(retry_after)
+    asks: dict[tuple[str, str], str] = {}
+    for queue, task_id in dict.fromkeys(targets):
+        try:
+            asks[(queue, task_id)] = client.publish({"fem": 1, "op": "cancel", "task_id": task_id}, queue=queue)
+        except ClientError as exc:
+            answers[(queue, task_id)] = f"not sent: {exc}"
+    for key, corr in asks.items():
+        try:
+            for _props, body in client.replies(corr, max(0.0, deadline - time.monotonic())):
+                answers[key] = json.loads(body)
+                break
+        except Timeout:
+            answers[key] = f"no answer within {timeout:.0f}s (the request stays queued for the node)"
+        except (ClientError, ValueError) as exc:
+            answers[key] = f"no answer: {exc}"
+        finally:
+            client.forget(corr)
     return answers
