@@ -74,13 +74,13 @@ class LegacyHandler:
         except (LegacyError, LiteralError) as exc:
             message = exc.message if isinstance(exc, LegacyError) else str(exc)
             ids = exc.ids if isinstance(exc, LegacyError) else {}
-            body, token = redact_pipe_token(d.body)
+            _, token = redact_pipe_token(d.body)  # the dead-letter copy redacts it by itself
             if token:
                 message = message.replace(token, TOKEN_REDACTED.decode())
             log.warning("refused a legacy request: %s", message)
             self.reply(to, error_reply(ids.get("action", "unknown"), message, node=self.site.node, **ids),
                        dead_letter_message(self.site.queue, d, "invalid legacy request",
-                                           [FieldError(field="body", message=message)], body=body))
+                                           [FieldError(field="body", message=message)]))
             action_name = ids.get("action")
             metrics_hooks.legacy_request(action_name if action_name in LEGACY_ACTIONS else "invalid", "error")
             return
