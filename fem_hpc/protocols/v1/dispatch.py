@@ -18,18 +18,16 @@ from .frontend import JSON, PROTOCOL, event_message
 from .requests import Invalid, Request, decode, is_v1
 
 
-def dead_letter_message(queue: str, d: Delivery, reason: str, errors: list[FieldError],
-                        body: bytes | None = None) -> Message:
+def dead_letter_message(queue: str, d: Delivery, reason: str, errors: list[FieldError]) -> Message:
     """The copy of a refused message, with why, for `<queue>.rejected`; the caller puts it in the
-    same journal transaction as its reply, so neither goes without the other. `body` replaces the
-    original; a body that is not v1 JSON never keeps a legacy token (its last '|' field)."""
+    same journal transaction as its reply, so neither goes without the other. A body that is not
+    v1 JSON never keeps a legacy token (its last '|' field)."""
     headers = {**{k: v for k, v in d.headers.items() if isinstance(v, (str, int, float, bool))},
                "x-fem-reason": reason,
                "x-fem-errors": json.dumps([e.model_dump() for e in errors])[:4000]}
     props: dict[str, Any] = {"headers": headers, "correlation_id": d.correlation_id,
                              "message_id": d.message_id, "type": "rejected"}
-    if body is None:
-        body = d.body if is_v1(d.body) else redact_pipe_token(d.body)[0]
+    body = d.body if is_v1(d.body) else redact_pipe_token(d.body)[0]
     return Message([("", f"{queue}.rejected")], props, body=body)
 
 
